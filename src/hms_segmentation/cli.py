@@ -1,0 +1,39 @@
+"""The `hms-segmentation` console script: one entry point, one subcommand per tool.
+
+Each subcommand is also a module with a `main(argv)` function, runnable as `python -m <module>` so that
+`accelerate launch -m` / `torchrun -m` can start it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hms_segmentation.demo", "chained multi-scale inference on an image; saves labels and attention maps"),
+    "convert-nvidia": ("hms_segmentation.convert_nvidia", "convert an NVIDIA/semantic-segmentation checkpoint"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hms-segmentation <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<16}{summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    lines += ["", "`hms-segmentation <subcommand> --help` describes each."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"hms-segmentation: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

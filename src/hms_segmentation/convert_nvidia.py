@@ -1,0 +1,357 @@
+"""Convert NVIDIA/semantic-segmentation HMSA checkpoints (`.pth`) into `save_pretrained` folders.
+
+Usage: `hms-segmentation convert-nvidia CHECKPOINT OUTPUT_DIR [--dataset cityscapes|mapillary]`, or
+`python -m hms_segmentation.convert_nvidia ...`, or `convert_nvidia_checkpoint(...)` from Python.
+
+The architecture (trunk, HRNet widths and depths, OCR channels, class count) is read from the tensor shapes, every
+key is mapped through `NVIDIA_KEY_PREFIXES`, and any unmatched, missing or mis-shaped key stops the conversion with the
+full list: nothing is loaded partially.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .configuration_hms import HMSConfig
+from .label_tables import CITYSCAPES_ID2LABEL
+from .modeling_hms import HMSForSemanticSegmentation
+
+_OCR = "ocr.ocr_distri_head.object_context_block."
+_CONTEXT = "decode_head.object_context."
+
+# NVIDIA key prefix -> our key prefix; the first (longest) matching prefix wins. HRNet trunk keys keep their names.
+NVIDIA_KEY_PREFIXES: tuple[tuple[str, str], ...] = (
+    # dilated ResNet-50: the reference packs conv1/bn1 (+relu, maxpool) into `layer0`
+    ("backbone.layer0.0.", "backbone.conv1."),
+    ("backbone.layer0.1.", "backbone.bn1."),
+    ("backbone.", "backbone."),
+    # OCR head
+    ("ocr.conv3x3_ocr.0.", "decode_head.pixel_projection.conv."),
+    ("ocr.conv3x3_ocr.1.0.", "decode_head.pixel_projection.norm."),
+    ("ocr.aux_head.0.", "decode_head.soft_region_head.0.conv."),
+    ("ocr.aux_head.1.0.", "decode_head.soft_region_head.0.norm."),
+    ("ocr.aux_head.2.", "decode_head.soft_region_head.1."),
+    (_OCR + "f_pixel.0.", _CONTEXT + "query_projection.0.conv."),
+    (_OCR + "f_pixel.1.0.", _CONTEXT + "query_projection.0.norm."),
+    (_OCR + "f_pixel.2.", _CONTEXT + "query_projection.1.conv."),
+    (_OCR + "f_pixel.3.0.", _CONTEXT + "query_projection.1.norm."),
+    (_OCR + "f_object.0.", _CONTEXT + "key_projection.0.conv."),
+    (_OCR + "f_object.1.0.", _CONTEXT + "key_projection.0.norm."),
+    (_OCR + "f_object.2.", _CONTEXT + "key_projection.1.conv."),
+    (_OCR + "f_object.3.0.", _CONTEXT + "key_projection.1.norm."),
+    (_OCR + "f_down.0.", _CONTEXT + "value_projection.conv."),
+    (_OCR + "f_down.1.0.", _CONTEXT + "value_projection.norm."),
+    (_OCR + "f_up.0.", _CONTEXT + "output_projection.conv."),
+    (_OCR + "f_up.1.0.", _CONTEXT + "output_projection.norm."),
+    ("ocr.ocr_distri_head.conv_bn_dropout.0.", "decode_head.context_fusion.conv."),
+    ("ocr.ocr_distri_head.conv_bn_dropout.1.0.", "decode_head.context_fusion.norm."),
+    ("ocr.cls_head.", "decode_head.classifier."),
+    # DeepLabV3+ head
+    ("aspp.img_conv.0.", "decode_head.aspp.image_pooling.conv."),
+    ("aspp.img_conv.1.", "decode_head.aspp.image_pooling.norm."),
+    *(
+        (f"aspp.features.{branch}.{part}.", f"decode_head.aspp.branches.{branch}.{name}.")
+        for branch in range(8)
+        for part, name in ((0, "conv"), (1, "norm"))
+    ),
+    ("bot_aspp.", "decode_head.aspp_projection."),
+    ("bot_fine.", "decode_head.fine_projection."),
+    ("final.0.", "decode_head.classifier.0.conv."),
+    ("final.1.", "decode_head.classifier.0.norm."),
+    ("final.3.", "decode_head.classifier.1.conv."),
+    ("final.4.", "decode_head.classifier.1.norm."),
+    ("final.6.", "decode_head.classifier.2."),
+    # scale-attention head
+    ("scale_attn.conv0.", "scale_attention_head.bottleneck.conv."),
+    ("scale_attn.bn0.", "scale_attention_head.bottleneck.norm."),
+    ("scale_attn.conv1.", "scale_attention_head.inner.conv."),
+    ("scale_attn.bn1.", "scale_attention_head.inner.norm."),
+    ("scale_attn.conv2.", "scale_attention_head.projection."),
+)
+
+
+class CheckpointConversionError(ValueError):
+    """The checkpoint does not map completely onto an HMS model; the message lists every offending key."""
+
+
+def nvidia_key_to_hms(key: str) -> str | None:
+    """Our state-dict key for an NVIDIA key (without `module.`), or `None` when no prefix of the table matches."""
+    for nvidia_prefix, hms_prefix in NVIDIA_KEY_PREFIXES:
+        if key.startswith(nvidia_prefix):
+            return hms_prefix + key[len(nvidia_prefix):]
+    return None
+
+
+def load_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Read an NVIDIA checkpoint: a `.pth` dict with `state_dict` (keys prefixed `module.`), a bare state dict, or a
+    `.safetensors` file. Returns the tensors with `module.` removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        checkpoint: object = load_file(str(path))
+    else:
+        checkpoint = _torch_load_weights_only(path)
+    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        raise CheckpointConversionError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(checkpoint).__name__}")
+    state_dict = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        state_dict[key[len("module."):] if key.startswith("module.") else key] = value
+    return state_dict
+
+
+def _torch_load_weights_only(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Training checkpoints may store numpy scalars (e.g. `mean_iu`); allow exactly those, nothing executable.
+        import numpy as np
+
+        allowed = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+        scalar = getattr(getattr(np, "_core", np.core).multiarray, "scalar", None)
+        if scalar is not None:
+            allowed.append(scalar)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointConversionError(f"{path}: cannot be read with torch.load(weights_only=True): {error}") from None
+    except (RuntimeError, EOFError) as error:
+        raise CheckpointConversionError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+
+
+def _indices(keys: list[str], prefix: str) -> list[int]:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(match.group(1)) for key in keys if (match := pattern.match(key))})
+
+
+def _block_type(keys: set[str], block_prefix: str) -> str:
+    return "bottleneck" if f"{block_prefix}conv3.weight" in keys else "basic"
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], **config_kwargs) -> HMSConfig:
+    """Build the `HMSConfig` whose model has exactly this (NVIDIA-named, prefix-free) state dict's shapes."""
+    keys = sorted(state_dict)
+    key_set = set(keys)
+
+    def shape(key: str) -> torch.Size:
+        if key not in state_dict:
+            raise CheckpointConversionError(f"cannot infer the architecture: key {key!r} is missing")
+        return state_dict[key].shape
+
+    attention = {
+        "attention_bottleneck_channels": shape("scale_attn.conv0.weight")[0],
+        "attention_inner_3x3": "scale_attn.conv1.weight" in key_set,
+    }
+    if "ocr.cls_head.weight" in key_set:
+        stages = []
+        layer1_blocks = _indices(keys, "backbone.layer1.")
+        stages.append(
+            {
+                "num_modules": 1,
+                "block": _block_type(key_set, "backbone.layer1.0."),
+                "num_blocks": [len(layer1_blocks)],
+                "num_channels": [shape("backbone.layer1.0.conv1.weight")[0]],
+            }
+        )
+        for index in (2, 3, 4):
+            modules = _indices(keys, f"backbone.stage{index}.")
+            branches = _indices(keys, f"backbone.stage{index}.0.branches.")
+            if not modules or not branches:
+                raise CheckpointConversionError(f"cannot infer the architecture: no keys under backbone.stage{index}")
+            stages.append(
+                {
+                    "num_modules": len(modules),
+                    "block": _block_type(key_set, f"backbone.stage{index}.0.branches.0.0."),
+                    "num_blocks": [len(_indices(keys, f"backbone.stage{index}.0.branches.{b}.")) for b in branches],
+                    "num_channels": [shape(f"backbone.stage{index}.0.branches.{b}.0.conv1.weight")[0] for b in branches],
+                }
+            )
+        return HMSConfig(
+            trunk="hrnet_ocr",
+            hrnet_preset=None,
+            hrnet_stages=stages,
+            hrnet_stem_channels=shape("backbone.conv1.weight")[0],
+            ocr_mid_channels=shape("ocr.conv3x3_ocr.0.weight")[0],
+            ocr_key_channels=shape("ocr.ocr_distri_head.object_context_block.f_pixel.0.weight")[0],
+            num_labels=shape("ocr.cls_head.weight")[0],
+            **attention,
+            **config_kwargs,
+        )
+    if "final.6.weight" in key_set and "backbone.layer0.0.weight" in key_set:
+        num_dilated = len(_indices(keys, "aspp.features.")) - 1
+        default_dilations = [12, 24, 36]
+        if num_dilated != len(default_dilations):
+            raise CheckpointConversionError(
+                f"the ASPP has {num_dilated} dilated branches; only the reference's 3 (dilations 12/24/36) are known"
+            )
+        return HMSConfig(
+            trunk="resnet50_deeplabv3plus",
+            resnet_layers=[len(_indices(keys, f"backbone.layer{i}.")) for i in (1, 2, 3, 4)],
+            aspp_channels=shape("aspp.img_conv.0.weight")[0],
+            aspp_dilations=default_dilations,
+            decoder_aspp_channels=shape("bot_aspp.weight")[0],
+            decoder_fine_channels=shape("bot_fine.weight")[0],
+            segmentation_head_channels=shape("final.0.weight")[0],
+            num_labels=shape("final.6.weight")[0],
+            **attention,
+            **config_kwargs,
+        )
+    raise CheckpointConversionError(
+        "cannot tell the architecture: expected the keys of ocrnet.HRNet_Mscale (`ocr.cls_head.weight`) or "
+        "mscale.DeepV3R50 (`final.6.weight`, `backbone.layer0.0.weight`)"
+    )
+
+
+def map_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Rename every key with `NVIDIA_KEY_PREFIXES` and check it against `model_state`; raise listing all problems."""
+    mapped: dict[str, torch.Tensor] = {}
+    unmatched, unexpected, mis_shaped = [], [], []
+    for key, tensor in state_dict.items():
+        ours = nvidia_key_to_hms(key)
+        if ours is None:
+            unmatched.append(key)
+        elif ours not in model_state:
+            unexpected.append(f"{key} -> {ours}")
+        elif tuple(model_state[ours].shape) != tuple(tensor.shape):
+            mis_shaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(model_state[ours].shape)}")
+        else:
+            mapped[ours] = tensor
+    missing = sorted(set(model_state) - set(mapped) - {k for k in model_state if _is_unmapped_target(k, state_dict)})
+    problems = []
+    for title, items in (
+        ("keys no rule maps", unmatched),
+        ("keys mapped to names the model does not have", unexpected),
+        ("keys whose shapes differ", mis_shaped),
+        ("model keys the checkpoint lacks", missing),
+    ):
+        if items:
+            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(sorted(items)))
+    if problems:
+        raise CheckpointConversionError(f"{source} does not convert cleanly; nothing was loaded.\n" + "\n".join(problems))
+    return mapped
+
+
+def _is_unmapped_target(model_key: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    # Checkpoints saved before BatchNorm tracked batches carry no `num_batches_tracked`; it is unused in eval.
+    return model_key.endswith("num_batches_tracked") and not any(k.endswith("num_batches_tracked") for k in state_dict)
+
+
+def id2label_for(dataset: str | None, num_labels: int) -> dict[int, str]:
+    """Class names for `dataset` (`cityscapes`, `mapillary`), or guessed from the class count, else generic."""
+    if dataset is None:
+        dataset = {19: "cityscapes", 65: "mapillary"}.get(num_labels)
+    if dataset is None:
+        return {i: f"class_{i}" for i in range(num_labels)}
+    if dataset == "cityscapes":
+        names = CITYSCAPES_ID2LABEL
+    elif dataset == "mapillary":
+        from . import label_tables
+
+        names = getattr(label_tables, "MAPILLARY_V12_ID2LABEL", None)
+        if names is None:
+            raise CheckpointConversionError("this version of hms_segmentation has no Mapillary Vistas label table")
+    else:
+        raise ValueError(f"dataset must be 'cityscapes' or 'mapillary', got {dataset!r}")
+    if len(names) != num_labels:
+        raise CheckpointConversionError(f"the checkpoint predicts {num_labels} classes, but {dataset} has {len(names)}")
+    return dict(names)
+
+
+def convert_nvidia_state_dict(
+    state_dict: Mapping[str, torch.Tensor], dataset: str | None = None, source: str = "checkpoint"
+) -> HMSForSemanticSegmentation:
+    """Build the matching model and load every tensor of an NVIDIA state dict (prefix-free) into it, strictly."""
+    config = infer_config(state_dict)
+    config.id2label = id2label_for(dataset, config.num_labels)
+    config.label2id = {name: index for index, name in config.id2label.items()}
+    model = HMSForSemanticSegmentation(config)
+    mapped = map_state_dict(state_dict, model.state_dict(), source)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in mapped.items()}, strict=False)
+    return model.eval()
+
+
+def convert_nvidia_checkpoint(
+    checkpoint: str | Path, output_dir: str | Path, dataset: str | None = None, overwrite: bool = False
+) -> HMSForSemanticSegmentation:
+    """Convert `checkpoint` and write a `save_pretrained` folder (safetensors + config.json) to `output_dir`."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {output_dir} is not empty; choose another or pass overwrite=True (--overwrite)")
+    model = convert_nvidia_state_dict(load_checkpoint_state_dict(checkpoint), dataset=dataset, source=str(checkpoint))
+    model.save_pretrained(output_dir)
+    return model
+
+
+def load_imagenet_trunk(model: HMSForSemanticSegmentation, path: str | Path) -> list[str]:
+    """
+    Load ImageNet-pretrained trunk weights into `model.backbone`: the HRNet ImageNet file the reference uses
+    (`hrnetv2_w48_imagenet_pretrained.pth`, keys possibly prefixed `model.`) or a ResNet-50 state dict in torchvision's
+    key layout. Every trunk tensor must be present with the right shape; the file's classification-head keys are
+    ignored and returned.
+    """
+    state_dict = load_checkpoint_state_dict(path)
+    state_dict = {key[len("model."):] if key.startswith("model.") else key: value for key, value in state_dict.items()}
+    trunk_state = model.backbone.state_dict()
+    ignored = sorted(key for key in state_dict if key not in trunk_state)
+    missing = sorted(key for key in trunk_state if key not in state_dict and not key.endswith("num_batches_tracked"))
+    mis_shaped = sorted(
+        f"{key}: file {tuple(state_dict[key].shape)}, model {tuple(trunk_state[key].shape)}"
+        for key in trunk_state
+        if key in state_dict and state_dict[key].shape != trunk_state[key].shape
+    )
+    if missing or mis_shaped:
+        raise CheckpointConversionError(
+            f"{path} does not fit the {model.config.trunk} trunk; nothing was loaded.\n"
+            + (f"{len(missing)} trunk keys the file lacks:\n  " + "\n  ".join(missing) + "\n" if missing else "")
+            + (f"{len(mis_shaped)} keys whose shapes differ:\n  " + "\n  ".join(mis_shaped) if mis_shaped else "")
+        )
+    model.backbone.load_state_dict({k: v for k, v in state_dict.items() if k in trunk_state}, strict=False)
+    return ignored
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hms-segmentation convert-nvidia",
+        description="Convert an NVIDIA/semantic-segmentation HMSA checkpoint into a save_pretrained folder.",
+    )
+    parser.add_argument("checkpoint", help="NVIDIA .pth checkpoint (or a bare state dict, or .safetensors)")
+    parser.add_argument("output_dir", help="folder to write config.json and model.safetensors into")
+    parser.add_argument("--dataset", choices=["cityscapes", "mapillary"], default=None,
+                        help="class names to store (default: guessed from the class count)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = convert_nvidia_checkpoint(args.checkpoint, args.output_dir, dataset=args.dataset, overwrite=args.overwrite)
+    except (CheckpointConversionError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.checkpoint} ({model.config.trunk}, {model.config.num_labels} classes, "
+          f"{parameters:,} parameters) -> {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Chained multi-scale inference on one image: saves the label map and each scale's attention map.
+
+`hms-segmentation demo [--model DIR_OR_PRESET] [--image PATH] [--scales 0.5,1.0,2.0] [--output-dir DIR]`
+
+With a preset name instead of a trained folder, the weights are random: the label map is then meaningless, but the
+command shows the whole inference path and its outputs. Train (or convert NVIDIA's weights) for real predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
+from .label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
+from .modeling_hms import HMSForSemanticSegmentation
+
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def read_rgb_image(path: Path) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied; errors name the file."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{path}: {image.width}x{image.height} pixels exceed the limit of {MAX_IMAGE_PIXELS:,}")
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I"):
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+
+
+def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Image:
+    """A simple street-like test picture (sky, buildings, road, poles) when no image is given."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), dtype=np.float32)
+    horizon = height * 0.45
+    image[: int(horizon)] = [70, 130, 180]
+    image[int(horizon):] = [128, 64, 128]
+    for left in range(0, width, width // 6):
+        top = int(horizon * rng.uniform(0.2, 0.7))
+        image[top:int(horizon), left:left + width // 8] = [70, 70, 70]
+    for pole in rng.integers(0, width, size=4):
+        image[int(height * 0.2):int(height * 0.8), pole:pole + 3] = [153, 153, 153]
+    image += rng.normal(0, 8, image.shape)
+    return Image.fromarray(image.clip(0, 255).astype(np.uint8))
+
+
+def normalize(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float tensor, scaled to [0, 1] and normalised with the reference's ImageNet mean/std."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> Image.Image:
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[: len(palette)] = palette
+    return Image.fromarray(colours[labels.astype(np.uint8)])
+
+
+def load_model(model: str) -> tuple[HMSForSemanticSegmentation, bool]:
+    """A trained folder / Hub id, or a preset name (random weights). Returns the model and whether it is trained."""
+    if model in MODEL_PRESETS:
+        torch.manual_seed(0)
+        return HMSForSemanticSegmentation(HMSConfig.from_preset(model)).eval(), False
+    return HMSForSemanticSegmentation.from_pretrained(model).eval(), True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hms-segmentation demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="hrnet_small_ocr",
+                        help=f"save_pretrained folder or Hub id, or a preset with random weights: {sorted(MODEL_PRESETS)}")
+    parser.add_argument("--image", type=Path, default=None, help="input image (default: a generated street scene)")
+    parser.add_argument("--scales", default="0.5,1.0,2.0", help="comma-separated inference scales")
+    parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
+    parser.add_argument("--overwrite", action="store_true", help="allow replacing files in a non-empty output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        scales = validate_scales([s for s in args.scales.split(",") if s.strip()], "--scales")
+        image = read_rgb_image(args.image) if args.image is not None else street_scene()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite:
+        print(f"error: output folder {args.output_dir} is not empty; pass --overwrite or choose another", file=sys.stderr)
+        return 2
+    model, trained = load_model(args.model)
+    if not trained:
+        print(f"note: preset {args.model!r} has random weights: the labels below are not a real segmentation.")
+    pixel_values = normalize(image).unsqueeze(0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        outputs = model(pixel_values, scales=scales, output_attentions=True)
+    seconds = time.perf_counter() - start
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    labels = outputs.logits.argmax(dim=1)[0].numpy()
+    palette = CITYSCAPES_PALETTE if model.config.num_labels == len(CITYSCAPES_PALETTE) else tuple(
+        tuple(int(c) for c in np.random.default_rng(i).integers(0, 256, 3)) for i in range(model.config.num_labels)
+    )
+    Image.fromarray(labels.astype(np.uint8)).save(args.output_dir / "labels.png")
+    colorize(labels, palette).save(args.output_dir / "labels_color.png")
+    image.save(args.output_dir / "input.png")
+    for scale, attention in zip(outputs.scales, outputs.attentions):
+        attention_map = (attention[0, 0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(attention_map).save(args.output_dir / f"attention_{scale}x.png")
+    summary = {
+        "model": args.model,
+        "trained": trained,
+        "image_size": [image.height, image.width],
+        "scales": list(outputs.scales),
+        "seconds": round(seconds, 3),
+        "classes_present": {model.config.id2label[int(c)]: int((labels == c).sum()) for c in np.unique(labels)},
+    }
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"chained inference over scales {list(outputs.scales)} on a {image.width}x{image.height} image "
+          f"took {seconds:.2f} s; wrote labels.png, labels_color.png and attention_<scale>x.png to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

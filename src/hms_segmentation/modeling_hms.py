@@ -1,0 +1,419 @@
+"""Hierarchical Multi-Scale Attention for semantic segmentation (Tao, Sapra, Catanzaro 2020, arXiv 2005.10821).
+
+A segmentation network predicts, at every scale it sees, class logits and one attention map. Scales are fused from the
+highest to the lowest: each lower scale's attention decides per pixel how much of its own prediction replaces the
+running (higher-scale) one. Training uses two scales; inference chains any list. The rule lives in
+`hierarchical_scale_fusion`; trunks and heads know nothing of scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .backbone_hrnet import HMSHRNetBackbone
+from .backbone_resnet import HMSDilatedResNetBackbone
+from .configuration_hms import HMSConfig, validate_scales
+from .head_deeplabv3plus import HMSDeepLabV3PlusHead
+from .head_ocr import HMSConvNormReLU, HMSObjectContextHead
+from .rmi_loss import RMILoss
+
+
+def resize_as(tensor: torch.Tensor, reference: torch.Tensor, align_corners: bool) -> torch.Tensor:
+    """Bilinearly resize `tensor` (batch, channels, h, w) to the spatial size of `reference`."""
+    if tensor.shape[-2:] == reference.shape[-2:]:
+        return tensor
+    return F.interpolate(tensor, size=reference.shape[-2:], mode="bilinear", align_corners=align_corners)
+
+
+def hierarchical_scale_fusion(
+    scale_outputs: Iterable[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]], align_corners: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """
+    The attention chain of HMSA: fuse per-scale predictions, visiting scales from the highest to the lowest.
+
+    The highest scale's prediction starts the running fusion. Each following (lower) scale `s` with prediction `p_s`
+    and attention `a_s` (in [0, 1], at the resolution of `p_s`) then gates it:
+
+    - `s >= 1`: `fused = a_s * p_s + (1 - a_s) * down(fused)`, at the resolution of `p_s`;
+    - `s < 1`: `fused = up(a_s * p_s) + (1 - up(a_s)) * fused`, at the resolution of `fused`. The product is
+      resized, not its two factors.
+
+    So the lowest scale has the last word where its attention is high, and higher scales fill in the rest, exactly
+    as NVIDIA's reference defines it. `scale_outputs` may be a generator: only the running fusion and the current
+    scale are held in memory.
+
+    Args:
+        scale_outputs: `(scale, predictions, attention)` in descending scale order. `predictions` is a tuple of
+            tensors (batch, channels, h_s, w_s) fused alike (e.g. class logits and auxiliary logits); `attention`
+            is (batch, 1, h_s, w_s).
+        align_corners: `align_corners` of the bilinear resizes.
+
+    Returns:
+        The fused predictions, one tensor per entry of `predictions`.
+    """
+    fused: tuple[torch.Tensor, ...] | None = None
+    previous_scale = math.inf
+    for scale, predictions, attention in scale_outputs:
+        if scale >= previous_scale:
+            raise ValueError(f"scale_outputs must come in strictly descending scale order, got {scale} after {previous_scale}")
+        previous_scale = scale
+        if fused is None:
+            fused = predictions
+        elif scale >= 1.0:
+            fused = tuple(
+                attention * prediction + (1 - attention) * resize_as(running, prediction, align_corners)
+                for prediction, running in zip(predictions, fused)
+            )
+        else:
+            upsampled_attention = resize_as(attention, fused[0], align_corners)
+            fused = tuple(
+                resize_as(attention * prediction, running, align_corners) + (1 - upsampled_attention) * running
+                for prediction, running in zip(predictions, fused)
+            )
+    if fused is None:
+        raise ValueError("scale_outputs is empty: at least one scale is needed")
+    return fused
+
+
+def resize_to_scale(pixel_values: torch.Tensor, scale: float, align_corners: bool) -> torch.Tensor:
+    """
+    Resize (batch, channels, height, width) by `scale` to (floor(height * scale), floor(width * scale)), the size
+    `F.interpolate(..., scale_factor=scale, recompute_scale_factor=True)` gives in the reference.
+    """
+    if scale == 1.0:
+        return pixel_values
+    height, width = pixel_values.shape[-2:]
+    size = (math.floor(height * scale), math.floor(width * scale))
+    if min(size) < 1:
+        raise ValueError(
+            f"scale {scale} turns the input of size {height}x{width} into {size[0]}x{size[1]} pixels; "
+            "use a larger input or drop that scale"
+        )
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=align_corners)
+
+
+@dataclass
+class HMSSemanticSegmenterOutput(SemanticSegmenterOutput):
+    """
+    Output of [`HMSForSemanticSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+            The HMSA objective: primary loss on the fused logits, plus the weighted OCR auxiliary loss and
+            per-scale supervision.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
+            Fused class logits at the input resolution.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            One per scale (ascending, as `scales`): the trunk's output features at that scale.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            One per scale (ascending, as `scales`): the scale-attention map `(batch_size, 1, h_s, w_s)` in [0, 1]
+            at that scale's input resolution.
+        auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`, *optional*):
+            OCR's auxiliary (soft-region) logits fused with the same attention; `None` for trunks without one.
+        scale_logits (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            One per scale (ascending, as `scales`): that scale's own class logits at its input resolution.
+        scales (`tuple(float)`, *optional*, returned with `attentions`, `scale_logits` or `hidden_states`):
+            The scales of this call, ascending.
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is provided):
+            The unweighted parts of `loss`: `"main"`, `"auxiliary"` (OCR trunk), `"scale_<s>"` for each scale.
+    """
+
+    auxiliary_logits: torch.FloatTensor | None = None
+    scale_logits: tuple[torch.FloatTensor, ...] | None = None
+    scales: tuple[float, ...] | None = None
+    loss_terms: dict[str, torch.FloatTensor] | None = None
+
+
+class HMSScaleAttentionHead(nn.Module):
+    """
+    Predicts, from the decoder features at one scale, how much that scale's prediction should be trusted per pixel.
+
+    Input: (batch, in_channels, h, w). Output: (batch, 1, h, w) in (0, 1).
+    """
+
+    def __init__(self, in_channels: int, bottleneck_channels: int, inner_3x3: bool, dropout: float, eps: float):
+        super().__init__()
+        self.bottleneck = HMSConvNormReLU(in_channels, bottleneck_channels, 3, eps)
+        self.inner = HMSConvNormReLU(bottleneck_channels, bottleneck_channels, 3, eps) if inner_3x3 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.projection = nn.Conv2d(bottleneck_channels, 1, kernel_size=1, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.projection(self.dropout(self.inner(self.bottleneck(features)))))
+
+
+class HMSPreTrainedModel(PreTrainedModel):
+    config: HMSConfig
+    config_class = HMSConfig
+    base_model_prefix = "hms"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HMSHRNetModule", "HMSBottleneck", "HMSBasicBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's default init for every conv and BatchNorm: what the reference keeps for its heads."""
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """
+        The reference's initialisation: heads keep PyTorch's default (the reference leaves `OPTIONS.INIT_DECODER`
+        off), HRNet convs ~ N(0, 0.001), torchvision's init for the ResNet trunk, Kaiming-normal for the DeepLabV3+
+        classifier. The trunk rules run per container, after the per-module defaults; transformers' guarded init
+        functions leave tensors loaded from a checkpoint untouched.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, HMSHRNetBackbone):
+                for conv in _convolutions(module):
+                    init.normal_(conv.weight, std=0.001)
+            elif isinstance(module, HMSDilatedResNetBackbone):
+                for conv in _convolutions(module):
+                    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, HMSDeepLabV3PlusHead):
+                for conv in _convolutions(module.classifier):
+                    init.kaiming_normal_(conv.weight)
+
+
+def _convolutions(module: nn.Module) -> Iterator[nn.Conv2d]:
+    return (sub for sub in module.modules() if isinstance(sub, nn.Conv2d))
+
+
+class HMSForSemanticSegmentation(HMSPreTrainedModel):
+    """
+    HMSA segmentation model: a trunk + decoder (`backbone`, `decode_head`) run at several scales, a
+    `scale_attention_head` per scale, and the hierarchical attention chain fusing them.
+
+    In training mode it runs `config.training_scales` (or the `scales` of the call); in eval mode it chains over
+    `scales` or `config.inference_scales`. Any list of positive scales is accepted; the fused logits always have the
+    input's resolution.
+    """
+
+    def __init__(self, config: HMSConfig):
+        super().__init__(config)
+        eps = config.batch_norm_eps
+        if config.trunk == "hrnet_ocr":
+            self.backbone = HMSHRNetBackbone(config.hrnet_stages, config.hrnet_stem_channels, eps, config.align_corners)
+            self.decode_head = HMSObjectContextHead(
+                self.backbone.out_channels,
+                config.ocr_mid_channels,
+                config.ocr_key_channels,
+                config.num_labels,
+                config.ocr_dropout,
+                eps,
+            )
+            attention_in_channels = config.ocr_mid_channels
+        else:
+            self.backbone = HMSDilatedResNetBackbone(config.resnet_layers, eps)
+            self.decode_head = HMSDeepLabV3PlusHead(
+                self.backbone.low_level_channels,
+                self.backbone.out_channels,
+                config.aspp_channels,
+                config.aspp_dilations,
+                config.decoder_aspp_channels,
+                config.decoder_fine_channels,
+                config.segmentation_head_channels,
+                config.num_labels,
+                eps,
+                config.align_corners,
+            )
+            attention_in_channels = self.decode_head.out_channels
+        self.scale_attention_head = HMSScaleAttentionHead(
+            attention_in_channels,
+            config.attention_bottleneck_channels,
+            config.attention_inner_3x3,
+            config.attention_dropout,
+            eps,
+        )
+        self.post_init()
+
+    def segment_single_scale(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """
+        One forward of trunk, decoder and attention head on `pixel_values` (batch, 3, h, w), with no scaling.
+
+        Returns `logits` (batch, num_labels, h, w), `auxiliary_logits` (same, or `None`), `attention`
+        (batch, 1, h, w) and the trunk's output features, all outputs resized to the input's (h, w).
+        """
+        if self.config.trunk == "hrnet_ocr":
+            features = self.backbone(pixel_values)
+            logits, auxiliary_logits, attention_features = self.decode_head(features)
+        else:
+            low_level_features, features = self.backbone(pixel_values)
+            logits, auxiliary_logits, attention_features = self.decode_head(low_level_features, features)
+        attention = self.scale_attention_head(attention_features)
+        logits = resize_as(logits, pixel_values, self.config.align_corners)
+        attention = resize_as(attention, pixel_values, self.config.align_corners)
+        if auxiliary_logits is not None:
+            auxiliary_logits = resize_as(auxiliary_logits, pixel_values, self.config.align_corners)
+        return logits, auxiliary_logits, attention, features
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        scales: list[float] | tuple[float, ...] | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HMSSemanticSegmenterOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Normalised images (see [`HMSImageProcessor`]).
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                Ground-truth class indices, `config.ignore_index` for pixels to skip. When given, `loss` is computed
+                on the scales of this call (in eval mode too).
+            scales (`list[float]`, *optional*):
+                Scales to run and fuse, any order, each positive. Defaults to `config.training_scales` in training
+                mode and `config.inference_scales` in eval mode.
+            output_attentions (`bool`, *optional*):
+                Return each scale's attention map and logits.
+            output_hidden_states (`bool`, *optional*):
+                Return each scale's trunk features.
+        """
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if scales is None:
+            scales = self.config.training_scales if self.training else self.config.inference_scales
+        scales = sorted(validate_scales(scales), reverse=True)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            _check_labels(labels, pixel_values)
+        keep_scale_logits = output_attentions or (labels is not None and self.config.supervised_scale_weight > 0)
+
+        scale_logits: dict[float, torch.Tensor] = {}
+        scale_attentions: dict[float, torch.Tensor] = {}
+        scale_features: dict[float, torch.Tensor] = {}
+
+        def run_scales() -> Iterator[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]]:
+            for scale in scales:
+                logits, auxiliary_logits, attention, features = self.segment_single_scale(
+                    resize_to_scale(pixel_values, scale, self.config.align_corners)
+                )
+                if keep_scale_logits:
+                    scale_logits[scale] = logits
+                if output_attentions:
+                    scale_attentions[scale] = attention
+                if output_hidden_states:
+                    scale_features[scale] = features
+                predictions = (logits,) if auxiliary_logits is None else (logits, auxiliary_logits)
+                yield scale, predictions, attention
+
+        fused = hierarchical_scale_fusion(run_scales(), self.config.align_corners)
+        # The reference's output has the resolution of scale 1.0; without 1.0 in the list we still answer at the input's.
+        fused = tuple(resize_as(prediction, pixel_values, self.config.align_corners) for prediction in fused)
+        logits = fused[0]
+        auxiliary_logits = fused[1] if len(fused) > 1 else None
+
+        loss, loss_terms = None, None
+        if labels is not None:
+            loss, loss_terms = self.compute_loss(logits, auxiliary_logits, scale_logits, labels)
+
+        ascending = tuple(sorted(scales))
+        attentions = tuple(scale_attentions[s] for s in ascending) if output_attentions else None
+        hidden_states = tuple(scale_features[s] for s in ascending) if output_hidden_states else None
+        per_scale_logits = tuple(scale_logits[s] for s in ascending) if output_attentions else None
+        if not return_dict:
+            output = (logits,) + tuple(x for x in (hidden_states, attentions) if x is not None)
+            return ((loss,) + output) if loss is not None else output
+        return HMSSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            auxiliary_logits=auxiliary_logits,
+            scale_logits=per_scale_logits,
+            scales=ascending if (output_attentions or output_hidden_states) else None,
+            loss_terms=loss_terms,
+        )
+
+    def compute_loss(
+        self,
+        logits: torch.Tensor,
+        auxiliary_logits: torch.Tensor | None,
+        scale_logits: dict[float, torch.Tensor],
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        The HMSA objective of the reference recipe:
+        `primary(fused) + ocr_aux_weight * L(fused auxiliary) + supervised_scale_weight * sum_s L(resized p_s)`.
+
+        `primary` is RMI (sigmoid BCE + region mutual information) or cross-entropy; the auxiliary term uses RMI only
+        with `config.ocr_aux_rmi`, the per-scale terms never do. Every prediction is resized to the labels' size.
+        """
+        config = self.config
+        criterion = self._criterion()
+
+        def term(prediction: torch.Tensor, use_rmi: bool) -> torch.Tensor:
+            prediction = prediction if prediction.shape[-2:] == labels.shape[-2:] else F.interpolate(
+                prediction, size=labels.shape[-2:], mode="bilinear", align_corners=config.align_corners
+            )
+            if criterion is None:
+                return F.cross_entropy(prediction.float(), labels, ignore_index=config.ignore_index)
+            return criterion(prediction, labels, do_rmi=use_rmi)
+
+        terms = {"main": term(logits, use_rmi=True)}
+        loss = terms["main"]
+        if auxiliary_logits is not None and config.ocr_aux_weight > 0:
+            terms["auxiliary"] = term(auxiliary_logits, use_rmi=config.ocr_aux_rmi)
+            loss = config.ocr_aux_weight * terms["auxiliary"] + loss
+        if config.supervised_scale_weight > 0:
+            for scale in sorted(scale_logits):
+                terms[f"scale_{scale}"] = term(scale_logits[scale], use_rmi=False)
+                loss = loss + config.supervised_scale_weight * terms[f"scale_{scale}"]
+        return loss, terms
+
+    def _criterion(self) -> RMILoss | None:
+        config = self.config
+        if config.primary_loss != "rmi":
+            return None
+        return RMILoss(
+            num_classes=config.num_labels,
+            ignore_index=config.ignore_index,
+            rmi_radius=config.rmi_radius,
+            rmi_pool_way=config.rmi_pool_way,
+            rmi_pool_size=config.rmi_pool_size,
+            rmi_pool_stride=config.rmi_pool_stride,
+            loss_weight_lambda=config.rmi_loss_weight_lambda,
+            lambda_way=config.rmi_lambda_way,
+        )
+
+
+def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
+    if labels.dim() != 3 or labels.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"labels must have shape (batch_size, height, width) with batch_size {pixel_values.shape[0]}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}")

@@ -1,0 +1,96 @@
+"""Residual blocks shared by the HRNet and ResNet trunks (ResNet v1.5 layout: any stride sits on the 3x3 conv)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+class HMSBasicBlock(GradientCheckpointingLayer):
+    """Two 3x3 convolutions with a residual connection. Keeps the channel count (`expansion = 1`)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, eps: float, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels, eps=eps)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels, eps=eps)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states if self.downsample is None else self.downsample(hidden_states)
+        out = self.relu(self.bn1(self.conv1(hidden_states)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + residual)
+
+
+class HMSBottleneck(GradientCheckpointingLayer):
+    """1x1 -> 3x3 -> 1x1 bottleneck with a residual connection; outputs `4 * channels` (`expansion = 4`)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        eps: float,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels, eps=eps)
+        self.conv2 = nn.Conv2d(
+            channels, channels, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(channels, eps=eps)
+        self.conv3 = nn.Conv2d(channels, channels * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels * self.expansion, eps=eps)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states if self.downsample is None else self.downsample(hidden_states)
+        out = self.relu(self.bn1(self.conv1(hidden_states)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+RESIDUAL_BLOCKS: dict[str, type[HMSBasicBlock] | type[HMSBottleneck]] = {
+    "basic": HMSBasicBlock,
+    "bottleneck": HMSBottleneck,
+}
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int, eps: float, relu: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels, eps=eps),
+    ]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_residual_layer(
+    block: str, in_channels: int, channels: int, num_blocks: int, eps: float, stride: int = 1, dilation: int = 1
+) -> nn.Sequential:
+    """
+    A chain of `num_blocks` residual blocks. The first one carries the stride and projects its input (1x1 conv + BN,
+    named `downsample`) when the stride or the channel count changes; `dilation` applies to every block.
+    """
+    block_class = RESIDUAL_BLOCKS[block]
+    out_channels = channels * block_class.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = conv_bn(in_channels, out_channels, kernel_size=1, stride=stride, eps=eps, relu=False)
+    extra = {"dilation": dilation} if dilation != 1 else {}
+    layers = [block_class(in_channels, channels, eps, stride=stride, downsample=downsample, **extra)]
+    layers += [block_class(out_channels, channels, eps, **extra) for _ in range(1, num_blocks)]
+    return nn.Sequential(*layers)

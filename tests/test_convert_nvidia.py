@@ -1,0 +1,168 @@
+"""The NVIDIA checkpoint converter: formats it reads, errors it gives, ImageNet trunk loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+from hms_segmentation.convert_nvidia import (
+    CheckpointConversionError,
+    convert_nvidia_checkpoint,
+    convert_nvidia_state_dict,
+    infer_config,
+    load_imagenet_trunk,
+    main,
+    nvidia_key_to_hms,
+)
+from parity_utils import load_reference_state_dict, write_nvidia_checkpoint
+
+
+@pytest.fixture(scope="module")
+def reference_hrnet_state(parity_dir) -> dict[str, torch.Tensor]:
+    return load_reference_state_dict(parity_dir / "hrnet_ocr")
+
+
+def test_key_table_maps_reference_names():
+    assert nvidia_key_to_hms("backbone.stage4.2.fuse_layers.3.0.2.1.running_var") == (
+        "backbone.stage4.2.fuse_layers.3.0.2.1.running_var"
+    )
+    assert nvidia_key_to_hms("ocr.conv3x3_ocr.1.0.weight") == "decode_head.pixel_projection.norm.weight"
+    assert nvidia_key_to_hms("backbone.layer0.1.running_mean") == "backbone.bn1.running_mean"
+    assert nvidia_key_to_hms("final.6.weight") == "decode_head.classifier.2.weight"
+    assert nvidia_key_to_hms("criterion.weight") is None
+
+
+def test_architecture_is_inferred_from_shapes(reference_hrnet_state):
+    config = infer_config(reference_hrnet_state)
+    assert config.trunk == "hrnet_ocr"
+    assert [stage["num_channels"] for stage in config.hrnet_stages][1:] == [[18, 36], [18, 36, 72], [18, 36, 72, 144]]
+    assert [stage["num_modules"] for stage in config.hrnet_stages] == [1, 1, 4, 3]
+    assert (config.ocr_mid_channels, config.ocr_key_channels, config.num_labels) == (128, 64, 19)
+
+
+def test_w48_mapillary_shapes_are_inferred():
+    # the released W48 layout with 65 classes: our model's keys mapped back through the reference names
+    config = HMSConfig.from_preset("hrnet_w48_ocr", num_labels=65)
+    with torch.device("meta"):
+        model = HMSForSemanticSegmentation(config)
+    ours_to_nvidia = {}
+    for key in model.state_dict():
+        nvidia = _nvidia_name(key)
+        assert nvidia_key_to_hms(nvidia) == key
+        ours_to_nvidia[key] = nvidia
+    fake = {ours_to_nvidia[k]: torch.empty(v.shape) for k, v in model.state_dict().items()}
+    inferred = infer_config(fake)
+    assert inferred.hrnet_stages == config.hrnet_stages and inferred.num_labels == 65
+    assert (inferred.ocr_mid_channels, inferred.ocr_key_channels) == (512, 256)
+
+
+def _nvidia_name(key: str) -> str:
+    from hms_segmentation.convert_nvidia import NVIDIA_KEY_PREFIXES
+
+    for nvidia_prefix, hms_prefix in NVIDIA_KEY_PREFIXES:
+        if nvidia_prefix.startswith("backbone.layer0"):
+            continue  # ResNet-only renames
+        if key.startswith(hms_prefix):
+            return nvidia_prefix + key[len(hms_prefix):]
+    raise AssertionError(f"no reference name for {key}")
+
+
+def test_unmatched_missing_and_misshaped_keys_are_all_listed(reference_hrnet_state):
+    broken = dict(reference_hrnet_state)
+    broken["criterion.nll_loss.weight"] = torch.zeros(3)
+    del broken["scale_attn.bn1.running_var"]
+    broken["ocr.cls_head.bias"] = torch.zeros(7)
+    with pytest.raises(CheckpointConversionError) as error:
+        convert_nvidia_state_dict(broken)
+    message = str(error.value)
+    assert "criterion.nll_loss.weight" in message
+    assert "scale_attention_head.inner.norm.running_var" in message
+    assert "ocr.cls_head.bias" in message and "nothing was loaded" in message
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(CheckpointConversionError, match="architecture"):
+        convert_nvidia_state_dict({"scale_attn.conv0.weight": torch.zeros(4, 4, 3, 3), "foo": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("layout", ["pth_with_module_prefix", "bare_state_dict", "safetensors"])
+def test_every_checkpoint_layout_converts(reference_hrnet_state, tmp_path, layout):
+    if layout == "pth_with_module_prefix":
+        path = write_nvidia_checkpoint(reference_hrnet_state, tmp_path / "ckpt.pth")
+    elif layout == "bare_state_dict":
+        path = tmp_path / "bare.pth"
+        torch.save(reference_hrnet_state, path)
+    else:
+        path = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in reference_hrnet_state.items()}, str(path))
+    model = convert_nvidia_checkpoint(path, tmp_path / "out", dataset="cityscapes")
+    assert model.config.id2label[18] == "bicycle"
+    reloaded = HMSForSemanticSegmentation.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(
+        reloaded.state_dict()["decode_head.classifier.weight"], reference_hrnet_state["ocr.cls_head.weight"]
+    )
+
+
+def test_checkpoint_with_numpy_metrics_is_read_safely(reference_hrnet_state, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": reference_hrnet_state, "mean_iu": np.float64(0.85), "epoch": 3}, path)
+    assert convert_nvidia_checkpoint(path, tmp_path / "out").config.num_labels == 19
+
+
+def test_existing_output_is_never_overwritten(reference_hrnet_state, tmp_path):
+    checkpoint = write_nvidia_checkpoint(reference_hrnet_state, tmp_path / "ckpt.pth")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    assert main([str(checkpoint), str(output)]) == 1
+    assert (output / "notes.txt").read_text() == "mine" and not (output / "config.json").exists()
+
+
+def test_cli_reports_missing_and_unreadable_files(tmp_path, capsys):
+    assert main([str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 1
+    assert "absent.pth" in capsys.readouterr().err
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    assert main([str(junk), str(tmp_path / "out")]) == 1
+    assert "junk.pth" in capsys.readouterr().err
+
+
+def test_class_count_must_match_the_dataset(reference_hrnet_state):
+    with pytest.raises(CheckpointConversionError, match="[Mm]apillary"):
+        convert_nvidia_state_dict(reference_hrnet_state, dataset="mapillary")
+
+
+def test_hrnet_imagenet_file_loads_into_the_trunk(reference_hrnet_state, tmp_path):
+    model = convert_nvidia_state_dict(reference_hrnet_state)
+    trunk = {"model." + k: torch.randn_like(v.float()) if v.is_floating_point() else v
+             for k, v in model.backbone.state_dict().items()}
+    trunk["model.last_layer.0.weight"] = torch.zeros(3)  # ImageNet classification head, ignored
+    trunk["incre_modules.0.0.conv1.weight"] = torch.zeros(3)
+    path = tmp_path / "hrnetv2_imagenet.pth"
+    torch.save(trunk, path)
+    ignored = load_imagenet_trunk(model, path)
+    assert ignored == ["incre_modules.0.0.conv1.weight", "last_layer.0.weight"]
+    torch.testing.assert_close(model.backbone.conv1.weight, trunk["model.conv1.weight"])
+
+
+def test_torchvision_resnet50_state_dict_loads_into_the_trunk(tmp_path):
+    config = HMSConfig(trunk="resnet50_deeplabv3plus", num_labels=3, aspp_channels=8, decoder_aspp_channels=8,
+                       decoder_fine_channels=4, segmentation_head_channels=8, attention_bottleneck_channels=8)
+    model = HMSForSemanticSegmentation(config)
+    # torchvision's layout: conv1/bn1/layer1..4 with downsample.0/1, plus the fc classifier
+    state = {k: torch.randn_like(v.float()) if v.is_floating_point() else v for k, v in model.backbone.state_dict().items()}
+    assert "layer1.0.downsample.0.weight" in state and "layer4.2.bn3.running_var" in state
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+    assert load_imagenet_trunk(model, path) == ["fc.bias", "fc.weight"]
+    torch.testing.assert_close(model.backbone.layer3[5].conv2.weight,
+                               state["layer3.5.conv2.weight"])
+    del state["layer2.0.conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointConversionError, match="layer2.0.conv1.weight"):
+        load_imagenet_trunk(model, path)

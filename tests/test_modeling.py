@@ -1,0 +1,317 @@
+"""HMSConfig and HMSForSemanticSegmentation on tiny configs: the chain, the outputs, training features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, hierarchical_scale_fusion
+from hms_segmentation.configuration_hms import MODEL_PRESETS
+
+TINY_HRNET = {
+    "trunk": "hrnet_ocr",
+    "hrnet_preset": None,
+    "hrnet_stages": [
+        {"num_modules": 1, "block": "bottleneck", "num_blocks": [1], "num_channels": [8]},
+        {"num_modules": 1, "block": "basic", "num_blocks": [1, 1], "num_channels": [4, 8]},
+        {"num_modules": 1, "block": "basic", "num_blocks": [1, 1, 1], "num_channels": [4, 8, 16]},
+        {"num_modules": 2, "block": "basic", "num_blocks": [1, 1, 1, 1], "num_channels": [4, 8, 16, 32]},
+    ],
+    "hrnet_stem_channels": 8,
+    "ocr_mid_channels": 16,
+    "ocr_key_channels": 8,
+    "attention_bottleneck_channels": 8,
+    "num_labels": 5,
+}
+TINY_RESNET = {
+    "trunk": "resnet50_deeplabv3plus",
+    "resnet_layers": [1, 1, 1, 1],
+    "aspp_channels": 8,
+    "decoder_aspp_channels": 8,
+    "decoder_fine_channels": 4,
+    "segmentation_head_channels": 8,
+    "attention_bottleneck_channels": 8,
+    "num_labels": 5,
+}
+
+
+@pytest.fixture(scope="module", params=["hrnet_ocr", "resnet50_deeplabv3plus"])
+def tiny_model(request) -> HMSForSemanticSegmentation:
+    torch.manual_seed(0)
+    config = HMSConfig(**(TINY_HRNET if request.param == "hrnet_ocr" else TINY_RESNET))
+    return HMSForSemanticSegmentation(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_hrnet() -> HMSForSemanticSegmentation:
+    torch.manual_seed(0)
+    return HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).eval()
+
+
+def images(batch: int = 2, height: int = 48, width: int = 64) -> torch.Tensor:
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("trunk", "vit"),
+        ("hrnet_preset", "w64"),
+        ("training_scales", [0.5, -1.0]),
+        ("inference_scales", []),
+        ("inference_scales", [1.0, 1.0]),
+        ("primary_loss", "dice"),
+        ("ocr_aux_weight", -0.1),
+        ("ocr_mid_channels", 0),
+        ("rmi_radius", 11),
+        ("rmi_pool_size", 3),
+        ("attention_dropout", 1.5),
+        ("resnet_layers", [3, 4, 6]),
+    ],
+)
+def test_bad_config_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        HMSConfig(**{field: value})
+
+
+def test_bad_hrnet_stage_spec_names_the_stage():
+    stages = [dict(stage) for stage in TINY_HRNET["hrnet_stages"]]
+    stages[2] = {**stages[2], "num_channels": [4, 8]}
+    with pytest.raises(ValueError, match="stage 3"):
+        HMSConfig(hrnet_stages=stages)
+
+
+def test_defaults_are_the_reference_recipe():
+    config = HMSConfig()
+    assert config.trunk == "hrnet_ocr" and config.hrnet_output_channels == 720
+    assert (config.ocr_mid_channels, config.ocr_key_channels) == (512, 256)
+    assert config.training_scales == [0.5, 1.0] and config.inference_scales == [0.5, 1.0, 2.0]
+    assert config.num_labels == 19 and config.id2label[0] == "road" and config.ignore_index == 255
+    assert (config.ocr_aux_weight, config.supervised_scale_weight, config.primary_loss) == (0.4, 0.05, "rmi")
+    assert config.align_corners is False
+
+
+def test_every_preset_builds_a_config():
+    for name in MODEL_PRESETS:
+        assert HMSConfig.from_preset(name).model_type == "hms"
+    with pytest.raises(ValueError, match="preset"):
+        HMSConfig.from_preset("nope")
+
+
+def test_hrnet_w48_preset_has_the_released_size():
+    with torch.device("meta"):
+        model = HMSForSemanticSegmentation(HMSConfig.from_preset("hrnet_w48_ocr"))
+    assert sum(p.numel() for p in model.parameters()) == 72_143_430
+
+
+# --- the attention chain -------------------------------------------------------------------------------------------
+
+
+def test_two_scale_fusion_is_the_paper_formula():
+    low, attention = torch.randn(1, 3, 4, 6), torch.rand(1, 1, 4, 6)
+    high = torch.randn(1, 3, 8, 12)
+    (fused,) = hierarchical_scale_fusion([(1.0, (high,), torch.rand(1, 1, 8, 12)), (0.5, (low,), attention)])
+    up = lambda t: F.interpolate(t, size=(8, 12), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(fused, up(attention * low) + (1 - up(attention)) * high)
+
+
+def test_fusion_above_one_brings_running_prediction_down():
+    high, mid = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)
+    attention = torch.rand(1, 1, 4, 4)
+    (fused,) = hierarchical_scale_fusion([(2.0, (high,), torch.rand(1, 1, 8, 8)), (1.0, (mid,), attention)])
+    down = F.interpolate(high, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fused, attention * mid + (1 - attention) * down)
+
+
+def test_fusion_rejects_ascending_order():
+    one = (torch.zeros(1, 1, 2, 2),)
+    with pytest.raises(ValueError, match="descending"):
+        hierarchical_scale_fusion([(0.5, one, torch.zeros(1, 1, 2, 2)), (1.0, one, torch.zeros(1, 1, 2, 2))])
+
+
+def test_scale_order_of_the_call_does_not_matter(tiny_model):
+    with torch.no_grad():
+        a = tiny_model(images(), scales=[0.5, 1.0, 2.0]).logits
+        b = tiny_model(images(), scales=[2.0, 0.5, 1.0]).logits
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scales", [[1.0], [0.5], [0.5, 2.0], [0.25, 0.5, 1.0, 1.5, 2.0], [0.75, 1.25]])
+def test_any_scale_list_answers_at_input_resolution(tiny_model, scales):
+    with torch.no_grad():
+        outputs = tiny_model(images(), scales=scales, output_attentions=True, output_hidden_states=True)
+    assert outputs.logits.shape == (2, 5, 48, 64)
+    assert outputs.scales == tuple(sorted(scales))
+    assert len(outputs.attentions) == len(outputs.scale_logits) == len(outputs.hidden_states) == len(scales)
+    for scale, attention, logits in zip(outputs.scales, outputs.attentions, outputs.scale_logits):
+        size = (int(48 * scale), int(64 * scale))
+        assert attention.shape == (2, 1, *size) and logits.shape == (2, 5, *size)
+        assert attention.min() >= 0 and attention.max() <= 1
+    has_aux = tiny_model.config.trunk == "hrnet_ocr"
+    assert (outputs.auxiliary_logits is not None) == has_aux
+
+
+def test_single_scale_equals_one_plain_forward(tiny_model):
+    with torch.no_grad():
+        fused = tiny_model(images(), scales=[1.0]).logits
+        logits, _, _, _ = tiny_model.segment_single_scale(images())
+    torch.testing.assert_close(fused, logits)
+
+
+def test_per_scale_outputs_are_not_returned_unless_asked(tiny_hrnet):
+    with torch.no_grad():
+        outputs = tiny_hrnet(images())
+    assert outputs.attentions is None and outputs.scale_logits is None and outputs.hidden_states is None
+
+
+@pytest.mark.parametrize("bad_scales", [[0.0], [-1.0], ["big"], []])
+def test_bad_scales_raise_clear_error(tiny_hrnet, bad_scales):
+    with pytest.raises(ValueError, match="scales"):
+        tiny_hrnet(images(), scales=bad_scales)
+
+
+def test_scale_too_small_for_the_input_says_so(tiny_hrnet):
+    with pytest.raises(ValueError, match="scale 0.01"):
+        tiny_hrnet(images(height=16, width=16), scales=[0.01, 1.0])
+
+
+def test_wrong_pixel_values_shape_is_reported(tiny_hrnet):
+    with pytest.raises(ValueError, match="pixel_values"):
+        tiny_hrnet(torch.randn(3, 32, 32))
+
+
+def test_bad_labels_are_reported(tiny_hrnet):
+    with pytest.raises(ValueError, match="labels"):
+        tiny_hrnet(images(), labels=torch.zeros(2, 1, 48, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        tiny_hrnet(images(), labels=torch.zeros(2, 48, 64))
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+def labels_for(batch: int = 2, height: int = 48, width: int = 64, num_labels: int = 5) -> torch.Tensor:
+    labels = torch.randint(0, num_labels, (batch, height, width), generator=torch.Generator().manual_seed(2))
+    labels[:, :4] = 255
+    return labels
+
+
+@pytest.mark.parametrize("primary_loss", ["rmi", "cross_entropy"])
+def test_training_mode_runs_training_scales_and_backpropagates(primary_loss):
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, primary_loss=primary_loss)).train()
+    outputs = model(images(), labels=labels_for(), output_attentions=True)
+    assert outputs.scales == (0.5, 1.0)
+    assert set(outputs.loss_terms) == {"main", "auxiliary", "scale_0.5", "scale_1.0"}
+    expected = (
+        outputs.loss_terms["main"]
+        + 0.4 * outputs.loss_terms["auxiliary"]
+        + 0.05 * (outputs.loss_terms["scale_0.5"] + outputs.loss_terms["scale_1.0"])
+    )
+    torch.testing.assert_close(outputs.loss, expected)
+    outputs.loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in gradients)
+    assert model.scale_attention_head.projection.weight.grad.abs().sum() > 0
+
+
+def test_loss_weights_come_from_the_config():
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, ocr_aux_weight=0.0, supervised_scale_weight=0.0)).eval()
+    with torch.no_grad():
+        outputs = model(images(), labels=labels_for(), scales=[0.5, 1.0])
+    assert set(outputs.loss_terms) == {"main"}
+    torch.testing.assert_close(outputs.loss, outputs.loss_terms["main"])
+
+
+def test_labels_of_another_size_get_resized_logits(tiny_hrnet):
+    with torch.no_grad():
+        outputs = tiny_hrnet(images(), labels=labels_for(height=24, width=32), scales=[1.0])
+    assert torch.isfinite(outputs.loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = HMSConfig(**TINY_HRNET, primary_loss="cross_entropy", ocr_dropout=0.0)
+    model = HMSForSemanticSegmentation(config).train()
+    for module in model.modules():  # keep BatchNorm statistics fixed so both runs see the same model
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    reference = model(images(), labels=labels_for()).loss
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with pytest.warns(FutureWarning):  # transformers 5 renames it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    loss = model(images(), labels=labels_for()).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item() + 1e-12)
+
+
+def test_bf16_autocast_on_cpu_gives_finite_close_outputs(tiny_hrnet):
+    with torch.no_grad():
+        reference = tiny_hrnet(images(), scales=[0.5, 1.0]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = tiny_hrnet(images(), labels=labels_for(), scales=[0.5, 1.0])
+    assert torch.isfinite(outputs.logits).all() and torch.isfinite(outputs.loss)
+    assert (outputs.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_channels_last_gives_the_same_logits(tiny_model):
+    with torch.no_grad():
+        reference = tiny_model(images(), scales=[0.5, 1.0]).logits
+        tiny_model.to(memory_format=torch.channels_last)
+        try:
+            outputs = tiny_model(images().contiguous(memory_format=torch.channels_last), scales=[0.5, 1.0]).logits
+        finally:
+            tiny_model.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(outputs, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_trunk_and_heads_compile_without_graph_breaks(tiny_model):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(tiny_model.segment_single_scale)(images())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_save_and_reload_round_trip(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = HMSForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images()).logits, tiny_model(images()).logits)
+
+
+def test_auto_classes_resolve_after_import(tiny_hrnet, tmp_path):
+    from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+    tiny_hrnet.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), HMSConfig)
+    assert isinstance(AutoModelForSemanticSegmentation.from_pretrained(tmp_path), HMSForSemanticSegmentation)
+
+
+def test_initialisation_does_not_touch_loaded_weights(tiny_hrnet, tmp_path):
+    tiny_hrnet.save_pretrained(tmp_path)
+    reloaded = HMSForSemanticSegmentation.from_pretrained(tmp_path)
+    for (name, expected), got in zip(tiny_hrnet.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(expected, got), name
+
+
+def test_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET))
+    trunk_std = torch.cat([m.weight.flatten() for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]).std()
+    assert 0.0005 < trunk_std < 0.002  # HRNet convs ~ N(0, 0.001)
+    bn = model.decode_head.pixel_projection.norm
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    head_std = model.decode_head.classifier.weight.std()
+    assert head_std > 0.01  # PyTorch's default init, as the reference leaves the decoder
