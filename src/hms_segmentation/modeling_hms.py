@@ -69,14 +69,15 @@ def hierarchical_scale_fusion(
         if fused is None:
             fused = predictions
         elif scale >= 1.0:
+            # lerp(start, end, a) = a * end + (1 - a) * start, in one pass over the logits
             fused = tuple(
-                attention * prediction + (1 - attention) * resize_as(running, prediction, align_corners)
+                torch.lerp(resize_as(running, prediction, align_corners), prediction, attention)
                 for prediction, running in zip(predictions, fused)
             )
         else:
-            upsampled_attention = resize_as(attention, fused[0], align_corners)
+            keep_running = 1 - resize_as(attention, fused[0], align_corners)
             fused = tuple(
-                resize_as(attention * prediction, running, align_corners) + (1 - upsampled_attention) * running
+                torch.addcmul(resize_as(attention * prediction, running, align_corners), keep_running, running)
                 for prediction, running in zip(predictions, fused)
             )
     if fused is None:

@@ -71,22 +71,24 @@ class _SigmoidTerms(torch.autograd.Function):
         `(B, C, H, W)` (empty when ``need_probs`` is False).
         """
         sigmoid = torch.sigmoid(logits)
+        label_logits = logits.gather(1, safe_labels)
+        buffer = F.softplus(logits)
         # Σ_c BCE(x_c, onehot_c) = Σ_c softplus(x_c) − x_label: no (B, C, H, W) one-hot target is needed.
-        per_pixel = F.softplus(logits).sum(dim=1, keepdim=True) - logits.gather(1, safe_labels)
-        bce_sum = (per_pixel * valid_mask).sum()
+        bce_sum = ((buffer.sum(dim=1, keepdim=True) - label_logits) * valid_mask).sum()
         if need_probs:
-            probs = torch.addcmul(logits.new_tensor(PROBABILITY_OFFSET), sigmoid, valid_mask)
+            # The softplus values are summed: reuse their memory instead of faulting in a fresh allocation.
+            probs = torch.addcmul(logits.new_tensor(PROBABILITY_OFFSET), sigmoid, valid_mask, out=buffer)
         else:
             probs = logits.new_empty(0)
             ctx.mark_non_differentiable(probs)
-        ctx.save_for_backward(sigmoid, safe_labels, valid_mask)
+        ctx.save_for_backward(sigmoid, torch.sigmoid(label_logits), safe_labels, valid_mask)
         return bce_sum, probs
 
     @staticmethod
     def backward(ctx, grad_bce_sum: torch.Tensor, grad_probs: torch.Tensor):
-        sigmoid, safe_labels, valid_mask = ctx.saved_tensors
+        sigmoid, label_sigmoid, safe_labels, valid_mask = ctx.saved_tensors
         # d BCE / d x = sigmoid − onehot; at the label (sigmoid − 1) is formed before scaling, to keep its precision.
-        at_label = grad_bce_sum * (sigmoid.gather(1, safe_labels) - 1.0)
+        at_label = grad_bce_sum * (label_sigmoid - 1.0)
         if grad_probs.numel() > 0:
             grad = torch.ops.aten.sigmoid_backward(grad_probs, sigmoid)
             at_label = at_label + grad.gather(1, safe_labels)
@@ -98,75 +100,101 @@ class _SigmoidTerms(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _region_vectors(maps: torch.Tensor, radius: int) -> torch.Tensor:
-    """`(B, K, H, W)` maps -> `(B, K·r², N)` region vectors, N = (H−r+1)(W−r+1).
-
-    Row ``k·r² + dy·r + dx`` holds ``maps[:, k, dy + i, dx + j]`` for every valid position ``(i, j)``, the layout of
-    ``F.unfold``; a strided view copied once is several times faster than ``F.unfold`` (im2col) on CPU.
-    """
-    batch_size, channels = maps.shape[:2]
-    windows = maps.unfold(2, radius, 1).unfold(3, radius, 1)  # (B, K, H−r+1, W−r+1, r, r), a view
-    return windows.permute(0, 1, 4, 5, 2, 3).reshape(batch_size, channels * radius * radius, -1)
+REGION_CHUNK_BYTES = 8 * 2**20
+"""Region vectors are built about this many bytes at a time (whole (image, class) pairs, at least one), into one
+reused buffer, and rebuilt for the backward: the `(B·C, 2r², N)` float64 tensor (300 MiB for 65 classes at
+512 x 1024) is never held whole, each chunk is still in cache when its matmul reads it, and the buffer is not
+allocated (and page-faulted) again for every chunk."""
 
 
 class _RegionCovariance(torch.autograd.Function):
     """Centred, un-normalised (co)variance of the region vectors of label and probability maps, batched.
 
-    The forward materialises the `(B·C, 2r², N)` region vectors once and forms every block with one matmul, as
-    ``S = V Vᵀ − n μ μᵀ`` after shifting each map by its mean (the covariance does not depend on the shift, which keeps
-    the subtraction well conditioned). The backward is one more matmul and ``r²`` shifted additions, instead of
-    autograd's matmul per operand, centring passes and gradient of the label half.
+    Each chunk of `(image, class)` pairs materialises its region vectors once and forms every block with one matmul,
+    as ``S = V Vᵀ − n μ μᵀ`` after shifting each map by its mean (the covariance does not depend on the shift, which
+    keeps the subtraction well conditioned). The backward rebuilds the chunk and needs one more matmul and ``r²``
+    shifted additions, instead of autograd's matmul per operand, centring passes and gradient of the label half.
     """
 
     @staticmethod
     def forward(
         ctx, label_maps: torch.Tensor, prob_maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None
     ) -> torch.Tensor:
-        """label_maps, prob_maps `(B·C, 1, H', W')` float64; point_weights `(B·C, 1, N)` 0/1 or None.
+        """label_maps, prob_maps `(P, 1, H', W')` float64; point_weights `(P, 1, N)` 0/1 or None.
 
-        Returns `(B·C, 2r², 2r²)`: rows/columns ``[0, r²)`` are the label components, ``[r², 2r²)`` the probability
+        Returns `(P, 2r², 2r²)`: rows/columns ``[0, r²)`` are the label components, ``[r², 2r²)`` the probability
         components.
         """
         maps = torch.cat([label_maps, prob_maps], dim=1)
-        vectors = _region_vectors(maps - maps.mean(dim=(2, 3), keepdim=True), radius)
-        if point_weights is None:
-            count = float(vectors.shape[-1])
-        else:
-            vectors.mul_(point_weights)
-            count = point_weights.sum(dim=2, keepdim=True).clamp(min=1.0)
-        mean = vectors.sum(dim=2, keepdim=True) / count
-        covariance = torch.matmul(vectors, vectors.transpose(1, 2)) - mean * count * mean.transpose(1, 2)
-        ctx.save_for_backward(vectors, mean, point_weights)
+        maps = maps - maps.mean(dim=(2, 3), keepdim=True)
+        counts = float(maps.shape[-1] - radius + 1) * (maps.shape[-2] - radius + 1)
+        if point_weights is not None:
+            counts = point_weights.sum(dim=2, keepdim=True).clamp(min=1.0)
+        means = maps.new_empty(maps.shape[0], 2 * radius**2, 1)
+        covariance = maps.new_empty(maps.shape[0], 2 * radius**2, 2 * radius**2)
+        for start, stop, vectors in _region_chunks(maps, radius, point_weights):
+            count = counts if point_weights is None else counts[start:stop]
+            mean = torch.sum(vectors, dim=2, keepdim=True, out=means[start:stop]).div_(count)
+            torch.matmul(vectors, vectors.transpose(1, 2), out=covariance[start:stop])
+            covariance[start:stop] -= mean * count * mean.transpose(1, 2)
+        ctx.save_for_backward(maps, means, point_weights)
         ctx.radius = radius
-        ctx.map_size = tuple(maps.shape[-2:])
         return covariance
 
     @staticmethod
     def backward(ctx, grad_covariance: torch.Tensor):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
-        vectors, mean, point_weights = ctx.saved_tensors
+        maps, means, point_weights = ctx.saved_tensors
         radius = ctx.radius
         dim = radius * radius
         # dV = Ḡ (V − μ wᵀ) with Ḡ = G + Gᵀ (w = 1 without weights; V is already zero where w = 0); only the
         # probability rows are needed.
         symmetric = (grad_covariance + grad_covariance.transpose(1, 2))[:, dim:, :]
-        grad_vectors = torch.matmul(symmetric, vectors)
-        shift = torch.matmul(symmetric, mean)
-        grad_vectors.sub_(shift if point_weights is None else shift * point_weights)
-        return None, _fold_region_vectors(grad_vectors, radius, ctx.map_size), None, None
+        shifts = torch.matmul(symmetric, means)
+        grad_maps = maps.new_zeros(maps.shape[0], 1, *maps.shape[-2:])
+        grad_buffer = None
+        for start, stop, vectors in _region_chunks(maps, radius, point_weights):
+            if grad_buffer is None:
+                grad_buffer = vectors.new_empty(stop - start, dim, vectors.shape[-1])
+            grad_vectors = torch.matmul(symmetric[start:stop], vectors, out=grad_buffer[: stop - start])
+            shift = shifts[start:stop]
+            grad_vectors.sub_(shift if point_weights is None else shift * point_weights[start:stop])
+            _fold_region_vectors(grad_vectors, radius, out=grad_maps[start:stop])
+        return None, grad_maps, None, None
 
 
-def _fold_region_vectors(vectors: torch.Tensor, radius: int, map_size: tuple[int, int]) -> torch.Tensor:
-    """Adjoint of :func:`_region_vectors` for one channel: `(B, r², N)` -> `(B, 1, H, W)`, summing overlaps."""
-    height, width = map_size
+def _region_chunks(maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None):
+    """Yield `(start, stop, vectors)`: the region vectors of ``maps[start:stop]``, chunk by chunk.
+
+    ``vectors`` `(stop − start, K·r², N)`, N = (H'−r+1)(W'−r+1), row ``k·r² + dy·r + dx`` holding
+    ``maps[:, k, dy + i, dx + j]`` for every valid position ``(i, j)`` (the layout of ``F.unfold``, which is several
+    times slower on CPU than this strided copy), times the point weights if given. It lives in a buffer that the next
+    chunk overwrites.
+    """
+    pairs, channels, height, width = maps.shape
+    out_height, out_width = height - radius + 1, width - radius + 1
+    bytes_per_pair = channels * radius**2 * out_height * out_width * maps.element_size()
+    size = max(1, min(pairs, REGION_CHUNK_BYTES // bytes_per_pair))
+    buffer = maps.new_empty(size, channels, radius, radius, out_height, out_width)
+    for start in range(0, pairs, size):
+        stop = min(start + size, pairs)
+        windows = maps[start:stop].unfold(2, radius, 1).unfold(3, radius, 1).permute(0, 1, 4, 5, 2, 3)
+        vectors = buffer[: stop - start].copy_(windows).view(stop - start, channels * radius**2, -1)
+        if point_weights is not None:
+            vectors.mul_(point_weights[start:stop])
+        yield start, stop, vectors
+
+
+def _fold_region_vectors(vectors: torch.Tensor, radius: int, out: torch.Tensor) -> torch.Tensor:
+    """Adjoint of the region vectors of one channel: adds `(P, r², N)` into the maps ``out`` `(P, 1, H', W')`."""
+    height, width = out.shape[-2:]
     out_height, out_width = height - radius + 1, width - radius + 1
     components = vectors.view(vectors.shape[0], radius, radius, out_height, out_width)
-    maps = vectors.new_zeros(vectors.shape[0], 1, height, width)
     for dy in range(radius):
         for dx in range(radius):
-            maps[:, 0, dy : dy + out_height, dx : dx + out_width] += components[:, dy, dx]
-    return maps
+            out[:, 0, dy : dy + out_height, dx : dx + out_width] += components[:, dy, dx]
+    return out
 
 
 def _conditional_half_log_det(covariance: torch.Tensor) -> torch.Tensor:
@@ -448,7 +476,10 @@ class RMILoss(nn.Module):
         in_window = valid & (rows < out_height).view(1, -1, 1) & (cols < out_width).view(1, 1, -1)
         images = torch.arange(batch_size, device=valid.device).view(-1, 1, 1)
         cells = ((images * num_classes + safe_labels) * out_height + rows.view(1, -1, 1)) * out_width + cols.view(1, 1, -1)
-        counts = torch.bincount(cells[in_window], minlength=batch_size * num_classes * out_height * out_width)
+        num_cells = batch_size * num_classes * out_height * out_width
+        # Pixels outside every window (or ignored) go to one extra bin, dropped after counting.
+        cells = torch.where(in_window, cells, torch.full_like(cells, num_cells))
+        counts = torch.bincount(cells.flatten(), minlength=num_cells + 1)[:num_cells]
         counts = counts.view(batch_size, num_classes, out_height, out_width).double()
         return counts / float(size * size) if self.rmi_pool_way == 1 else (counts > 0).double()
 
