@@ -84,3 +84,99 @@ def cityscapes_label_id_to_train_id() -> dict[int, int]:
     """Map every non-negative Cityscapes ``labelId`` (0..33) to its trainId (0..18, or 255 = ignore)."""
     return {label.id: (label.train_id if 0 <= label.train_id < IGNORE_INDEX else IGNORE_INDEX)
             for label in CITYSCAPES_LABELS if label.id >= 0}
+
+
+@dataclass(frozen=True)
+class MapillaryLabel:
+    name: str
+    readable: str
+    color: tuple[int, int, int]
+    has_instances: bool
+    evaluate: bool
+
+
+# Mapillary Vistas v1.2: the ``labels`` list of the dataset's ``config.json`` (name, readable, color, instances,
+# evaluate); the position in the list is the id stored in the v1.2 label PNGs. Transcribed from Mask2Former's
+# ``register_mapillary_vistas.py`` (MIT); the colours equal the palette embedded in the official label PNGs. Used when a
+# local copy has no config.json of its own.
+MAPILLARY_V12_LABELS: tuple[MapillaryLabel, ...] = tuple(
+    MapillaryLabel(*row)
+    for row in (
+        ("animal--bird", "Bird", (165, 42, 42), True, True),
+        ("animal--ground-animal", "Ground Animal", (0, 192, 0), True, True),
+        ("construction--barrier--curb", "Curb", (196, 196, 196), False, True),
+        ("construction--barrier--fence", "Fence", (190, 153, 153), False, True),
+        ("construction--barrier--guard-rail", "Guard Rail", (180, 165, 180), False, True),
+        ("construction--barrier--other-barrier", "Barrier", (90, 120, 150), False, True),
+        ("construction--barrier--wall", "Wall", (102, 102, 156), False, True),
+        ("construction--flat--bike-lane", "Bike Lane", (128, 64, 255), False, True),
+        ("construction--flat--crosswalk-plain", "Crosswalk - Plain", (140, 140, 200), True, True),
+        ("construction--flat--curb-cut", "Curb Cut", (170, 170, 170), False, True),
+        ("construction--flat--parking", "Parking", (250, 170, 160), False, True),
+        ("construction--flat--pedestrian-area", "Pedestrian Area", (96, 96, 96), False, True),
+        ("construction--flat--rail-track", "Rail Track", (230, 150, 140), False, True),
+        ("construction--flat--road", "Road", (128, 64, 128), False, True),
+        ("construction--flat--service-lane", "Service Lane", (110, 110, 110), False, True),
+        ("construction--flat--sidewalk", "Sidewalk", (244, 35, 232), False, True),
+        ("construction--structure--bridge", "Bridge", (150, 100, 100), False, True),
+        ("construction--structure--building", "Building", (70, 70, 70), False, True),
+        ("construction--structure--tunnel", "Tunnel", (150, 120, 90), False, True),
+        ("human--person", "Person", (220, 20, 60), True, True),
+        ("human--rider--bicyclist", "Bicyclist", (255, 0, 0), True, True),
+        ("human--rider--motorcyclist", "Motorcyclist", (255, 0, 100), True, True),
+        ("human--rider--other-rider", "Other Rider", (255, 0, 200), True, True),
+        ("marking--crosswalk-zebra", "Lane Marking - Crosswalk", (200, 128, 128), True, True),
+        ("marking--general", "Lane Marking - General", (255, 255, 255), False, True),
+        ("nature--mountain", "Mountain", (64, 170, 64), False, True),
+        ("nature--sand", "Sand", (230, 160, 50), False, True),
+        ("nature--sky", "Sky", (70, 130, 180), False, True),
+        ("nature--snow", "Snow", (190, 255, 255), False, True),
+        ("nature--terrain", "Terrain", (152, 251, 152), False, True),
+        ("nature--vegetation", "Vegetation", (107, 142, 35), False, True),
+        ("nature--water", "Water", (0, 170, 30), False, True),
+        ("object--banner", "Banner", (255, 255, 128), True, True),
+        ("object--bench", "Bench", (250, 0, 30), True, True),
+        ("object--bike-rack", "Bike Rack", (100, 140, 180), True, True),
+        ("object--billboard", "Billboard", (220, 220, 220), True, True),
+        ("object--catch-basin", "Catch Basin", (220, 128, 128), True, True),
+        ("object--cctv-camera", "CCTV Camera", (222, 40, 40), True, True),
+        ("object--fire-hydrant", "Fire Hydrant", (100, 170, 30), True, True),
+        ("object--junction-box", "Junction Box", (40, 40, 40), True, True),
+        ("object--mailbox", "Mailbox", (33, 33, 33), True, True),
+        ("object--manhole", "Manhole", (100, 128, 160), True, True),
+        ("object--phone-booth", "Phone Booth", (142, 0, 0), True, True),
+        ("object--pothole", "Pothole", (70, 100, 150), False, True),
+        ("object--street-light", "Street Light", (210, 170, 100), True, True),
+        ("object--support--pole", "Pole", (153, 153, 153), True, True),
+        ("object--support--traffic-sign-frame", "Traffic Sign Frame", (128, 128, 128), True, True),
+        ("object--support--utility-pole", "Utility Pole", (0, 0, 80), True, True),
+        ("object--traffic-light", "Traffic Light", (250, 170, 30), True, True),
+        ("object--traffic-sign--back", "Traffic Sign (Back)", (192, 192, 192), True, True),
+        ("object--traffic-sign--front", "Traffic Sign (Front)", (220, 220, 0), True, True),
+        ("object--trash-can", "Trash Can", (140, 140, 20), True, True),
+        ("object--vehicle--bicycle", "Bicycle", (119, 11, 32), True, True),
+        ("object--vehicle--boat", "Boat", (150, 0, 255), True, True),
+        ("object--vehicle--bus", "Bus", (0, 60, 100), True, True),
+        ("object--vehicle--car", "Car", (0, 0, 142), True, True),
+        ("object--vehicle--caravan", "Caravan", (0, 0, 90), True, True),
+        ("object--vehicle--motorcycle", "Motorcycle", (0, 0, 230), True, True),
+        ("object--vehicle--on-rails", "On Rails", (0, 80, 100), False, True),
+        ("object--vehicle--other-vehicle", "Other Vehicle", (128, 64, 64), True, True),
+        ("object--vehicle--trailer", "Trailer", (0, 0, 110), True, True),
+        ("object--vehicle--truck", "Truck", (0, 0, 70), True, True),
+        ("object--vehicle--wheeled-slow", "Wheeled Slow", (0, 0, 192), True, True),
+        ("void--car-mount", "Car Mount", (32, 32, 32), False, True),
+        ("void--ego-vehicle", "Ego Vehicle", (120, 10, 10), False, True),
+        ("void--unlabeled", "Unlabeled", (0, 0, 0), False, False),
+    )
+)
+
+MAPILLARY_V12_TRAIN_LABELS: tuple[MapillaryLabel, ...] = tuple(
+    label for label in MAPILLARY_V12_LABELS if label.evaluate
+)
+"""The 65 evaluated classes (all but ``void--unlabeled``), ordered by label id; their training id is their position."""
+
+MAPILLARY_V12_ID2LABEL: dict[int, str] = {
+    index: label.readable for index, label in enumerate(MAPILLARY_V12_TRAIN_LABELS)
+}
+MAPILLARY_V12_PALETTE: tuple[tuple[int, int, int], ...] = tuple(label.color for label in MAPILLARY_V12_TRAIN_LABELS)

@@ -1,0 +1,133 @@
+"""Class-uniform sampling: class centroids, their disk cache, and rare classes seen far more often in crops."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from data_fixtures import hf_cache, synthetic_cityscapes  # noqa: F401
+from PIL import Image
+
+from hms_segmentation.data import (
+    CityscapesOptions,
+    ClassCentroidIndex,
+    ClassUniformOptions,
+    SegmentationTrainingDataset,
+    SegmentationTrainingStream,
+    SegmentationTrainTransform,
+    TrainAugmentationOptions,
+    class_uniform_centroids,
+    load_cityscapes,
+)
+from hms_segmentation.data import class_uniform as class_uniform_module
+
+NUM_LABELS = 19
+CROP = TrainAugmentationOptions(crop_size=(8, 8), scale_min=1.0, scale_max=1.5)  # small: random crops rarely hit
+
+
+def test_centroids_lie_on_their_class_once_per_tile():
+    label = np.full((40, 60), 255, np.uint8)
+    label[:, :30] = 0
+    label[5:35, 40] = 5  # a thin pole
+    ring = np.zeros((40, 60), bool)  # an L-shaped region: its centre of mass is not on it
+    ring[30:40, 30:60] = ring[0:40, 55:60] = True
+    label[ring] = 8
+    centroids = class_uniform_centroids(label, NUM_LABELS, tile_size=20)
+    for class_id, points in centroids.items():
+        assert all(label[y, x] == class_id for x, y in points)
+    assert len(centroids[0]) == 4  # 2x2 tiles over the left half
+    assert 255 not in centroids
+    assert len(class_uniform_centroids(label, NUM_LABELS, tile_size=1024)[5]) == 1  # border tiles are kept
+
+
+@pytest.fixture
+def train_set(synthetic_cityscapes, hf_cache):
+    return load_cityscapes(synthetic_cityscapes, "train", options=CityscapesOptions(cache_dir=hf_cache))
+
+
+def test_centroids_are_cached_with_a_version_key(train_set, tmp_path, monkeypatch):
+    options = ClassUniformOptions(tile_size=32, cache_dir=tmp_path / "centroids")
+    built = ClassCentroidIndex.build(train_set, NUM_LABELS, options)
+    (cache_file,) = (tmp_path / "centroids").glob("class_uniform_centroids_*.json")
+    cached = json.loads(cache_file.read_text())
+    assert cached["version"] == class_uniform_module.CENTROIDS_VERSION and cached["tile_size"] == 32
+
+    def fail(*args, **kwargs):
+        raise AssertionError("centroids recomputed although cached")
+
+    monkeypatch.setattr(class_uniform_module, "class_uniform_centroids", fail)
+    loaded = ClassCentroidIndex.build(train_set, NUM_LABELS, options)
+    assert loaded.centroids == built.centroids and loaded.images_per_class == built.images_per_class
+
+
+def test_centroid_cache_is_rebuilt_when_a_label_changes(synthetic_cityscapes, tmp_path):
+    root = tmp_path / "cityscapes"
+    shutil.copytree(synthetic_cityscapes, root)
+    options = ClassUniformOptions(tile_size=32, cache_dir=tmp_path / "centroids")
+    dataset = load_cityscapes(root, "val", options=CityscapesOptions(cache_dir=tmp_path / "hf"))
+    before = ClassCentroidIndex.build(dataset, NUM_LABELS, options)
+    label_path = next(root.glob("gtFine/val/*/*_labelTrainIds.png"))
+    Image.new("L", Image.open(label_path).size, 10).save(label_path)
+    os.utime(label_path, ns=(1, 1))
+    dataset = load_cityscapes(root, "val", options=CityscapesOptions(cache_dir=tmp_path / "hf"))
+    after = ClassCentroidIndex.build(dataset, NUM_LABELS, options)
+    changed_id = label_path.name.replace("_gtFine_labelTrainIds.png", "")
+    assert set(after.centroids[changed_id]) == {10} != set(before.centroids[changed_id])
+    assert len(list((tmp_path / "centroids").glob("*.json"))) == 2
+
+
+def _rare_classes(dataset, count: int = 3) -> list[int]:
+    """The classes with the fewest pixels in the dataset (traffic lights, signs, fences...)."""
+    pixels = sum(np.bincount(np.array(row["label"]).ravel(), minlength=256) for row in dataset)[:NUM_LABELS]
+    present = np.flatnonzero(pixels)
+    return present[np.argsort(pixels[present])[:count]].tolist()
+
+
+def _share_of_crops_with(samples, classes: list[int]) -> float:
+    return float(np.mean([[class_id in sample["labels"] for class_id in classes] for sample in samples]))
+
+
+def test_rare_classes_appear_far_more_often_than_with_random_crops(train_set):
+    index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))
+    rare = _rare_classes(train_set)
+    transform = SegmentationTrainTransform(CROP)
+    shares = {}
+    for fraction in (0.0, 0.5, 1.0):
+        dataset = SegmentationTrainingDataset(train_set, transform, num_labels=NUM_LABELS, class_centroids=index,
+                                              class_uniform_fraction=fraction)
+        samples = []
+        for epoch in range(16):
+            dataset.set_epoch(epoch)
+            samples += [dataset[position] for position in range(len(dataset))]
+        shares[fraction] = _share_of_crops_with(samples, rare)
+    assert shares[1.0] > 2.5 * shares[0.0] and shares[0.0] < shares[0.5] < shares[1.0], shares
+
+
+def test_streaming_class_uniform_crops_favour_rare_classes(synthetic_cityscapes, train_set):
+    index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))
+    rare = _rare_classes(train_set)
+    stream = load_cityscapes(synthetic_cityscapes, "train", streaming=True, options=CityscapesOptions(num_shards=4))
+    shares = {}
+    for fraction in (0.0, 1.0):
+        training = SegmentationTrainingStream(stream, SegmentationTrainTransform(CROP), num_labels=NUM_LABELS,
+                                              class_centroids=index, class_uniform_fraction=fraction)
+        samples = []
+        for epoch in range(6):
+            training.set_epoch(epoch)
+            samples += list(training)
+        shares[fraction] = _share_of_crops_with(samples, rare)
+    assert shares[1.0] > 2.5 * shares[0.0], shares
+
+
+def test_epoch_plan_mixes_random_and_class_uniform_crops(train_set):
+    index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))
+    ids = list(train_set["id"])
+    plan = index.plan_epoch(ids, 0.5, np.random.default_rng(0))
+    assert len(plan) == len(ids)
+    assert sum(centroid is not None for _, centroid in plan) == len(ids) // 2
+    random_rows = [row for row, centroid in plan if centroid is None]
+    assert len(set(random_rows)) == len(random_rows)  # the random half has no repeats
+    assert plan != index.plan_epoch(ids, 0.5, np.random.default_rng(1))

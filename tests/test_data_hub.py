@@ -1,0 +1,101 @@
+"""Hub-style parquet shards: writing local copies, loading them (map-style and streaming), column mapping."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import SYNTHETIC_TRAIN, hf_cache, synthetic_cityscapes  # noqa: F401
+from PIL import Image
+
+from hms_segmentation.data import (
+    CityscapesOptions,
+    ColumnMapping,
+    LoaderOptions,
+    SegmentationTrainingStream,
+    SegmentationTrainTransform,
+    TrainAugmentationOptions,
+    load_cityscapes,
+    load_hub_dataset,
+    load_mapillary,
+    split_stream_for_rank,
+    write_parquet_shards,
+)
+
+
+@pytest.fixture
+def parquet_copy(synthetic_cityscapes, hf_cache, tmp_path):
+    dataset = load_cityscapes(synthetic_cityscapes, "train", options=CityscapesOptions(cache_dir=hf_cache))
+    write_parquet_shards(dataset, tmp_path / "parquet", split="train", num_shards=4)
+    return tmp_path / "parquet", dataset
+
+
+def test_shards_follow_hub_naming_and_embed_the_files(parquet_copy):
+    folder, original = parquet_copy
+    shards = sorted((folder / "data").glob("*.parquet"))
+    assert [shard.name for shard in shards] == [f"train-{index:05d}-of-00004.parquet" for index in range(4)]
+    table = pq.read_table(shards[0])
+    assert table.num_rows == SYNTHETIC_TRAIN // 4
+    first = table.column("image")[0].as_py()
+    assert first["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and "/" not in first["path"]  # no local paths inside
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_loaders_accept_parquet_shards_with_the_same_rows(parquet_copy, streaming, hf_cache):
+    folder, original = parquet_copy
+    loaded = load_cityscapes(folder, "train", streaming=streaming, options=CityscapesOptions(cache_dir=hf_cache))
+    assert isinstance(loaded, datasets.IterableDataset if streaming else datasets.Dataset)
+    rows = {row["id"]: row for row in loaded}
+    assert sorted(rows) == sorted(original["id"])
+    for row in original.select(range(3)):
+        np.testing.assert_array_equal(np.array(rows[row["id"]]["label"]), np.array(row["label"]))
+        np.testing.assert_array_equal(np.array(rows[row["id"]]["image"]), np.array(row["image"]))
+    if streaming:
+        assert loaded.num_shards == 4
+
+
+def test_parquet_stream_trains_on_two_ranks(parquet_copy):
+    folder, _ = parquet_copy
+    stream = load_hub_dataset(str(folder / "data" / "train-*.parquet"), "train", streaming=True)
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=16))
+    counts = [len(list(SegmentationTrainingStream(split_stream_for_rank(stream, rank, 2), transform, num_labels=19)))
+              for rank in (0, 1)]
+    assert counts == [SYNTHETIC_TRAIN // 2] * 2
+
+
+def test_column_mapping_renames_and_numbers_rows(tmp_path):
+    images = [Image.new("RGB", (8, 4), (value, 0, 0)) for value in (10, 20, 30)]
+    labels = [Image.new("L", (8, 4), value) for value in (0, 1, 255)]
+    foreign = datasets.Dataset.from_dict({"picture": images, "semantic_map": labels, "extra": [1, 2, 3]},
+                                         features=datasets.Features({"picture": datasets.Image(),
+                                                                     "semantic_map": datasets.Image(),
+                                                                     "extra": datasets.Value("int32")}))
+    (tmp_path / "foreign").mkdir()
+    foreign.to_parquet(tmp_path / "foreign" / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"expected columns \['id', 'image', 'label'\].*found \['picture', "
+                                         r"'semantic_map', 'extra'\]"):
+        load_hub_dataset(tmp_path / "foreign", "train")
+    loaded = load_hub_dataset(tmp_path / "foreign", "train", column_mapping=ColumnMapping(
+        image="picture", label="semantic_map", id=None), cache_dir=tmp_path / "cache")
+    assert loaded.column_names == ["image", "label", "id"] and loaded["id"][:] == [f"train_{i:06d}" for i in range(3)]
+    assert np.array(loaded[2]["label"]).max() == 255 and loaded[1]["image"].getpixel((0, 0)) == (20, 0, 0)
+
+
+def test_streaming_dataset_can_be_written_round_robin(synthetic_cityscapes, tmp_path):
+    stream = load_cityscapes(synthetic_cityscapes, "val", streaming=True)
+    paths = write_parquet_shards(stream, tmp_path / "out", split="validation", num_shards=2)
+    assert [pq.read_table(path).num_rows for path in paths] == [2, 2]
+
+
+def test_mapillary_loader_accepts_parquet_shards(shared_data_dir, tmp_path):
+    original = load_mapillary(shared_data_dir / "mapillary_sample_crop100", "training",
+                              options=LoaderOptions(cache_dir=tmp_path / "cache"))
+    write_parquet_shards(original, tmp_path / "vistas", split="training", num_shards=1)
+    loaded = load_mapillary(tmp_path / "vistas", "training", options=LoaderOptions(cache_dir=tmp_path / "cache"))
+    np.testing.assert_array_equal(np.array(loaded[0]["label"]), np.array(original[0]["label"]))
+
+
+def test_a_folder_without_layout_or_parquet_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="expected a dataset folder in its official layout or parquet shards"):
+        load_cityscapes(tmp_path, "train")

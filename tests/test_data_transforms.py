@@ -1,0 +1,176 @@
+"""Training augmentations (reference recipe) and evaluation preprocessing."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from data_fixtures import hf_cache, synthetic_cityscapes  # noqa: F401
+from PIL import Image, ImageEnhance
+
+from hms_segmentation.data import (
+    CityscapesOptions,
+    EvalPreprocessingOptions,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    TrainAugmentationOptions,
+    load_cityscapes,
+    sample_generator,
+)
+from hms_segmentation.label_tables import IMAGENET_MEAN, IMAGENET_STD
+
+NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0)
+
+
+@pytest.fixture(scope="module")
+def scene() -> tuple[Image.Image, np.ndarray]:
+    """A 96x160 image with smooth colour ramps and a label of a few classes (3 = a 1-pixel-wide stripe)."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:96, 0:160]
+    pixels = np.stack([xs * 1.5, ys * 2.5, (xs + ys) % 256], axis=-1) + rng.normal(0, 5, (96, 160, 3))
+    label = np.where(ys < 40, 10, np.where(xs < 80, 0, 1)).astype(np.uint8)
+    label[:, 120] = 3
+    label[90:, :10] = 255
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), label
+
+
+def _denormalize(pixel_values: torch.Tensor) -> np.ndarray:
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((pixel_values * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_outputs_are_normalised_pixel_values_and_int64_labels(scene):
+    sample = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(48, 64)))(*scene, sample_generator(0, 0, 0))
+    assert set(sample) == {"pixel_values", "labels"}
+    assert sample["pixel_values"].dtype == torch.float32 and sample["pixel_values"].shape == (3, 48, 64)
+    assert sample["labels"].dtype == torch.int64 and sample["labels"].shape == (48, 64)
+    assert -3 < sample["pixel_values"].min() < sample["pixel_values"].max() < 3
+
+
+def test_same_seed_gives_the_same_sample_and_other_indices_differ(scene):
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=48, blur_probability=0.5, noise_std=4))
+    first, again = (transform(*scene, sample_generator(3, 1, 7)) for _ in range(2))
+    other = transform(*scene, sample_generator(3, 1, 8))
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["labels"], again["labels"])
+    assert not torch.equal(first["pixel_values"], other["pixel_values"])
+
+
+def test_labels_never_get_classes_that_were_not_in_the_file(scene):
+    image, label = scene
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(40, 72), blur_probability=1.0,
+                                                                    noise_std=10.0, noise_probability=1.0))
+    allowed = set(np.unique(label).tolist()) | {255}
+    for index in range(40):
+        assert set(transform(image, label, sample_generator(0, 0, index))["labels"].unique().tolist()) <= allowed
+
+
+def test_scale_and_crop_equal_resizing_the_whole_image_then_cropping(scene):
+    """The crop only resamples what it keeps; the result is the same as the naive full resize."""
+    image, label = scene
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(64, 96), scale_min=1.7, scale_max=1.7,
+                                                                    flip_probability=0.0, **NO_COLOR))
+    sample = transform(image, label, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    scale = rng.uniform(1.7, 1.7)
+    width, height = int(160 * scale), int(96 * scale)
+    left, top = int(rng.integers(0, width - 96 + 1)), int(rng.integers(0, height - 64 + 1))
+    full_label = np.asarray(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(sample["labels"].numpy(), full_label[top:top + 64, left:left + 96])
+    full_image = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    difference = np.abs(_denormalize(sample["pixel_values"]) - full_image[top:top + 64, left:left + 96])
+    assert difference.mean() < 1.0
+
+
+def test_small_images_are_padded_with_ignore_labels_and_the_mean_colour(scene):
+    image, label = scene
+    label = np.where(label == 255, 0, label).astype(np.uint8)  # so that every 255 in the output is padding
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(128, 256), scale_min=0.5,
+                                                                    scale_max=0.5, **NO_COLOR))
+    sample = transform(image, label, sample_generator(0, 0, 0))
+    padding = sample["labels"] == 255
+    assert padding.float().mean() > 0.75  # an 80x48 image inside a 256x128 crop
+    assert sample["pixel_values"][:, padding].abs().max() < 0.02  # the mean colour normalises to ~0
+
+
+def test_horizontal_flip_mirrors_image_and_label(scene):
+    image, label = scene
+    options = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, **NO_COLOR)
+    kept = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=0.0, **options))
+    flipped = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=1.0, **options))
+    a, b = kept(image, label, sample_generator(0, 0, 0)), flipped(image, label, sample_generator(0, 0, 0))
+    assert torch.equal(b["labels"], a["labels"].flip(-1))
+    assert torch.allclose(b["pixel_values"], a["pixel_values"].flip(-1))
+    np.testing.assert_array_equal(a["labels"].numpy(), label)
+
+
+@pytest.mark.parametrize("name, enhancer", [("brightness", ImageEnhance.Brightness),
+                                            ("contrast", ImageEnhance.Contrast),
+                                            ("saturation", ImageEnhance.Color)])
+def test_color_jitter_matches_pil_image_enhance(scene, name, enhancer):
+    image, label = scene
+    jitter = {**NO_COLOR, name: 0.4}
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(96, 160), scale_min=1.0, scale_max=1.0,
+                                                                    flip_probability=0.0, **jitter))
+    rng = np.random.default_rng(11)
+    sample = transform(image, label, rng)
+    replay = np.random.default_rng(11)
+    replay.uniform(1.0, 1.0), replay.integers(0, 1), replay.integers(0, 1), replay.random()  # scale, crop, flip
+    factor = replay.uniform(0.6, 1.4)
+    expected = np.asarray(enhancer(image).enhance(factor), dtype=np.float32)
+    assert np.abs(_denormalize(sample["pixel_values"]) - expected).max() < 2.5
+
+
+def test_blur_and_noise_are_optional_and_off_by_default(scene):
+    image, label = scene
+    base = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, flip_probability=0.0, **NO_COLOR)
+    plain = SegmentationTrainTransform(TrainAugmentationOptions(**base))(image, label, sample_generator(0, 0, 0))
+    np.testing.assert_allclose(_denormalize(plain["pixel_values"]), np.asarray(image, np.float32), atol=1e-3)
+    blurred = SegmentationTrainTransform(TrainAugmentationOptions(blur_probability=1.0, blur_sigma=(1.0, 1.0), **base))(
+        image, label, sample_generator(0, 0, 0))
+    noisy = SegmentationTrainTransform(TrainAugmentationOptions(noise_std=8.0, noise_probability=1.0, **base))(
+        image, label, sample_generator(0, 0, 0))
+    blur_change = np.abs(_denormalize(blurred["pixel_values"]) - np.asarray(image, np.float32))
+    noise_change = _denormalize(noisy["pixel_values"]) - np.asarray(image, np.float32)
+    assert blur_change.mean() > 0.5 and 5.0 < noise_change.std() < 10.0
+    assert torch.equal(noisy["labels"], plain["labels"]) and torch.equal(blurred["labels"], plain["labels"])
+
+
+def test_crop_around_a_centroid_contains_it(scene):
+    image, label = scene
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(32, 32), scale_min=1.0, scale_max=1.0))
+    rare = label.copy()
+    rare[5, 150] = 7  # one pixel of class 7 in a corner
+    for index in range(20):
+        assert 7 in transform(image, rare, sample_generator(0, 0, index), centroid=(150, 5))["labels"]
+
+
+def test_invalid_options_are_explained():
+    with pytest.raises(ValueError, match="scale_min <= scale_max"):
+        TrainAugmentationOptions(scale_min=2.0, scale_max=1.0)
+    with pytest.raises(ValueError, match="crop_size must be positive"):
+        TrainAugmentationOptions(crop_size=(0, 10))
+    with pytest.raises(ValueError, match="flip_probability must be in"):
+        TrainAugmentationOptions(flip_probability=1.5)
+
+
+def test_eval_transform_only_resizes_and_normalises(scene):
+    image, label = scene
+    kept = SegmentationEvalTransform()(image, label)
+    np.testing.assert_allclose(_denormalize(kept["pixel_values"]), np.asarray(image, np.float32), atol=1e-3)
+    np.testing.assert_array_equal(kept["labels"].numpy(), label)
+    resized = SegmentationEvalTransform(EvalPreprocessingOptions(size=(48, 80)))(image, label)
+    assert resized["pixel_values"].shape == (3, 48, 80) and resized["labels"].shape == (48, 80)
+    assert set(resized["labels"].unique().tolist()) <= set(np.unique(label).tolist())
+    full_labels = SegmentationEvalTransform(EvalPreprocessingOptions(size=(48, 80), resize_labels=False))(image, label)
+    assert full_labels["labels"].shape == (96, 160)
+    assert set(SegmentationEvalTransform()(image)) == {"pixel_values"}
+
+
+def test_eval_transform_serves_datasets_with_transform(synthetic_cityscapes, hf_cache):
+    dataset = load_cityscapes(synthetic_cityscapes, "val", options=CityscapesOptions(cache_dir=hf_cache))
+    transform = SegmentationEvalTransform()
+    decoded = dataset.with_transform(transform.apply_to_batch)[0:2]
+    raw = dataset.cast_column("image", datasets.Image(decode=False)).with_transform(transform.apply_to_batch)[0:2]
+    assert decoded["pixel_values"][0].shape == (3, 64, 128) and decoded["labels"][1].dtype == torch.int64
+    assert torch.equal(decoded["pixel_values"][1], raw["pixel_values"][1])
