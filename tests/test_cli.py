@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from hms_segmentation.cli import main
-from hms_segmentation.demo import read_rgb_image
+from hms_segmentation.data.io import load_image as read_rgb_image
 
 
 def test_help_lists_the_subcommands(capsys):

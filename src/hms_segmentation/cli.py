@@ -10,6 +10,11 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("hms_segmentation.training.quickstart", "synthesize data, train a small model on CPU, evaluate it"),
+    "synthesize": ("hms_segmentation.data.synthesize", "write the procedural street-scene dataset (Cityscapes layout)"),
+    "train": ("hms_segmentation.training.train", "train / evaluate with transformers.Trainer"),
+    "train-accelerate": ("hms_segmentation.training.train_accelerate", "train with the explicit Accelerate loop"),
+    "evaluate": ("hms_segmentation.training.evaluate", "mIoU of a checkpoint at one or more scale lists (+flip)"),
     "demo": ("hms_segmentation.demo", "chained multi-scale inference on an image; saves labels and attention maps"),
     "convert-nvidia": ("hms_segmentation.convert_nvidia", "convert an NVIDIA/semantic-segmentation checkpoint"),
 }

@@ -16,28 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
+from .data.io import load_image
 from .label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from .modeling_hms import HMSForSemanticSegmentation
-
-MAX_IMAGE_PIXELS = 64_000_000
-
-
-def read_rgb_image(path: Path) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied; errors name the file."""
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{path}: {image.width}x{image.height} pixels exceed the limit of {MAX_IMAGE_PIXELS:,}")
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I"):
-                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from None
-
 
 def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Image:
     """A simple street-like test picture (sky, buildings, road, poles) when no image is given."""
@@ -91,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         scales = validate_scales([s for s in args.scales.split(",") if s.strip()], "--scales")
-        image = read_rgb_image(args.image) if args.image is not None else street_scene()
+        image = load_image(args.image) if args.image is not None else street_scene()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,130 @@
+"""Command-line arguments of the training scripts, as dataclasses for `HfArgumentParser` (also from YAML/JSON).
+
+Defaults are the paper's recipe (NVIDIA/semantic-segmentation `scripts/train_cityscapes.yml`): SGD with momentum 0.9,
+weight decay 1e-4, polynomial LR decay (power 2.0 for Cityscapes, 1.0 for Mapillary), training scales 0.5,1.0,
+evaluation scales 0.5,1.0,2.0, RMI loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..configuration_hms import MODEL_PRESETS, validate_scales
+
+DATASETS = ("synthetic", "cityscapes", "mapillary")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and how it is initialised."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "save_pretrained folder or Hub id to fine-tune; otherwise a preset is built"}
+    )
+    preset: str = field(default="hrnet_small_ocr", metadata={"help": f"model preset when training from scratch: {sorted(MODEL_PRESETS)}"})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "re-initialise the class and auxiliary heads when the dataset has another label set"},
+    )
+    imagenet_trunk: str | None = field(
+        default=None, metadata={"help": "local ImageNet trunk file (HRNet ImageNet .pth, torchvision ResNet-50 state dict)"}
+    )
+    freeze_trunk: bool = field(default=False, metadata={"help": "train only the decoder and attention heads"})
+    trunk_learning_rate_multiplier: float = field(default=1.0, metadata={"help": "LR of the trunk relative to the heads"})
+    training_scales: str = field(default="0.5,1.0", metadata={"help": "scales of each training step"})
+    eval_scales: str = field(default="0.5,1.0,2.0", metadata={"help": "scales chained at evaluation"})
+    primary_loss: str = field(default="rmi", metadata={"help": "rmi or cross_entropy"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across processes (distributed runs)"})
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None and self.preset not in MODEL_PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
+        # YAML turns "1.0" into a number and "[0.5, 1.0]" into a list: keep one canonical string
+        self.training_scales = ",".join(map(str, validate_scales(parse_scales(self.training_scales), "--training_scales")))
+        self.eval_scales = ",".join(map(str, validate_scales(parse_scales(self.eval_scales), "--eval_scales")))
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and the augmentation."""
+
+    dataset: str = field(default="synthetic", metadata={"help": f"one of {DATASETS}"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "dataset root (official layout), parquet shards or Hub id; synthetic: where it is generated"},
+    )
+    train_split: str = field(default="train")
+    eval_split: str = field(default="val")
+    streaming: bool = field(default=False, metadata={"help": "stream the training split (IterableDataset; needs max_steps)"})
+    crop_size: int = field(default=1024, metadata={"help": "square training crop"})
+    scale_min: float = field(default=0.5)
+    scale_max: float = field(default=2.0)
+    class_uniform_fraction: float = field(default=0.5, metadata={"help": "share of crops centred on a uniformly drawn class"})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and count) unreadable samples instead of stopping"})
+    synthetic_train_frames: int = field(default=200, metadata={"help": "synthetic: frames generated for train"})
+    synthetic_val_frames: int = field(default=40, metadata={"help": "synthetic: frames generated for val"})
+    synthetic_height: int = field(default=256)
+    synthetic_width: int = field(default=512)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset != "synthetic" and self.data_dir is None:
+            raise ValueError(f"--data_dir is required for --dataset {self.dataset}")
+        if not 0 <= self.class_uniform_fraction <= 1:
+            raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
+
+
+@dataclass
+class HMSTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's defaults, plus SGD momentum and the polynomial decay power."""
+
+    learning_rate: float = field(default=0.01, metadata={"help": "initial LR of SGD"})
+    weight_decay: float = field(default=1e-4)
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    poly_power: float | None = field(
+        default=None, metadata={"help": "power of the polynomial LR decay (default 2.0; 1.0 for Mapillary)"}
+    )
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as the reference)"})
+    remove_unused_columns: bool = field(default=False)
+    per_device_eval_batch_size: int = field(default=1)
+    batch_eval_metrics: bool = field(default=True, metadata={"help": "stream the confusion matrix over eval batches"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "allow writing into a non-empty output folder that holds no checkpoint"}
+    )
+    stop_on_nonfinite_loss: bool = field(
+        default=True, metadata={"help": "stop at a NaN/Inf loss, naming the step; if false, skip the step and count it"}
+    )
+
+
+def parse_scales(text: str | float | list[float]) -> list[float]:
+    if isinstance(text, (int, float)):
+        return [float(text)]
+    if isinstance(text, (list, tuple)):
+        return [float(s) for s in text]
+    try:
+        return [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"scales must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, HMSTrainingArguments]:
+    """Parse the command line, or a single `.yaml`/`.yml`/`.json` file holding the same keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, HMSTrainingArguments))
+    if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
+        path = Path(argv[0]).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"argument file {path} does not exist")
+        if path.suffix == ".json":
+            return parser.parse_json_file(str(path))
+        return parser.parse_yaml_file(str(path))
+    return parser.parse_args_into_dataclasses(args=argv)

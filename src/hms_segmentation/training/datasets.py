@@ -1,0 +1,130 @@
+"""Turn `DataArguments` into training and evaluation datasets through `hms_segmentation.data`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from ..data import (
+    CityscapesOptions,
+    ClassCentroidIndex,
+    SegmentationEvalTransform,
+    SegmentationTrainingDataset,
+    SegmentationTrainingStream,
+    SegmentationTrainTransform,
+    SyntheticDatasetOptions,
+    TrainAugmentationOptions,
+    load_cityscapes,
+    load_mapillary,
+    mapillary_label_set,
+    synthesize_cityscapes,
+)
+from ..data.synthesize import GENERATOR_VERSION, MARKER_FILE
+from ..label_tables import CITYSCAPES_ID2LABEL
+from .arguments import DataArguments
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYNTHETIC_DIR = Path("data_synthetic")
+
+
+@dataclass
+class SegmentationData:
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset | None
+    id2label: dict[int, str]
+    poly_power: float
+
+
+class SegmentationEvalDataset(torch.utils.data.Dataset):
+    """Evaluation samples (normalised image, full-resolution trainId labels) from a map-style dataset."""
+
+    def __init__(self, dataset: datasets.Dataset, transform: SegmentationEvalTransform | None = None):
+        self.dataset = dataset
+        self.transform = transform or SegmentationEvalTransform()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.dataset[index]
+        return self.transform(row["image"].convert("RGB"), np.asarray(row["label"], dtype=np.uint8))
+
+
+def ensure_synthetic_dataset(args: DataArguments) -> Path:
+    """Generate the embedded dataset in `args.data_dir` unless one is already there (then it is used as it is)."""
+    root = Path(args.data_dir) if args.data_dir else DEFAULT_SYNTHETIC_DIR
+    options = SyntheticDatasetOptions(
+        output_dir=root,
+        num_train=args.synthetic_train_frames,
+        num_val=args.synthetic_val_frames,
+        height=args.synthetic_height,
+        width=args.synthetic_width,
+    )
+    marker = root / MARKER_FILE
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        wanted = {"version": GENERATOR_VERSION, "num_train": options.num_train, "num_val": options.num_val,
+                  "height": options.height, "width": options.width}
+        differences = {key: found.get(key) for key, value in wanted.items() if found.get(key) != value}
+        if differences:
+            logger.warning("using the synthetic dataset in %s as it is (%s); delete it to generate another", root,
+                           ", ".join(f"{key}={value}" for key, value in differences.items()))
+        return root
+    logger.info("generating the synthetic street-scene dataset in %s", root)
+    return synthesize_cityscapes(options)
+
+
+def load_split(args: DataArguments, split: str, streaming: bool = False) -> tuple:
+    """Rows of one split of the dataset named by `args`, with its `id2label` and the recipe's poly power."""
+    if args.dataset in ("synthetic", "cityscapes"):
+        root = ensure_synthetic_dataset(args) if args.dataset == "synthetic" else args.data_dir
+        rows = load_cityscapes(root, split, streaming=streaming, options=CityscapesOptions(skip_bad_samples=args.skip_bad_samples))
+        return rows, dict(CITYSCAPES_ID2LABEL), 2.0
+    label_set = mapillary_label_set(args.data_dir)
+    # Mapillary names its splits training/validation
+    split = {"train": "training", "val": "validation"}.get(split, split)
+    rows = load_mapillary(args.data_dir, split, streaming=streaming)
+    return rows, dict(label_set.id2label), 1.0
+
+
+def build_eval_dataset(args: DataArguments) -> tuple[SegmentationEvalDataset, dict[int, str]]:
+    """The evaluation split as normalised images with full-resolution labels, and its `id2label`."""
+    rows, id2label, _ = load_split(args, args.eval_split)
+    if args.max_eval_samples is not None:
+        rows = rows.select(range(min(args.max_eval_samples, len(rows))))
+    return SegmentationEvalDataset(rows), id2label
+
+
+def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> SegmentationData:
+    """The training dataset (augmented, class-uniform) and the evaluation dataset described by `args`."""
+    train_rows, id2label, poly_power = load_split(args, args.train_split, streaming=args.streaming)
+    num_labels = len(id2label)
+    evaluation = build_eval_dataset(args)[0] if do_eval else None
+
+    if args.max_train_samples is not None:
+        train_rows = train_rows.take(args.max_train_samples) if args.streaming else train_rows.select(
+            range(min(args.max_train_samples, len(train_rows)))
+        )
+    transform = SegmentationTrainTransform(
+        TrainAugmentationOptions(crop_size=args.crop_size, scale_min=args.scale_min, scale_max=args.scale_max)
+    )
+    centroids = None
+    if args.class_uniform_fraction > 0:
+        centroids = ClassCentroidIndex.build(train_rows, num_labels)
+    common = {
+        "num_labels": num_labels,
+        "seed": seed,
+        "class_centroids": centroids,
+        "class_uniform_fraction": args.class_uniform_fraction,
+        "skip_bad_samples": args.skip_bad_samples,
+    }
+    train_class = SegmentationTrainingStream if args.streaming else SegmentationTrainingDataset
+    train = train_class(train_rows, transform, **common)
+    return SegmentationData(train=train, eval=evaluation, id2label=id2label, poly_power=poly_power)

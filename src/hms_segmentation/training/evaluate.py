@@ -1,0 +1,130 @@
+"""Evaluate a trained or converted checkpoint on a dataset split, at one or more scale lists, with optional flip.
+
+    hms-segmentation evaluate --model runs/synthetic --scales 1.0 0.5,1.0,2.0 --output-dir eval_results
+    hms-segmentation evaluate --model hms-cityscapes --dataset cityscapes --data-dir /data/cityscapes --flip
+
+Every scale list is one row of the comparison: per-class IoU, mIoU, pixel accuracy and seconds per image, printed and
+saved as `results.json` and `results.md` in `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+from ..modeling_hms import HMSForSemanticSegmentation
+from .arguments import DATASETS, DataArguments, parse_scales
+from .datasets import build_eval_dataset
+
+
+def predict(model: HMSForSemanticSegmentation, pixel_values: torch.Tensor, scales: list[float], flip: bool) -> torch.Tensor:
+    """Fused logits (batch, num_labels, H, W), averaged with those of the mirrored image when `flip`."""
+    logits = model(pixel_values, scales=scales).logits
+    if flip:
+        logits = (logits + model(pixel_values.flip(-1), scales=scales).logits.flip(-1)) / 2
+    return logits
+
+
+def evaluate_scales(
+    model: HMSForSemanticSegmentation,
+    dataset,
+    scales: list[float],
+    flip: bool = False,
+    device: str = "cpu",
+    id2label: dict[int, str] | None = None,
+) -> dict:
+    """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
+    `id2label` (the dataset's) or else the model's."""
+    num_labels = model.config.num_labels
+    accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
+    seconds = 0.0
+    with torch.inference_mode():
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
+            labels = sample["labels"].unsqueeze(0).to(device)
+            start = time.perf_counter()
+            logits = predict(model, pixel_values, scales, flip)
+            predictions = preprocess_logits_for_metrics(logits, labels, model.config.align_corners)
+            seconds += time.perf_counter() - start
+            accumulator.update(predictions, labels)
+    metrics = accumulator.compute()
+    names = [(id2label or model.config.id2label)[i] for i in range(num_labels)]
+    return {
+        "scales": scales,
+        "flip": flip,
+        "images": len(dataset),
+        "seconds_per_image": seconds / max(1, len(dataset)),
+        "mean_iou": float(metrics["mean_iou"]),
+        "mean_accuracy": float(metrics["mean_accuracy"]),
+        "overall_accuracy": float(metrics["overall_accuracy"]),
+        "per_category_iou": {name: float(v) for name, v in zip(names, metrics["per_category_iou"].tolist())},
+    }
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Classes as rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
+    headers = [",".join(map(str, r["scales"])) + (" +flip" if r["flip"] else "") for r in results]
+    lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
+    for name in results[0]["per_category_iou"]:
+        cells = [r["per_category_iou"][name] for r in results]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v != v else f"{100 * v:.1f}" for v in cells) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
+    lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
+    lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hms-segmentation evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="save_pretrained folder or Hub id")
+    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--scales", nargs="+", default=["1.0", "0.5,1.0,2.0"], help="one or more comma-separated scale lists")
+    parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
+    parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None)
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=None, help="write results.json and results.md here")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        scale_lists = [parse_scales(text) for text in args.scales]
+        data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
+                                  max_eval_samples=args.max_samples)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.output_dir is not None and (args.output_dir / "results.json").exists() and not args.overwrite:
+        print(f"error: {args.output_dir / 'results.json'} exists; pass --overwrite or choose another --output-dir",
+              file=sys.stderr)
+        return 2
+    model = HMSForSemanticSegmentation.from_pretrained(args.model).to(args.device).eval()
+    dataset, id2label = build_eval_dataset(data_args)
+    if len(id2label) != model.config.num_labels:
+        print(f"error: the model predicts {model.config.num_labels} classes, the {args.dataset} split has {len(id2label)}",
+              file=sys.stderr)
+        return 2
+    results = [evaluate_scales(model, dataset, scales, args.flip, args.device, id2label) for scales in scale_lists]
+    table = markdown_table(results)
+    print(table)
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "results.json").write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+        (args.output_dir / "results.md").write_text(table)
+        print(f"wrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

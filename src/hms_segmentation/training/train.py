@@ -1,0 +1,234 @@
+"""Train (and evaluate) an HMS model with `transformers.Trainer`.
+
+    hms-segmentation train --output_dir runs/synthetic --max_steps 200 --crop_size 256
+    python -m hms_segmentation.training.train config.yaml            # the same keys in a YAML/JSON file
+    accelerate launch -m hms_segmentation.training.train ...          # or torchrun --nproc_per_node N -m ...
+
+In the style of the transformers example scripts: dataclass arguments (`arguments.py`), the model from a preset or
+`from_pretrained`, the data from `hms_segmentation.data`, and the Trainer running the loop. What HMSA adds: SGD with
+momentum and polynomial decay, per-term loss logging, a stop (or counted skip) on a non-finite loss, and a streamed
+confusion matrix for mIoU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
+
+from ..configuration_hms import HMSConfig
+from ..convert_nvidia import load_imagenet_trunk
+from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
+from ..modeling_hms import HMSForSemanticSegmentation
+from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
+from .datasets import build_datasets
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForSemanticSegmentation:
+    """A preset model, or a pretrained one adapted to the dataset's label set."""
+    label_settings = {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
+    scale_settings = {
+        "training_scales": parse_scales(model_args.training_scales),
+        "inference_scales": parse_scales(model_args.eval_scales),
+        "primary_loss": model_args.primary_loss,
+    }
+    if model_args.model_name_or_path is None:
+        config = HMSConfig.from_preset(model_args.preset, **label_settings, **scale_settings)
+        model = HMSForSemanticSegmentation(config)
+    else:
+        model = HMSForSemanticSegmentation.from_pretrained(
+            model_args.model_name_or_path,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **label_settings,
+            **scale_settings,
+        )
+    if model_args.imagenet_trunk:
+        ignored = load_imagenet_trunk(model, model_args.imagenet_trunk)
+        logger.info("loaded ImageNet trunk weights from %s (ignored %d classifier keys)", model_args.imagenet_trunk, len(ignored))
+    if model_args.freeze_trunk:
+        model.backbone.requires_grad_(False)
+    if model_args.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            # PyTorch's SyncBatchNorm runs on CUDA only; CPU processes keep their own batch statistics
+            logger.warning("--sync_bn needs CUDA devices; on CPU every process keeps its own BatchNorm statistics")
+    return model
+
+
+def sgd_parameter_groups(model: torch.nn.Module, learning_rate: float, trunk_multiplier: float) -> list[dict]:
+    """Trunk and heads as two groups, so the trunk can learn at `trunk_multiplier` x the heads' LR."""
+    trunk = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": heads, "lr": learning_rate}]
+    if trunk:
+        groups.append({"params": trunk, "lr": learning_rate * trunk_multiplier})
+    return groups
+
+
+def poly_schedule(total_steps: int, warmup_steps: int, power: float):
+    """LR factor of the reference's poly decay, `(1 - step / total) ** power`, after an optional linear warmup."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (1.0 - progress) ** power
+
+    return factor
+
+
+class SetEpochCallback(TrainerCallback):
+    """Reseed augmentation, class-uniform plan and stream order at every epoch (and on resume)."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(state.epoch or 0))
+
+
+class HMSTrainer(Trainer):
+    """`Trainer` with the reference's optimiser and schedule, loss-term logging and a non-finite-loss guard."""
+
+    def __init__(self, *args, trunk_learning_rate_multiplier: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trunk_learning_rate_multiplier = trunk_learning_rate_multiplier
+        self._loss_term_sums: dict[str, float] = {}
+        self._loss_term_count = 0
+        self.skipped_nonfinite_steps = 0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = sgd_parameter_groups(model or self.model, self.args.learning_rate, self.trunk_learning_rate_multiplier)
+            self.optimizer = torch.optim.SGD(
+                groups, lr=self.args.learning_rate, momentum=self.args.momentum, weight_decay=self.args.weight_decay
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            schedule = poly_schedule(num_training_steps, self.args.get_warmup_steps(num_training_steps), self.args.poly_power)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1
+            if self.args.stop_on_nonfinite_loss:
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at step {step}; lower the learning rate, check the labels, "
+                    "or pass --stop_on_nonfinite_loss false to skip such steps"
+                )
+            self.skipped_nonfinite_steps += 1
+            logger.warning("non-finite loss at step %d skipped (%d so far)", step, self.skipped_nonfinite_steps)
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # no update from this batch
+        elif model.training and outputs.loss_terms:
+            for name, value in outputs.loss_terms.items():
+                self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + float(value.detach())
+            self._loss_term_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_term_count:
+            for name, total in self._loss_term_sums.items():
+                logs[f"loss_{name}"] = round(total / self._loss_term_count, 4)
+            self._loss_term_sums, self._loss_term_count = {}, 0
+        if self.skipped_nonfinite_steps:
+            logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+        super().log(logs, start_time)
+
+
+COMPLETE_CHECKPOINT_FILES = ("trainer_state.json", "hms_checkpoint.json")
+"""Written last into a checkpoint (by Trainer / by the Accelerate script): a folder without one is incomplete."""
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-<step>` folder that was written completely; half-written ones are skipped."""
+    candidates = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        suffix = folder.name.split("-", 1)[1]
+        if folder.is_dir() and suffix.isdigit():
+            if any((folder / name).is_file() for name in COMPLETE_CHECKPOINT_FILES):
+                candidates.append((int(suffix), folder))
+            else:
+                logger.warning("ignoring %s: it was not written completely (the run stopped while saving)", folder)
+    return str(max(candidates)[1]) if candidates else None
+
+
+def check_output_dir(training_args: HMSTrainingArguments) -> str | None:
+    """The checkpoint to resume from, if any; refuse to reuse a non-empty output folder otherwise."""
+    output_dir = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    last = last_complete_checkpoint(output_dir)
+    if last is not None and training_args.do_train:
+        logger.info("resuming from %s", last)
+        return last
+    if not training_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"output folder {output_dir} is not empty and holds no checkpoint to resume; "
+            "pass --overwrite_output_dir to write into it anyway, or choose another --output_dir"
+        )
+    return None
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HMSTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, float]:
+    """Train and/or evaluate as the arguments say (extra `TrainerCallback`s welcome); returns the final metrics."""
+    set_seed(training_args.seed)
+    resume_from = check_output_dir(training_args)
+    data = build_datasets(data_args, seed=training_args.seed, do_eval=training_args.do_eval)
+    if training_args.poly_power is None:
+        training_args.poly_power = data.poly_power
+    model = build_model(model_args, data.id2label)
+    trainer = HMSTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train if training_args.do_train else None,
+        eval_dataset=data.eval,
+        compute_metrics=make_compute_metrics(len(data.id2label), model.config.ignore_index, data.id2label),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[SetEpochCallback(), *(callbacks or [])],
+        trunk_learning_rate_multiplier=model_args.trunk_learning_rate_multiplier,
+    )
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval and data.eval is not None:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model_args, data_args, training_args = parse_arguments(argv)
+    run_training(model_args, data_args, training_args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

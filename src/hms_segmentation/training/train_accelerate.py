@@ -1,0 +1,215 @@
+"""Train an HMS model with one explicit loop on `accelerate` (the counterpart of the Trainer script).
+
+    accelerate launch -m hms_segmentation.training.train_accelerate --output_dir runs/acc --max_steps 200 ...
+    torchrun --nproc_per_node 2 -m hms_segmentation.training.train_accelerate ...
+
+It takes the same arguments, with the same defaults, as `hms_segmentation.training.train`, and on the same seed and
+data order gives the same training as the Trainer script. Checkpoints are `accelerator.save_state` folders
+(`checkpoint-<step>`); `--resume_from_checkpoint` (or a rerun in the same `--output_dir`) continues from the last one
+at the same LR-schedule position and data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+
+from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
+from .datasets import build_datasets
+from .train import NonFiniteLossError, build_model, check_output_dir, poly_schedule, sgd_parameter_groups
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _mixed_precision(args: HMSTrainingArguments) -> str:
+    return "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
+
+
+def _step_of(checkpoint: str) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint must name a checkpoint-<step> folder, got {checkpoint}")
+    return int(match.group(1))
+
+
+def evaluate(model, eval_loader, accelerator: Accelerator, id2label: dict[int, str]) -> dict[str, float]:
+    """Chained multi-scale evaluation (`config.inference_scales`), the confusion matrix summed over processes."""
+    accumulator = ConfusionMatrixAccumulator(len(id2label), ignore_index=accelerator.unwrap_model(model).config.ignore_index,
+                                             device=accelerator.device)
+    model.eval()
+    with torch.inference_mode():
+        for batch in tqdm(eval_loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            accumulator.update(preprocess_logits_for_metrics(logits, batch["labels"]), batch["labels"])
+    accumulator.all_reduce()
+    results = accumulator.compute()
+    model.train()
+    metrics = {f"eval_{key}": float(value) for key, value in results.items() if not hasattr(value, "__len__")}
+    for index, iou in enumerate(results["per_category_iou"].tolist()):
+        metrics[f"eval_iou_{id2label[index]}"] = iou
+    return metrics
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: HMSTrainingArguments,
+    on_train_end: Callable[[torch.nn.Module, Accelerator], None] | None = None,
+) -> dict[str, float]:
+    """Train (and evaluate) as the arguments say. `on_train_end(model, accelerator)` runs on every process after the
+    last step, before saving (e.g. to inspect the per-process model)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=_mixed_precision(args),
+        cpu=args.use_cpu,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    resume_from = check_output_dir(args) if accelerator.is_main_process else None
+    resume_from = _broadcast_object(resume_from)
+    data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
+    if args.poly_power is None:
+        args.poly_power = data.poly_power
+    model = build_model(model_args, data.id2label)
+    optimizer = torch.optim.SGD(
+        sgd_parameter_groups(model, args.learning_rate, model_args.trunk_learning_rate_multiplier),
+        lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
+    )
+    if args.max_steps <= 0:
+        if not hasattr(data.train, "__len__"):
+            raise ValueError("a streaming training set needs --max_steps")
+        batches_per_epoch = len(data.train) // (args.per_device_train_batch_size * accelerator.num_processes)
+        args.max_steps = math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_schedule(args.max_steps, args.get_warmup_steps(args.max_steps), args.poly_power)
+    )
+    is_map_style = hasattr(data.train, "__len__")
+    train_loader = torch.utils.data.DataLoader(
+        data.train,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=is_map_style and args.train_sampling_strategy != "sequential",
+        num_workers=args.dataloader_num_workers,
+        drop_last=args.dataloader_drop_last,
+    )
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+
+    global_step, epoch = 0, 0
+    if resume_from:
+        accelerator.load_state(resume_from)
+        global_step = _step_of(resume_from)
+    batches_per_epoch = len(train_loader) if is_map_style else None
+    if batches_per_epoch:
+        epoch = global_step * args.gradient_accumulation_steps // batches_per_epoch
+    metric_sums: dict[str, float] = {}
+    metric_count, skipped_nonfinite = 0, 0
+    history: list[dict[str, float]] = []
+    progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    model.train()
+    while global_step < args.max_steps:
+        if hasattr(data.train, "set_epoch"):
+            data.train.set_epoch(epoch)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = train_loader
+        if batches_per_epoch and global_step:
+            done_in_epoch = global_step * args.gradient_accumulation_steps - epoch * batches_per_epoch
+            if done_in_epoch > 0:
+                loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    if args.stop_on_nonfinite_loss:
+                        raise NonFiniteLossError(f"the training loss is {loss.item()} at step {global_step + 1}")
+                    skipped_nonfinite += 1
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+                else:
+                    for name, value in outputs.loss_terms.items():
+                        metric_sums[name] = metric_sums.get(name, 0.0) + float(value.detach())
+                    metric_sums["loss"] = metric_sums.get("loss", 0.0) + float(loss.detach())
+                    metric_count += 1
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if args.logging_steps and global_step % args.logging_steps == 0 and metric_count:
+                logs = {("loss" if k == "loss" else f"loss_{k}"): v / metric_count for k, v in metric_sums.items()}
+                logs.update(step=global_step, learning_rate=scheduler.get_last_lr()[0], skipped_nonfinite_steps=skipped_nonfinite)
+                history.append(logs)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                metric_sums, metric_count = {}, 0
+            if args.save_strategy == "steps" and args.save_steps and global_step % args.save_steps == 0:
+                save_checkpoint(accelerator, Path(args.output_dir), global_step)
+            if global_step >= args.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if on_train_end is not None:
+        on_train_end(unwrapped, accelerator)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    metrics: dict[str, float] = {"train_steps": global_step}
+    if args.do_eval and data.eval is not None:
+        eval_loader = accelerator.prepare(torch.utils.data.DataLoader(data.eval, batch_size=args.per_device_eval_batch_size))
+        metrics.update(evaluate(model, eval_loader, accelerator, data.id2label))
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "log_history.json").write_text(json.dumps(history, indent=2))
+        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.end_training()
+    return metrics
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
+    """`save_state` into a staging folder, then rename it to `checkpoint-<step>`: a kill never leaves half a checkpoint."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f"tmp-checkpoint-{step}"
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        (staging / "hms_checkpoint.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)  # an older save of the same step, superseded by this complete one
+        os.replace(staging, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _broadcast_object(value):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run_training(*parse_arguments(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

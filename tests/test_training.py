@@ -1,0 +1,271 @@
+"""The Trainer script on tiny models and a tiny synthetic dataset: arguments, loop, checkpoints, guards, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+from hms_segmentation.training.arguments import parse_arguments
+from hms_segmentation.training.train import HMSTrainer, NonFiniteLossError, run_training
+from test_modeling import TINY_HRNET
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    config = HMSConfig(**{**TINY_HRNET, "num_labels": 19}, ocr_dropout=0.0)
+    HMSForSemanticSegmentation(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic") / "data"
+
+
+def tiny_run_arguments(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir), "--dataset", "synthetic", "--data_dir", str(data_dir),
+        "--synthetic_train_frames", "4", "--synthetic_val_frames", "2", "--synthetic_height", "64",
+        "--synthetic_width", "128", "--crop_size", "64", "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "2", "--max_steps", "3", "--logging_steps", "1", "--report_to", "none",
+        "--use_cpu", "true", "--eval_scales", "0.5,1.0", *extra,
+    ]
+
+
+def test_arguments_have_the_paper_defaults(tmp_path):
+    model_args, data_args, training_args = parse_arguments(["--output_dir", str(tmp_path)])
+    assert (training_args.learning_rate, training_args.momentum, training_args.weight_decay) == (0.01, 0.9, 1e-4)
+    assert model_args.training_scales == "0.5,1.0" and model_args.eval_scales == "0.5,1.0,2.0"
+    assert model_args.primary_loss == "rmi" and data_args.dataset == "synthetic"
+
+
+def test_arguments_read_from_yaml_and_json(tmp_path):
+    values = {"output_dir": str(tmp_path / "run"), "learning_rate": 0.005, "crop_size": 512, "eval_scales": "1.0"}
+    (tmp_path / "args.json").write_text(json.dumps(values))
+    (tmp_path / "args.yaml").write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    for name in ("args.json", "args.yaml"):
+        model_args, data_args, training_args = parse_arguments([str(tmp_path / name)])
+        assert training_args.learning_rate == 0.005 and data_args.crop_size == 512 and model_args.eval_scales == "1.0"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--dataset", "kitti"], "--dataset"), (["--dataset", "cityscapes"], "--data_dir"), (["--eval_scales", "0,1"], "--eval_scales")],
+)
+def test_bad_arguments_are_named(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(["--output_dir", str(tmp_path), *argv])
+
+
+def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, "--do_train", "--do_eval")
+    metrics = run_training(*parse_arguments(argv))
+    assert 0 <= metrics["eval_mean_iou"] <= 1 and "eval_overall_accuracy" in metrics
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert {"loss_main", "loss_auxiliary", "loss_scale_0.5", "loss_scale_1.0"} <= set(logged[0])
+    assert (output_dir / "model.safetensors").exists()
+    trained = HMSForSemanticSegmentation.from_pretrained(output_dir)
+    assert trained.config.inference_scales == [0.5, 1.0]
+    assert not torch.equal(trained.state_dict()["decode_head.classifier.weight"],
+                           HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).state_dict()["decode_head.classifier.weight"])
+
+
+def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "results.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, "--do_train")))
+    assert (output_dir / "results.txt").read_text() == "keep me"
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tmp_path):
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    _, _, training_args = parse_arguments(["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "true"])
+    trainer = HMSTrainer(model=model, args=training_args)
+    inputs = {"pixel_values": torch.full((2, 3, 64, 64), float("nan")), "labels": torch.zeros(2, 64, 64, dtype=torch.long)}
+    model.train()
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        trainer.compute_loss(model, inputs)
+    training_args.stop_on_nonfinite_loss = False
+    loss = trainer.compute_loss(model, inputs)
+    assert loss.item() == 0 and trainer.skipped_nonfinite_steps == 1
+
+
+def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_dir, synthetic_dir, tmp_path):
+    from hms_segmentation.training.arguments import ModelArguments
+    from hms_segmentation.training.train import build_model
+
+    id2label = {i: f"class_{i}" for i in range(5)}
+    model = build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), ignore_mismatched_sizes=True), id2label)
+    original = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).state_dict()
+    state = model.state_dict()
+    assert model.config.num_labels == 5 and state["decode_head.classifier.weight"].shape[0] == 5
+    assert state["decode_head.soft_region_head.1.weight"].shape[0] == 5
+    for key in ("backbone.conv1.weight", "scale_attention_head.projection.weight", "decode_head.pixel_projection.conv.weight"):
+        assert torch.equal(state[key], original[key]), key
+
+
+def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path):
+    from hms_segmentation.training import train_accelerate
+
+    common = ("--do_train", "--train_sampling_strategy", "sequential", "--primary_loss", "cross_entropy")
+    trainer_dir, accelerate_dir = tmp_path / "trainer", tmp_path / "accelerate"
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, trainer_dir, *common)))
+    train_accelerate.run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, accelerate_dir, *common)))
+    by_trainer = HMSForSemanticSegmentation.from_pretrained(trainer_dir).state_dict()
+    by_accelerate = HMSForSemanticSegmentation.from_pretrained(accelerate_dir).state_dict()
+    initial = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).state_dict()
+    assert not torch.equal(by_trainer["decode_head.classifier.weight"], initial["decode_head.classifier.weight"])
+    for key, value in by_trainer.items():
+        torch.testing.assert_close(by_accelerate[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    trainer_losses = [e["loss"] for e in json.loads((trainer_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    accelerate_losses = [e["loss"] for e in json.loads((accelerate_dir / "log_history.json").read_text())]
+    assert trainer_losses == pytest.approx(accelerate_losses, rel=1e-4)
+
+
+def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    worker = str(Path(__file__).parent / "distributed_worker.py")
+    result = subprocess.run([*launcher, worker, script, str(report_dir), *argv], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.parametrize("launcher, script", [("torchrun", "trainer"), ("accelerate", "accelerate")])
+def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_dir, synthetic_dir, tmp_path, launcher, script):
+    import sys
+
+    # the synthetic set must exist before two processes race to create it
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    report_dir = tmp_path / "reports"
+    report_dir.mkdir()
+    command = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
+        # on a machine without GPUs, accelerate's multi-process launch runs MULTI_CPU (gloo)
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--main_process_port", "29532"],
+    }[launcher]
+    # one step of one batch per rank: the ranks' batches must be disjoint and their updated parameters equal
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--class_uniform_fraction", "0", "--sync_bn")
+    _launch(command, script, report_dir, argv)
+    reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["distributed"] and r["world_size"] == 2 for r in reports)
+    assert all(r["sync_batch_norm"] == torch.cuda.is_available() for r in reports)  # SyncBatchNorm is CUDA-only
+    assert reports[0]["parameters"] == reports[1]["parameters"], "ranks diverged: gradients were not all-reduced"
+    assert reports[0]["indices"] and not set(reports[0]["indices"]) & set(reports[1]["indices"])
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_sync_bn_converts_every_batch_norm_when_distributed_on_gpus(tiny_model_dir, monkeypatch):
+    from hms_segmentation.training.arguments import ModelArguments
+    from hms_segmentation.training.train import build_model
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), sync_bn=True), {i: str(i) for i in range(19)})
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+def test_evaluate_cli_compares_scale_lists_and_writes_tables(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    from hms_segmentation.cli import main as cli_main
+
+    # make sure the tiny synthetic set exists (the evaluate CLI generates the default-sized one otherwise)
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    output = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--data-dir", str(synthetic_dir), "--scales", "1.0", "0.5,1.0",
+            "--flip", "--output-dir", str(output)]
+    assert cli_main(argv) == 0
+    results = json.loads((output / "results.json").read_text())["results"]
+    assert [r["scales"] for r in results] == [[1.0], [0.5, 1.0]] and all(r["flip"] for r in results)
+    assert all(0 <= r["mean_iou"] <= 1 and r["images"] == 2 and r["seconds_per_image"] > 0 for r in results)
+    table = (output / "results.md").read_text()
+    assert "| road |" in table and "**mIoU**" in table and "0.5,1.0 +flip" in table
+    assert cli_main(argv) == 2  # results are not overwritten
+    assert "exists" in capsys.readouterr().err
+
+
+def test_flip_averages_with_the_mirrored_prediction(tiny_model_dir):
+    from hms_segmentation.training.evaluate import predict
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()
+    pixel_values = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        plain = model(pixel_values, scales=[1.0]).logits
+        mirrored = model(pixel_values.flip(-1), scales=[1.0]).logits.flip(-1)
+        torch.testing.assert_close(predict(model, pixel_values, [1.0], flip=True), (plain + mirrored) / 2)
+
+
+class _Killed(Exception):
+    """Stands for the process being killed right after a checkpoint was written."""
+
+
+def _final_parameters(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in HMSForSemanticSegmentation.from_pretrained(folder).state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_model_dir, synthetic_dir, tmp_path, script):
+    from transformers import TrainerCallback
+
+    from hms_segmentation.training import train_accelerate
+
+    extra = ("--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--primary_loss",
+             "cross_entropy", "--class_uniform_fraction", "0")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def run(output_dir: Path, kill_after_first_save: bool) -> None:
+        arguments = parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, *extra))
+        if script == "trainer":
+            class KillAfterSave(TrainerCallback):
+                def on_save(self, args, state, control, **kwargs):
+                    raise _Killed
+
+            run_training(*arguments, callbacks=[KillAfterSave()] if kill_after_first_save else None)
+        else:
+            if kill_after_first_save:
+                original = train_accelerate.save_checkpoint
+
+                def save_then_die(*args, **kwargs):
+                    original(*args, **kwargs)
+                    raise _Killed
+
+                train_accelerate.save_checkpoint = save_then_die
+            try:
+                train_accelerate.run_training(*arguments)
+            finally:
+                if kill_after_first_save:
+                    train_accelerate.save_checkpoint = original
+
+    run(straight, kill_after_first_save=False)
+    with pytest.raises(_Killed):
+        run(resumed, kill_after_first_save=True)
+    assert (resumed / "checkpoint-2").is_dir() and not (resumed / "model.safetensors").exists()
+    run(resumed, kill_after_first_save=False)  # same command again: picks up checkpoint-2
+    expected, got = _final_parameters(straight), _final_parameters(resumed)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_half_written_checkpoints_are_never_resumed(tmp_path):
+    from hms_segmentation.training.train import last_complete_checkpoint
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()  # the run died while writing this one
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_text("partial")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
