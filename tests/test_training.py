@@ -269,3 +269,19 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()  # the run died while writing this one
     (tmp_path / "checkpoint-4" / "model.safetensors").write_text("partial")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    from hms_segmentation.cli import main as cli_main
+
+    output = tmp_path / "quickstart"
+    argv = ["quickstart", "--output-dir", str(output), "--max-steps", "2", "--batch-size", "2", "--crop-size", "64",
+            "--train-frames", "4", "--val-frames", "2", "--frame-height", "64", "--frame-width", "128"]
+    assert cli_main(argv) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert 0 <= report["single_scale_mean_iou"] <= 1 and 0 <= report["multi_scale_mean_iou"] <= 1
+    assert (output / "model" / "model.safetensors").exists() and (output / "predictions.png").exists()
+    assert HMSForSemanticSegmentation.from_pretrained(output / "model").config.inference_scales == [0.5, 1.0, 2.0]
+    out = capsys.readouterr().out
+    assert "mIoU single-scale" in out and str(output / "model") in out
+    assert cli_main(argv) == 2  # an earlier run's results are kept

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=0.02)
     parser.add_argument("--train-frames", type=int, default=200)
     parser.add_argument("--val-frames", type=int, default=30)
+    parser.add_argument("--frame-height", type=int, default=256, help="height of the generated frames")
+    parser.add_argument("--frame-width", type=int, default=512, help="width of the generated frames")
     parser.add_argument("--preset", default="hrnet_small_ocr")
     parser.add_argument("--primary-loss", default="rmi", choices=["rmi", "cross_entropy"])
     parser.add_argument("--seed", type=int, default=0)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         crop_size=args.crop_size,
         synthetic_train_frames=args.train_frames,
         synthetic_val_frames=args.val_frames,
+        synthetic_height=args.frame_height,
+        synthetic_width=args.frame_width,
     )
     model_args = ModelArguments(
         preset=args.preset, training_scales="0.5,1.0", eval_scales="0.5,1.0,2.0", primary_loss=args.primary_loss
