@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hms_segmentation import rmi_loss
 from hms_segmentation.rmi_loss import RMILoss, RMILossOutput, _RegionCovariance, _SigmoidTerms
 
 FULLY_IGNORED_CLASS_VALUE = math.log(math.sqrt(5e-4) + 1e-8)
@@ -42,7 +43,14 @@ def _loss_from_config(config: dict) -> tuple[RMILoss, bool]:
     return RMILoss(**config), do_rmi
 
 
-def _blocky_inputs(batch_size=2, num_classes=19, height=48, width=64, seed=0, dtype=torch.float32):
+def _blocky_inputs(
+    batch_size: int = 2,
+    num_classes: int = 19,
+    height: int = 48,
+    width: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels as in the parity vectors (blocky class map, ~10% ignored) and logits favouring the label."""
     generator = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, num_classes, (batch_size, height // 8 + 1, width // 8 + 1), generator=generator)
@@ -53,7 +61,9 @@ def _blocky_inputs(batch_size=2, num_classes=19, height=48, width=64, seed=0, dt
     return logits.to(dtype), labels
 
 
-def _loss_and_grad(loss_fn: RMILoss, logits: torch.Tensor, labels: torch.Tensor, **kwargs):
+def _loss_and_grad(
+    loss_fn: RMILoss, logits: torch.Tensor, labels: torch.Tensor, **kwargs
+) -> tuple[RMILossOutput, torch.Tensor]:
     logits = logits.detach().clone().requires_grad_(True)
     output = loss_fn.forward_components(logits, labels, **kwargs)
     output.loss.backward()
@@ -101,24 +111,26 @@ def test_defaults_are_nvidia_hmsa_settings() -> None:
 
 
 @pytest.mark.parametrize("radius", [0, 11, 2.5, True])
-def test_invalid_radius_names_argument(radius) -> None:
+def test_invalid_radius_names_argument(radius: object) -> None:
     with pytest.raises(ValueError, match=rf"`rmi_radius` must be an integer in 1\.\.10, got {radius!r}"):
         RMILoss(rmi_radius=radius)
 
 
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"rmi_pool_size": 3, "rmi_pool_stride": 4}, r"`rmi_pool_size` must equal `rmi_pool_stride`.*3.*4"),
-        ({"rmi_pool_way": 3}, r"`rmi_pool_way` must be one of .*got 3"),
-        ({"rmi_pool_size": 0, "rmi_pool_stride": 0}, r"`rmi_pool_size` must be a positive integer, got 0"),
-        ({"num_classes": 0}, r"`num_classes` must be a positive integer, got 0"),
-        ({"lambda_way": 2}, r"`lambda_way` must be 0 or 1, got 2"),
-        ({"loss_weight_lambda": "0.5"}, r"`loss_weight_lambda` must be a number, got '0.5'"),
-        ({"loss_type": 0}, r"`loss_type` must be None or 2"),
-    ],
-    ids=["size_ne_stride", "pool_way_3", "zero_pool_size", "zero_classes", "lambda_way_2", "lambda_string", "loss_type_0"],
-)
+INVALID_SETTINGS = {
+    "size_ne_stride": ({"rmi_pool_size": 3, "rmi_pool_stride": 4}, r"must equal `rmi_pool_stride`.*3.*4"),
+    "pool_way_3": ({"rmi_pool_way": 3}, r"`rmi_pool_way` must be one of .*got 3"),
+    "zero_pool_size": (
+        {"rmi_pool_size": 0, "rmi_pool_stride": 0},
+        r"`rmi_pool_size` must be a positive integer, got 0",
+    ),
+    "zero_classes": ({"num_classes": 0}, r"`num_classes` must be a positive integer, got 0"),
+    "lambda_way_2": ({"lambda_way": 2}, r"`lambda_way` must be 0 or 1, got 2"),
+    "lambda_string": ({"loss_weight_lambda": "0.5"}, r"`loss_weight_lambda` must be a number, got '0.5'"),
+    "loss_type_0": ({"loss_type": 0}, r"`loss_type` must be None or 2"),
+}
+
+
+@pytest.mark.parametrize(("settings", "message"), INVALID_SETTINGS.values(), ids=INVALID_SETTINGS.keys())
 def test_invalid_settings_raise_value_error(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RMILoss(**settings)
@@ -128,19 +140,22 @@ def test_zju_loss_type_2_is_accepted() -> None:
     assert RMILoss(loss_type=2).rmi_radius == 3
 
 
-@pytest.mark.parametrize(
-    ("logits_shape", "labels", "message"),
-    [
-        ((19, 32, 40), torch.zeros(1, 32, 40, dtype=torch.long), r"`logits` must be a 4-D floating point tensor.*\(19, 32, 40\)"),
-        ((1, 21, 32, 40), torch.zeros(1, 32, 40, dtype=torch.long), r"num_classes=19 channels.*\(1, 21, 32, 40\)"),
-        ((1, 19, 32, 40), torch.zeros(1, 32, 40), r"`labels` must be an integer tensor, got torch.float32"),
-        ((1, 19, 32, 40), torch.zeros(1, 32, 40, dtype=torch.bool), r"`labels` must be an integer tensor, got torch.bool"),
-        ((1, 19, 32, 40), torch.zeros(1, 1, 32, 40, dtype=torch.long), r"`labels` must have shape .*\(1, 32, 40\).*\(1, 1, 32, 40\)"),
-        ((1, 19, 32, 40), torch.zeros(2, 32, 40, dtype=torch.long), r"`labels` must have shape .*\(2, 32, 40\)"),
-        ((1, 19, 4, 40), torch.zeros(1, 4, 40, dtype=torch.long), r"spatial size \(4, 40\) give \(2, 11\).*rmi_radius=3"),
-    ],
-    ids=["logits_3d", "class_mismatch", "float_labels", "bool_labels", "labels_4d", "batch_mismatch", "too_small"],
-)
+def _labels(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+INVALID_INPUTS = {
+    "logits_3d": ((19, 32, 40), _labels(1, 32, 40), r"`logits` must be a 4-D floating point tensor.*\(19, 32, 40\)"),
+    "class_mismatch": ((1, 21, 32, 40), _labels(1, 32, 40), r"num_classes=19 channels.*\(1, 21, 32, 40\)"),
+    "float_labels": ((1, 19, 32, 40), _labels(1, 32, 40, dtype=torch.float32), r"integer tensor, got torch.float32"),
+    "bool_labels": ((1, 19, 32, 40), _labels(1, 32, 40, dtype=torch.bool), r"integer tensor, got torch.bool"),
+    "labels_4d": ((1, 19, 32, 40), _labels(1, 1, 32, 40), r"`labels` must have shape .*\(1, 32, 40\).*\(1, 1, 32, 40"),
+    "batch_mismatch": ((1, 19, 32, 40), _labels(2, 32, 40), r"`labels` must have shape .*\(2, 32, 40\)"),
+    "too_small": ((1, 19, 4, 40), _labels(1, 4, 40), r"spatial size \(4, 40\) give \(2, 11\).*rmi_radius=3"),
+}
+
+
+@pytest.mark.parametrize(("logits_shape", "labels", "message"), INVALID_INPUTS.values(), ids=INVALID_INPUTS.keys())
 def test_invalid_inputs_raise_value_error(logits_shape: tuple, labels: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RMILoss()(torch.zeros(logits_shape), labels)
@@ -199,7 +214,8 @@ def test_bfloat16_autocast_is_finite_and_close_to_float32() -> None:
     # The same values in float32 give the same loss: everything after the input runs in float32 / float64.
     float32_loss, float32_grad = _loss_and_grad(loss_fn, bf16_logits.detach().float(), labels)
     torch.testing.assert_close(output.loss, float32_loss.loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(bf16_logits.grad.float(), float32_grad, rtol=1e-2, atol=1e-2 * float32_grad.abs().max().item())
+    grad_scale = float32_grad.abs().max().item()
+    torch.testing.assert_close(bf16_logits.grad.float(), float32_grad, rtol=1e-2, atol=1e-2 * grad_scale)
     # Against the unrounded float32 logits the difference is bfloat16's input rounding only.
     torch.testing.assert_close(output.loss, loss_fn(logits, labels), rtol=1e-2, atol=1e-2)
 
@@ -239,23 +255,14 @@ def test_fully_ignored_image_enters_batch_mean_like_reference() -> None:
     torch.testing.assert_close(both.rmi_loss.double(), expected_rmi, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "make_logits",
-    [
-        pytest.param(lambda shape, labels: torch.zeros(shape), id="constant"),
-        pytest.param(
-            lambda shape, labels: torch.where(F.one_hot(labels.clamp(max=18), 19).permute(0, 3, 1, 2).bool(), 30.0, -30.0),
-            id="confident_right",
-        ),
-        pytest.param(
-            lambda shape, labels: torch.where(F.one_hot(labels.clamp(max=18), 19).permute(0, 3, 1, 2).bool(), -30.0, 30.0),
-            id="confident_wrong",
-        ),
-    ],
-)
-def test_degenerate_logits_give_finite_loss_and_gradient(make_logits) -> None:
+@pytest.mark.parametrize("kind", ["constant", "confident_right", "confident_wrong"])
+def test_degenerate_logits_give_finite_loss_and_gradient(kind: str) -> None:
     _, labels = _blocky_inputs()
-    logits = make_logits((2, 19, 48, 64), labels).float()
+    on_label = F.one_hot(labels.clamp(max=18), 19).permute(0, 3, 1, 2).bool()
+    if kind == "constant":
+        logits = torch.zeros(on_label.shape)
+    else:
+        logits = torch.where(on_label == (kind == "confident_right"), 30.0, -30.0)
     output, grad = _loss_and_grad(RMILoss(), logits, labels)
     assert all(torch.isfinite(term) for term in output)
     assert torch.isfinite(grad).all()
@@ -328,3 +335,17 @@ def test_region_covariance_matches_direct_computation() -> None:
     centred = vectors - vectors.mean(dim=2, keepdim=True)
     expected = centred @ centred.transpose(1, 2)
     torch.testing.assert_close(_RegionCovariance.apply(label_maps, prob_maps, 2, None), expected)
+
+
+@pytest.mark.parametrize("exclude_ignored", [False, True])
+def test_region_statistics_in_chunks_match_one_chunk(monkeypatch: pytest.MonkeyPatch, exclude_ignored: bool) -> None:
+    logits, labels = _blocky_inputs(batch_size=2, num_classes=5, dtype=torch.float64)
+    loss_fn = RMILoss(num_classes=5, exclude_ignored_from_rmi=exclude_ignored)
+    whole, whole_grad = _loss_and_grad(loss_fn, logits, labels)
+    # Chunks of 3 (image, class) pairs: 10 pairs give 3 full chunks and a partial one.
+    height, width = loss_fn.pooled_size(48, 64)
+    pair_bytes = 2 * 9 * (height - 2) * (width - 2) * 8
+    monkeypatch.setitem(rmi_loss.REGION_CHUNK_BYTES, "cpu", 3 * pair_bytes)
+    chunked, chunked_grad = _loss_and_grad(loss_fn, logits, labels)
+    torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-9, atol=1e-12)

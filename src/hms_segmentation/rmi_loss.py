@@ -14,7 +14,8 @@ This is a clean re-implementation that reproduces NVIDIA/semantic-segmentation `
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import numbers
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ PROBABILITY_OFFSET = 1e-6
 """Added (not clamped) to every probability, so that an ignored pixel becomes exactly this value."""
 
 POSITIVE_DEFINITE_ALPHA = 5e-4
-"""Added to the diagonal of both ``r² x r²`` matrices that are inverted or factorised, to keep them positive definite."""
+"""Added to the diagonal of both ``r² x r²`` matrices that are inverted or factorised (keeps them positive definite)."""
 
 LOG_EPSILON = 1e-8
 """Added to each Cholesky diagonal entry before the log (reference behaviour)."""
@@ -49,8 +50,8 @@ class RMILossOutput(NamedTuple):
     rmi_loss: torch.Tensor | None
 
 
-def _check_int_setting(name: str, value: object, allowed: str, condition) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not condition(value):
+def _check_int_setting(name: str, value: object, allowed: str, condition: Callable[[int], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not condition(value):
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
@@ -58,7 +59,8 @@ class _SigmoidTerms(torch.autograd.Function):
     """Sigmoid BCE sum and masked probabilities from one sigmoid, with a hand-written backward.
 
     Autograd would keep separate graphs for the BCE and for ``sigmoid(x) * valid + 1e-6`` and add their
-    full-resolution gradients; here both gradients are formed in three passes over the `(B, C, H, W)` logits.
+    full-resolution gradients; here both are formed in one buffer, in three passes over the `(B, C, H, W)` logits.
+    On CPU a fresh full-resolution allocation costs about as much as a pass over it (page faults), hence the reuse.
     """
 
     @staticmethod
@@ -76,7 +78,7 @@ class _SigmoidTerms(torch.autograd.Function):
         # Σ_c BCE(x_c, onehot_c) = Σ_c softplus(x_c) − x_label: no (B, C, H, W) one-hot target is needed.
         bce_sum = ((buffer.sum(dim=1, keepdim=True) - label_logits) * valid_mask).sum()
         if need_probs:
-            # The softplus values are summed: reuse their memory instead of faulting in a fresh allocation.
+            # The softplus values are summed: reuse their memory.
             probs = torch.addcmul(logits.new_tensor(PROBABILITY_OFFSET), sigmoid, valid_mask, out=buffer)
         else:
             probs = logits.new_empty(0)
@@ -100,46 +102,50 @@ class _SigmoidTerms(torch.autograd.Function):
         return grad, None, None, None
 
 
-REGION_CHUNK_BYTES = 8 * 2**20
+REGION_CHUNK_BYTES = {"cpu": 8 * 2**20}
 """Region vectors are built about this many bytes at a time (whole (image, class) pairs, at least one), into one
 reused buffer, and rebuilt for the backward: the `(B·C, 2r², N)` float64 tensor (300 MiB for 65 classes at
-512 x 1024) is never held whole, each chunk is still in cache when its matmul reads it, and the buffer is not
-allocated (and page-faulted) again for every chunk."""
+512 x 1024) is never held whole. On CPU small chunks are faster too: each is still in cache when its matmul reads it,
+and the buffer is not allocated (and page-faulted) again for every chunk. Other devices use
+``DEFAULT_REGION_CHUNK_BYTES``, larger, to launch fewer kernels."""
+
+DEFAULT_REGION_CHUNK_BYTES = 256 * 2**20
 
 
 class _RegionCovariance(torch.autograd.Function):
     """Centred, un-normalised (co)variance of the region vectors of label and probability maps, batched.
 
-    Each chunk of `(image, class)` pairs materialises its region vectors once and forms every block with one matmul,
-    as ``S = V Vᵀ − n μ μᵀ`` after shifting each map by its mean (the covariance does not depend on the shift, which
-    keeps the subtraction well conditioned). The backward rebuilds the chunk and needs one more matmul and ``r²``
-    shifted additions, instead of autograd's matmul per operand, centring passes and gradient of the label half.
+    Each chunk of `(image, class)` pairs materialises its region vectors ``V`` once, with the point weights ``w`` (or
+    ones) as an extra row, so that one matmul gives ``V Vᵀ``, the sums ``V wᵀ`` and the count ``w wᵀ``; then
+    ``S = V Vᵀ − n μ μᵀ``, after shifting each map by its mean (the covariance does not depend on the shift, which
+    keeps the subtraction well conditioned). The backward rebuilds the chunk and needs one more matmul and a fold,
+    instead of autograd's matmul per operand, centring passes and gradient of the label half.
     """
 
     @staticmethod
     def forward(
         ctx, label_maps: torch.Tensor, prob_maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None
     ) -> torch.Tensor:
-        """label_maps, prob_maps `(P, 1, H', W')` float64; point_weights `(P, 1, N)` 0/1 or None.
+        """label_maps, prob_maps `(P, 1, H', W')`, any floating dtype; point_weights `(P, 1, N)` 0/1 or None.
 
-        Returns `(P, 2r², 2r²)`: rows/columns ``[0, r²)`` are the label components, ``[r², 2r²)`` the probability
-        components.
+        Returns `(P, 2r², 2r²)` float64: rows/columns ``[0, r²)`` are the label components, ``[r², 2r²)`` the
+        probability components.
         """
-        maps = torch.cat([label_maps, prob_maps], dim=1)
-        maps = maps - maps.mean(dim=(2, 3), keepdim=True)
-        counts = float(maps.shape[-1] - radius + 1) * (maps.shape[-2] - radius + 1)
-        if point_weights is not None:
-            counts = point_weights.sum(dim=2, keepdim=True).clamp(min=1.0)
-        means = maps.new_empty(maps.shape[0], 2 * radius**2, 1)
-        covariance = maps.new_empty(maps.shape[0], 2 * radius**2, 2 * radius**2)
-        for start, stop, vectors in _region_chunks(maps, radius, point_weights):
-            count = counts if point_weights is None else counts[start:stop]
-            mean = torch.sum(vectors, dim=2, keepdim=True, out=means[start:stop]).div_(count)
-            torch.matmul(vectors, vectors.transpose(1, 2), out=covariance[start:stop])
-            covariance[start:stop] -= mean * count * mean.transpose(1, 2)
+        # float64 from here on, as in the reference.
+        maps = label_maps.new_empty(label_maps.shape[0], 2, *label_maps.shape[-2:], dtype=torch.float64)
+        maps[:, :1] = label_maps
+        maps[:, 1:] = prob_maps
+        maps -= maps.mean(dim=(2, 3), keepdim=True)
+        dim = 2 * radius**2
+        gram = maps.new_empty(maps.shape[0], dim + 1, dim + 1)
+        for start, stop, augmented in _region_chunks(maps, radius, point_weights):
+            torch.matmul(augmented, augmented.transpose(1, 2), out=gram[start:stop])
+        sums, counts = gram[:, :dim, dim:], gram[:, dim:, dim:].clamp(min=1.0)
+        means = sums / counts
         ctx.save_for_backward(maps, means, point_weights)
         ctx.radius = radius
-        return covariance
+        ctx.prob_dtype = prob_maps.dtype
+        return gram[:, :dim, :dim] - means * sums.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_covariance: torch.Tensor):
@@ -148,42 +154,46 @@ class _RegionCovariance(torch.autograd.Function):
         maps, means, point_weights = ctx.saved_tensors
         radius = ctx.radius
         dim = radius * radius
-        # dV = Ḡ (V − μ wᵀ) with Ḡ = G + Gᵀ (w = 1 without weights; V is already zero where w = 0); only the
-        # probability rows are needed.
+        # dV = Ḡ (V − μ wᵀ) = [Ḡ, −Ḡμ] [V; w], Ḡ = G + Gᵀ (V is already zero where w = 0). Only the probability
+        # rows of V need it.
         symmetric = (grad_covariance + grad_covariance.transpose(1, 2))[:, dim:, :]
-        shifts = torch.matmul(symmetric, means)
+        augmented_grad = torch.cat([symmetric, -torch.matmul(symmetric, means)], dim=2)
         grad_maps = maps.new_zeros(maps.shape[0], 1, *maps.shape[-2:])
         grad_buffer = None
-        for start, stop, vectors in _region_chunks(maps, radius, point_weights):
+        for start, stop, augmented in _region_chunks(maps, radius, point_weights):
             if grad_buffer is None:
-                grad_buffer = vectors.new_empty(stop - start, dim, vectors.shape[-1])
-            grad_vectors = torch.matmul(symmetric[start:stop], vectors, out=grad_buffer[: stop - start])
-            shift = shifts[start:stop]
-            grad_vectors.sub_(shift if point_weights is None else shift * point_weights[start:stop])
+                grad_buffer = augmented.new_empty(stop - start, dim, augmented.shape[-1])
+            grad_vectors = torch.matmul(augmented_grad[start:stop], augmented, out=grad_buffer[: stop - start])
             _fold_region_vectors(grad_vectors, radius, out=grad_maps[start:stop])
-        return None, grad_maps, None, None
+        return None, grad_maps.to(ctx.prob_dtype), None, None
 
 
 def _region_chunks(maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None):
-    """Yield `(start, stop, vectors)`: the region vectors of ``maps[start:stop]``, chunk by chunk.
+    """Yield `(start, stop, augmented)`: the region vectors of ``maps[start:stop]`` and a weight row, chunk by chunk.
 
-    ``vectors`` `(stop − start, K·r², N)`, N = (H'−r+1)(W'−r+1), row ``k·r² + dy·r + dx`` holding
+    ``augmented`` `(stop − start, K·r² + 1, N)`, N = (H'−r+1)(W'−r+1): row ``k·r² + dy·r + dx`` holds
     ``maps[:, k, dy + i, dx + j]`` for every valid position ``(i, j)`` (the layout of ``F.unfold``, which is several
-    times slower on CPU than this strided copy), times the point weights if given. It lives in a buffer that the next
-    chunk overwrites.
+    times slower on CPU than this strided copy), times the point weights if given; the last row holds the weights (or
+    ones). It lives in a buffer that the next chunk overwrites.
     """
     pairs, channels, height, width = maps.shape
     out_height, out_width = height - radius + 1, width - radius + 1
-    bytes_per_pair = channels * radius**2 * out_height * out_width * maps.element_size()
-    size = max(1, min(pairs, REGION_CHUNK_BYTES // bytes_per_pair))
-    buffer = maps.new_empty(size, channels, radius, radius, out_height, out_width)
+    rows = channels * radius**2
+    bytes_per_pair = (rows + 1) * out_height * out_width * maps.element_size()
+    chunk_bytes = REGION_CHUNK_BYTES.get(maps.device.type, DEFAULT_REGION_CHUNK_BYTES)
+    size = max(1, min(pairs, chunk_bytes // bytes_per_pair))
+    buffer = maps.new_empty(size, rows + 1, out_height * out_width)
+    if point_weights is None:
+        buffer[:, rows] = 1.0
     for start in range(0, pairs, size):
         stop = min(start + size, pairs)
+        augmented = buffer[: stop - start]
         windows = maps[start:stop].unfold(2, radius, 1).unfold(3, radius, 1).permute(0, 1, 4, 5, 2, 3)
-        vectors = buffer[: stop - start].copy_(windows).view(stop - start, channels * radius**2, -1)
+        augmented[:, :rows].view(windows.shape).copy_(windows)
         if point_weights is not None:
-            vectors.mul_(point_weights[start:stop])
-        yield start, stop, vectors
+            augmented[:, :rows] *= point_weights[start:stop]
+            augmented[:, rows:] = point_weights[start:stop]
+        yield start, stop, augmented
 
 
 def _fold_region_vectors(vectors: torch.Tensor, radius: int, out: torch.Tensor) -> torch.Tensor:
@@ -203,7 +213,8 @@ def _conditional_half_log_det(covariance: torch.Tensor) -> torch.Tensor:
     ``V = S_LL − S_LP (S_PP + αI)⁻¹ S_PL`` and ``½ log det(V + αI) = Σ log(diag(cholesky(V + αI)) + 1e-8)``.
     """
     dim = covariance.shape[-1] // 2
-    label_cov, label_prob_cov, prob_cov = covariance[:, :dim, :dim], covariance[:, :dim, dim:], covariance[:, dim:, dim:]
+    label_cov, label_prob_cov = covariance[:, :dim, :dim], covariance[:, :dim, dim:]
+    prob_cov = covariance[:, dim:, dim:]
     eye = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
     # S_LP (S_PP + αI)⁻¹ S_PL = WᵀW with W = K⁻¹ S_PL, K the Cholesky factor: symmetric by construction.
     # cholesky_ex skips the error check (a device sync on GPU); S_PP + αI is positive definite.
@@ -235,7 +246,7 @@ class RMILoss(nn.Module):
 
     Reference quirks kept by default: ignored pixels stay in the region statistics (as label 0, probability 1e-6), so
     a fully ignored image still adds ``C·log(√α + 1e-8) ≈ −3.80·C`` to the batch mean of the RMI term; the BCE
-    normaliser has ``+1``; both terms and the loss are float32 whatever the logits' dtype. The cross-entropy and the
+    normaliser has ``+1``; both terms and the loss are float32 whatever the logits' dtype. The BCE term and the
     probabilities are computed in the logits' dtype, but in float32 at least (half and bfloat16 logits are upcast,
     also inside ``torch.autocast``); the region statistics are float64.
 
@@ -244,6 +255,12 @@ class RMILoss(nn.Module):
     num_classes``); negative labels count as ignored (the reference fails on them); ``rmi_pool_way=3`` is refused at
     construction (the reference raises ``NotImplementedError`` in forward); invalid settings and inputs raise
     ``ValueError`` naming the argument.
+
+    Implementation: no full-resolution one-hot map is built (the BCE uses ``Σ_c softplus(x_c) − x_label``, the pooled
+    one-hot labels are pixel counts); the statistics run batched over (image, class) pairs: one matmul per chunk of
+    pairs for all covariance blocks, one batched Cholesky, triangular solve and Cholesky for all pairs. Pairs whose
+    pooled label map is constant (mostly absent classes) are skipped: their value is the constant
+    ``r²·log(√α + 1e-8)`` and their gradient is zero, exactly as computed by the reference.
 
     Args:
         num_classes (`int`, *optional*, defaults to 19):
@@ -313,7 +330,7 @@ class RMILoss(nn.Module):
                 f"`rmi_pool_size` must equal `rmi_pool_stride`, got rmi_pool_size={rmi_pool_size} and "
                 f"rmi_pool_stride={rmi_pool_stride}."
             )
-        if isinstance(loss_weight_lambda, bool) or not isinstance(loss_weight_lambda, (int, float)):
+        if isinstance(loss_weight_lambda, bool) or not isinstance(loss_weight_lambda, numbers.Real):
             raise ValueError(f"`loss_weight_lambda` must be a number, got {loss_weight_lambda!r}.")
         _check_int_setting("lambda_way", lambda_way, "0 or 1", lambda v: v in (0, 1))
         if loss_type is not None:
@@ -321,14 +338,14 @@ class RMILoss(nn.Module):
         if not isinstance(exclude_ignored_from_rmi, bool):
             raise ValueError(f"`exclude_ignored_from_rmi` must be a bool, got {exclude_ignored_from_rmi!r}.")
 
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.rmi_radius = rmi_radius
-        self.rmi_pool_way = rmi_pool_way
-        self.rmi_pool_size = rmi_pool_size
-        self.rmi_pool_stride = rmi_pool_stride
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.rmi_radius = int(rmi_radius)
+        self.rmi_pool_way = int(rmi_pool_way)
+        self.rmi_pool_size = int(rmi_pool_size)
+        self.rmi_pool_stride = int(rmi_pool_stride)
         self.loss_weight_lambda = float(loss_weight_lambda)
-        self.lambda_way = lambda_way
+        self.lambda_way = int(lambda_way)
         self.exclude_ignored_from_rmi = exclude_ignored_from_rmi
 
     def extra_repr(self) -> str:
@@ -377,14 +394,21 @@ class RMILoss(nn.Module):
 
     def _check_inputs(self, logits: torch.Tensor, labels: torch.Tensor, do_rmi: bool) -> None:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or not logits.is_floating_point():
-            found = f"{logits.dtype} tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"`logits` must be a 4-D floating point tensor (batch, classes, height, width), got {found}.")
+            found = type(logits).__name__
+            if isinstance(logits, torch.Tensor):
+                found = f"a {logits.dtype} tensor of shape {tuple(logits.shape)}"
+            raise ValueError(
+                f"`logits` must be a 4-D floating point tensor (batch, classes, height, width), got {found}."
+            )
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"`logits` must have num_classes={self.num_classes} channels (dim 1), got shape {tuple(logits.shape)}."
             )
         batch_size, _, height, width = logits.shape
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        is_integer_tensor = isinstance(labels, torch.Tensor) and not (
+            labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+        )
+        if not is_integer_tensor:
             found = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"`labels` must be an integer tensor, got {found}.")
         if tuple(labels.shape) != (batch_size, height, width):
@@ -416,7 +440,7 @@ class RMILoss(nn.Module):
         if not do_rmi:
             return RMILossOutput(loss=bce_loss, bce_loss=bce_loss, rmi_loss=None)
 
-        pooled_probs = self._downsample_probabilities(probs).double()
+        pooled_probs = self._downsample_probabilities(probs)
         pooled_onehot = self._pooled_onehot(safe_labels, valid)
         point_weights = self._point_weights(valid) if self.exclude_ignored_from_rmi else None
         half_log_det = self._half_log_det_per_image_class(pooled_onehot, pooled_probs, point_weights)
@@ -453,7 +477,8 @@ class RMILoss(nn.Module):
         if self.rmi_pool_stride == 1:
             return labels
         # The same op as the reference (not our own index arithmetic) keeps its float rounding of the source index.
-        resized = F.interpolate(labels.unsqueeze(1).double(), size=self.pooled_size(*labels.shape[-2:]), mode="nearest")
+        size = self.pooled_size(*labels.shape[-2:])
+        resized = F.interpolate(labels.unsqueeze(1).double(), size=size, mode="nearest")
         return resized.squeeze(1).long()
 
     def _pooled_onehot(self, safe_labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -464,7 +489,7 @@ class RMILoss(nn.Module):
             # Sample first, then one-hot: the full-resolution (B, C, H, W) one-hot is never built.
             labels = torch.where(valid, safe_labels, torch.full_like(safe_labels, num_classes))
             labels = self._nearest_labels(labels).unsqueeze(1)
-            onehot = torch.zeros(batch_size, num_classes + 1, *labels.shape[-2:], dtype=torch.float64, device=labels.device)
+            onehot = labels.new_zeros(batch_size, num_classes + 1, *labels.shape[-2:], dtype=torch.float64)
             return onehot.scatter_(1, labels, 1.0)[:, :num_classes]
 
         # Max / average pooling with kernel == stride: every pixel falls in at most one window, so the pooled one-hot
@@ -475,7 +500,8 @@ class RMILoss(nn.Module):
         cols = (torch.arange(width, device=valid.device) + size // 2) // size
         in_window = valid & (rows < out_height).view(1, -1, 1) & (cols < out_width).view(1, 1, -1)
         images = torch.arange(batch_size, device=valid.device).view(-1, 1, 1)
-        cells = ((images * num_classes + safe_labels) * out_height + rows.view(1, -1, 1)) * out_width + cols.view(1, 1, -1)
+        cells = (images * num_classes + safe_labels) * out_height + rows.view(1, -1, 1)
+        cells = cells * out_width + cols.view(1, 1, -1)
         num_cells = batch_size * num_classes * out_height * out_width
         # Pixels outside every window (or ignored) go to one extra bin, dropped after counting.
         cells = torch.where(in_window, cells, torch.full_like(cells, num_cells))
@@ -498,7 +524,9 @@ class RMILoss(nn.Module):
         """½ log det of the label covariance given the prediction, per (image, class).
 
         Args:
-            pooled_onehot, pooled_probs (`torch.DoubleTensor` of shape `(B, C, H', W')`): down-sampled maps.
+            pooled_onehot (`torch.DoubleTensor` of shape `(B, C, H', W')`): down-sampled one-hot labels.
+            pooled_probs (`torch.FloatTensor` of shape `(B, C, H', W')`): down-sampled probabilities (float32 or
+                float64; the statistics are float64 either way).
             point_weights (`torch.DoubleTensor` of shape `(B, 1, N)`, *optional*): 0/1 weight of each region point.
 
         Returns:
@@ -513,9 +541,12 @@ class RMILoss(nn.Module):
         constant = dim * math.log(math.sqrt(POSITIVE_DEFINITE_ALPHA) + LOG_EPSILON)
         result = torch.full((batch_size * num_classes,), constant, dtype=torch.float64, device=probs.device)
         informative = (onehot.amax(dim=(1, 2, 3)) > onehot.amin(dim=(1, 2, 3))).nonzero().squeeze(1)
+        if point_weights is not None:
+            point_weights = point_weights.repeat_interleave(num_classes, dim=0)
+        if 0 < informative.numel() < result.numel():
+            onehot, probs = onehot[informative], probs[informative]
+            point_weights = None if point_weights is None else point_weights[informative]
         if informative.numel() > 0:
-            if point_weights is not None:
-                point_weights = point_weights.repeat_interleave(num_classes, dim=0)[informative]
-            covariance = _RegionCovariance.apply(onehot[informative], probs[informative], self.rmi_radius, point_weights)
+            covariance = _RegionCovariance.apply(onehot, probs, self.rmi_radius, point_weights)
             result = result.index_copy(0, informative, _conditional_half_log_det(covariance))
         return result.view(batch_size, num_classes)
