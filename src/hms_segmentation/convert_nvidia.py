@@ -1,7 +1,10 @@
 """Convert NVIDIA/semantic-segmentation HMSA checkpoints (`.pth`) into `save_pretrained` folders.
 
-Usage: `hms-segmentation convert-nvidia CHECKPOINT OUTPUT_DIR [--dataset cityscapes|mapillary]`, or
+Usage: `hms-segmentation convert-nvidia CHECKPOINT OUTPUT_DIR [--dataset cityscapes|mapillary] [--results JSON]`, or
 `python -m hms_segmentation.convert_nvidia ...`, or `convert_nvidia_checkpoint(...)` from Python.
+
+The output folder is ready for the Hub (`hms-segmentation push OUTPUT_DIR REPO_ID`): safetensors weights, config with
+the dataset's class names, the remote-code modules, `preprocessor_config.json` and a model card.
 
 The architecture (trunk, HRNet widths and depths, OCR channels, class count) is read from the tensor shapes, every
 key is mapped through `NVIDIA_KEY_PREFIXES`, and any unmatched, missing or mis-shaped key stops the conversion with the
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .configuration_hms import HMSConfig
+from .hub import NVIDIA_LICENSE, ORIGINAL_REPOSITORY_URL, build_model_card, save_for_hub
 from .label_tables import CITYSCAPES_ID2LABEL
 from .modeling_hms import HMSForSemanticSegmentation
 
@@ -254,10 +258,14 @@ def _is_unmapped_target(model_key: str, state_dict: Mapping[str, torch.Tensor]) 
     return model_key.endswith("num_batches_tracked") and not any(k.endswith("num_batches_tracked") for k in state_dict)
 
 
+def dataset_for(dataset: str | None, num_labels: int) -> str | None:
+    """`dataset`, else the one the class count implies (19: `cityscapes`, 65: `mapillary`), else `None`."""
+    return dataset if dataset is not None else {19: "cityscapes", 65: "mapillary"}.get(num_labels)
+
+
 def id2label_for(dataset: str | None, num_labels: int) -> dict[int, str]:
     """Class names for `dataset` (`cityscapes`, `mapillary`), or guessed from the class count, else generic."""
-    if dataset is None:
-        dataset = {19: "cityscapes", 65: "mapillary"}.get(num_labels)
+    dataset = dataset_for(dataset, num_labels)
     if dataset is None:
         return {i: f"class_{i}" for i in range(num_labels)}
     if dataset == "cityscapes":
@@ -289,14 +297,36 @@ def convert_nvidia_state_dict(
 
 
 def convert_nvidia_checkpoint(
-    checkpoint: str | Path, output_dir: str | Path, dataset: str | None = None, overwrite: bool = False
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    dataset: str | None = None,
+    overwrite: bool = False,
+    evaluation: str | Path | None = None,
 ) -> HMSForSemanticSegmentation:
-    """Convert `checkpoint` and write a `save_pretrained` folder (safetensors + config.json) to `output_dir`."""
+    """
+    Convert `checkpoint` and write a Hub-ready folder to `output_dir`: safetensors weights, config.json (with the
+    dataset's id2label), the remote-code modules, preprocessor_config.json and a model card whose model-index comes
+    from `evaluation` (a `hms-segmentation evaluate` results.json of this converted model), if given.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {output_dir} is not empty; choose another or pass overwrite=True (--overwrite)")
     model = convert_nvidia_state_dict(load_checkpoint_state_dict(checkpoint), dataset=dataset, source=str(checkpoint))
-    model.save_pretrained(output_dir)
+    # the card is built (and the evaluation JSON checked) before anything is written
+    card = build_model_card(
+        model.config,
+        evaluation=evaluation,
+        dataset=dataset_for(dataset, model.config.num_labels),
+        license=NVIDIA_LICENSE,
+        model_name=output_dir.name,
+        provenance=(
+            f"The weights are NVIDIA's, converted from the released checkpoint `{Path(checkpoint).name}` of "
+            f"[NVIDIA/semantic-segmentation]({ORIGINAL_REPOSITORY_URL}) with `hms-segmentation convert-nvidia`: every "
+            "tensor is mapped one to one, nothing is retrained."
+        ),
+        training_details={"trained by": "NVIDIA, with the recipe of the paper and the original repository"},
+    )
+    save_for_hub(model, output_dir, card=card)
     return model
 
 
@@ -337,14 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=["cityscapes", "mapillary"], default=None,
                         help="class names to store (default: guessed from the class count)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results.json of `hms-segmentation evaluate` on the converted model, for the model card")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = convert_nvidia_checkpoint(args.checkpoint, args.output_dir, dataset=args.dataset, overwrite=args.overwrite)
-    except (CheckpointConversionError, FileNotFoundError, FileExistsError) as error:
+        model = convert_nvidia_checkpoint(
+            args.checkpoint, args.output_dir, dataset=args.dataset, overwrite=args.overwrite, evaluation=args.results
+        )
+    except (CheckpointConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     parameters = sum(p.numel() for p in model.parameters())

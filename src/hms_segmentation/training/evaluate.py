@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "results.json").write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+        record = {"model": args.model, "dataset": args.dataset, "split": args.split, "results": results}
+        (args.output_dir / "results.json").write_text(json.dumps(record, indent=2))
         (args.output_dir / "results.md").write_text(table)
         print(f"wrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.md'}")
     return 0

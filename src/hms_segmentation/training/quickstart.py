@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
+from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model
@@ -131,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[4/4] saving the model and a prediction figure to {output_dir}")
     model.save_pretrained(model_dir)
+    # Hub-ready folder: the image processor and a model card whose model-index is this evaluation
+    evaluation = {"dataset": "synthetic", "split": "val", "source": "evaluation.json", "results": [
+        result_from_trainer_metrics(results[name], name, scales, images=len(data.eval))
+        for name, scales in (("single_scale", SINGLE_SCALE), ("multi_scale", MULTI_SCALE))
+    ]}
+    (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    write_hub_files(model_dir, model.config, evaluation=evaluation, model_name=f"hms-{args.preset}-quickstart",
+                    training_details={k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite")})
     figure = output_dir / "predictions.png"
     save_prediction_figure(model.eval(), data.eval[0], figure)
     single_miou = results["single_scale"]["single_scale_mean_iou"]

@@ -1,0 +1,293 @@
+"""HMSImageProcessor: reading every odd input, the resize policy, label maps, batches, post-processing, saving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hms_segmentation import HMSImageProcessor
+from hms_segmentation.image_processing_hms import get_output_size
+from hms_segmentation.label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from transformers import AutoImageProcessor
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+ODD_IMAGE_SIZE = (96, 160)  # (height, width) of the odd inputs unless their name says otherwise
+RAW = {"do_rescale": False, "do_normalize": False, "size_divisor": 1}  # pixel values as read, no resize
+
+
+@pytest.fixture(scope="module")
+def odd_inputs(shared_data_dir):
+    return shared_data_dir / "odd_inputs"
+
+
+@pytest.fixture(scope="module")
+def processor() -> HMSImageProcessor:
+    return HMSImageProcessor()
+
+
+def pixels(processor: HMSImageProcessor, images, **kwargs) -> torch.Tensor:
+    return processor(images, return_tensors="pt", **kwargs)["pixel_values"]
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rgb_ok.png", "grayscale.png", "rgba.png", "palette.png", "cmyk.jpg", "gray16.png"])
+def test_every_image_mode_becomes_rgb(processor, odd_inputs, name):
+    values = pixels(processor, str(odd_inputs / name), **RAW)
+    assert values.shape == (1, 3, *ODD_IMAGE_SIZE)
+    assert 0 <= values.min() and values.max() <= 255 and values.std() > 10
+
+
+def test_grayscale_16_bit_is_scaled_not_clipped(processor, odd_inputs):
+    values = pixels(processor, odd_inputs / "gray16.png", **RAW)[0]
+    stored = np.asarray(Image.open(odd_inputs / "gray16.png"), dtype=np.uint16)
+    assert torch.equal(values[0], values[2])
+    np.testing.assert_array_equal(values[0].numpy(), (stored >> 8).astype(np.float32))
+
+
+def test_rgba_and_palette_keep_their_colours_like_the_training_reader(processor, odd_inputs):
+    from hms_segmentation.data.io import load_image
+
+    for name in ("rgba.png", "palette.png", "cmyk.jpg"):
+        expected = np.moveaxis(np.asarray(load_image(odd_inputs / name), dtype=np.float32), -1, 0)
+        np.testing.assert_array_equal(pixels(processor, odd_inputs / name, **RAW)[0].numpy(), expected)
+
+
+def test_exif_orientation_is_applied_to_paths_and_pil_images(processor, odd_inputs):
+    path = odd_inputs / "exif_orientation6.jpg"
+    from_path = pixels(processor, str(path), **RAW)
+    from_pil = pixels(processor, Image.open(path), **RAW)
+    assert from_path.shape == (1, 3, 160, 96)  # shown size, not the stored 96x160
+    assert torch.equal(from_path, from_pil)
+    labels = processor(str(path), segmentation_maps=np.zeros((160, 96), np.uint8), return_tensors="pt")["labels"]
+    assert labels.shape == (1, 192, 128)
+
+
+@pytest.mark.parametrize("name, expected", [("tiny_3x5.png", (64, 64)), ("one_row_1x4000.png", (64, 4032))])
+def test_degenerate_sizes_become_one_size_divisor_at_least(processor, odd_inputs, name, expected):
+    values = pixels(processor, odd_inputs / name)
+    assert values.shape[-2:] == expected and torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("name", ["truncated.png", "truncated.jpg", "not_an_image.png", "empty.png"])
+def test_broken_file_names_the_file(processor, odd_inputs, name):
+    with pytest.raises(ValueError, match=name):
+        processor(str(odd_inputs / name))
+
+
+def test_decompression_bomb_is_refused_before_decoding(processor, odd_inputs):
+    with pytest.raises(ValueError, match=r"bomb_40000x40000\.png.*decompression bomb"):
+        processor(str(odd_inputs / "bomb_40000x40000.png"))
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard stays on
+
+
+def test_pixel_limit_gives_a_clear_error_for_files_arrays_and_pil_images(odd_inputs):
+    small_limit = HMSImageProcessor(max_image_pixels=10_000)
+    for image in (odd_inputs / "rgb_ok.png", Image.open(odd_inputs / "rgb_ok.png"), np.zeros((96, 160, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"160x96 image \(15,360 pixels\), more than max_image_pixels=10,000"):
+            small_limit(image)
+    with pytest.raises(ValueError, match="max_image_pixels=15,000"):  # per call as well
+        HMSImageProcessor()(str(odd_inputs / "rgb_ok.png"), max_image_pixels=15_000)
+
+
+def test_missing_file_is_named(processor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.png"):
+        processor(str(tmp_path / "absent.png"))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["pil", "numpy_hwc", "numpy_chw", "torch_chw"],
+)
+def test_pil_numpy_and_torch_inputs_agree(processor, odd_inputs, layout):
+    image = Image.open(odd_inputs / "rgb_ok.png")
+    array = np.asarray(image)
+    inputs = {
+        "pil": image,
+        "numpy_hwc": array,
+        "numpy_chw": np.moveaxis(array, -1, 0).copy(),
+        "torch_chw": torch.from_numpy(np.moveaxis(array, -1, 0).copy()),
+    }[layout]
+    torch.testing.assert_close(pixels(processor, inputs), pixels(processor, image))
+
+
+def test_grayscale_array_becomes_three_channels(processor):
+    values = pixels(processor, np.full((64, 64), 100, np.uint8), **RAW)
+    assert values.shape == (1, 3, 64, 64) and bool((values == 100).all())
+
+
+# --- resize policy and normalisation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        (None, (128, 192)),  # keep: 96x160 rounded half up to multiples of 64
+        ({"shortest_edge": 256}, (256, 448)),  # 256 x 426.7 -> 448
+        ({"shortest_edge": 256, "longest_edge": 320}, (192, 320)),
+        ({"height": 100, "width": 200}, (128, 192)),
+    ],
+)
+def test_resize_policies_round_to_the_size_divisor(size, expected):
+    assert get_output_size(96, 160, size, size_divisor=64) == expected
+
+
+@pytest.mark.parametrize("height, width", [(96, 160), (3, 5), (1, 4000), (1025, 2047), (720, 1280)])
+def test_every_default_chained_scale_stays_valid(height, width):
+    for side in get_output_size(height, width, None, size_divisor=64):
+        for scale in (0.5, 1.0, 1.5, 2.0):
+            assert (side * scale) % 32 == 0  # whole pixels, aligned with the trunk's stride-32 branch
+
+
+def test_resize_policy_is_applied_by_the_processor(odd_inputs):
+    resized = HMSImageProcessor(do_resize=True, size={"shortest_edge": 256})
+    assert pixels(resized, odd_inputs / "rgb_ok.png").shape[-2:] == (256, 448)
+    assert pixels(resized, odd_inputs / "rgb_ok.png", size={"height": 64, "width": 64}).shape[-2:] == (64, 64)
+
+
+def test_size_without_a_known_policy_is_refused():
+    with pytest.raises(ValueError, match="shortest_edge"):
+        get_output_size(96, 160, {"max_height": 10, "max_width": 10}, size_divisor=64)
+
+
+@pytest.mark.parametrize("value", [0, -64, 2.5])
+def test_size_divisor_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="size_divisor"):
+        HMSImageProcessor(size_divisor=value)
+
+
+def test_normalisation_uses_the_reference_imagenet_statistics(processor):
+    colour = (30, 120, 250)
+    values = pixels(processor, Image.new("RGB", (64, 64), colour))[0]
+    expected = [(c / 255 - mean) / std for c, mean, std in zip(colour, IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(values[:, 0, 0], torch.tensor(expected), atol=1e-6, rtol=0)
+    assert processor.image_mean == IMAGENET_MEAN and processor.image_std == IMAGENET_STD
+
+
+# --- label maps -------------------------------------------------------------------------------------------------
+
+
+def test_label_map_follows_its_image_with_nearest_resizing(processor, odd_inputs):
+    outputs = processor(str(odd_inputs / "rgb_ok.png"), segmentation_maps=str(odd_inputs / "label_ok_labelIds.png"),
+                        return_tensors="pt")
+    stored = np.asarray(Image.open(odd_inputs / "label_ok_labelIds.png"))
+    assert outputs["labels"].shape == (1, 128, 192) and outputs["labels"].dtype == torch.int64
+    assert set(outputs["labels"].unique().tolist()) <= set(np.unique(stored).tolist())
+
+
+def test_ignore_index_survives_resizing(processor):
+    label = np.zeros((96, 160), np.uint8)
+    label[:, 80:] = IGNORE_INDEX
+    label[40:50, 10:20] = 7
+    labels = processor(np.zeros((96, 160, 3), np.uint8), segmentation_maps=label, return_tensors="pt")["labels"]
+    assert set(labels.unique().tolist()) == {0, 7, IGNORE_INDEX}
+    assert bool((labels[0, :, 100:] == IGNORE_INDEX).all())
+
+
+def test_label_map_of_another_size_names_both_files(processor, odd_inputs):
+    image, label = odd_inputs / "rgb_ok.png", odd_inputs / "label_size_mismatch_labelIds.png"
+    with pytest.raises(ValueError, match=r"label_size_mismatch_labelIds\.png is 160x90.*rgb_ok\.png is 160x96"):
+        processor(str(image), segmentation_maps=str(label))
+
+
+def test_colour_label_map_is_refused(processor, odd_inputs):
+    with pytest.raises(ValueError, match=r"label_rgb_instead_of_gray_labelIds\.png: expected a single-channel"):
+        processor(str(odd_inputs / "rgb_ok.png"),
+                  segmentation_maps=str(odd_inputs / "label_rgb_instead_of_gray_labelIds.png"))
+
+
+def test_unknown_label_ids_are_refused_when_the_class_count_is_known(processor, odd_inputs):
+    image = str(odd_inputs / "rgb_ok.png")
+    processor(image, segmentation_maps=str(odd_inputs / "label_ok_labelIds.png"), num_labels=34)  # labelIds 0..33
+    expected = r"label_unknown_ids_labelIds\.png: expected class ids 0\.\.33 or 255.*\[200\]"
+    with pytest.raises(ValueError, match=expected):
+        processor(image, segmentation_maps=str(odd_inputs / "label_unknown_ids_labelIds.png"), num_labels=34)
+
+
+def test_one_label_map_per_image_is_required(processor):
+    with pytest.raises(ValueError, match="one label map per image: got 1 for 2"):
+        processor([np.zeros((64, 64, 3), np.uint8)] * 2, segmentation_maps=[np.zeros((64, 64), np.uint8)])
+
+
+# --- batches and post-processing --------------------------------------------------------------------------------
+
+
+def test_batch_of_different_sizes_is_padded_with_a_mask(processor):
+    images = [np.zeros((96, 160, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    labels = [np.ones((96, 160), np.uint8), np.ones((64, 64), np.uint8)]
+    outputs = processor(images, segmentation_maps=labels, return_tensors="pt")
+    assert outputs["pixel_values"].shape == (2, 3, 128, 192)
+    assert outputs["pixel_mask"][1].sum() == 64 * 64 and outputs["pixel_mask"][1, :64, :64].all()
+    assert bool((outputs["labels"][1, 64:, :] == IGNORE_INDEX).all())
+    assert bool((outputs["labels"][1, :64, :64] == 1).all())
+    assert bool((outputs["pixel_values"][1, :, 64:, :] == 0).all())
+
+
+def test_unpadded_batch_of_different_sizes_is_a_list_or_a_clear_error(processor):
+    images = [np.zeros((96, 160, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    as_list = processor(images, do_pad=False)["pixel_values"]
+    assert [array.shape for array in as_list] == [(3, 128, 192), (3, 64, 64)]
+    with pytest.raises(ValueError, match="do_pad=True"):
+        processor(images, do_pad=False, return_tensors="pt")
+
+
+def test_post_processing_returns_label_maps_at_the_original_sizes(processor):
+    logits = torch.zeros(2, 5, 128, 192)
+    logits[0, 3] = 1.0
+    logits[1, 2, :64, :64] = 1.0  # the second image's own area; the rest is padding
+    logits[1, 4, 64:, :] = 9.0
+    mask = torch.zeros(2, 128, 192, dtype=torch.int64)
+    mask[0] = 1
+    mask[1, :64, :64] = 1
+    maps = processor.post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=logits), target_sizes=[(96, 160), (50, 40)], pixel_mask=mask
+    )
+    assert [tuple(m.shape) for m in maps] == [(96, 160), (50, 40)]
+    assert bool((maps[0] == 3).all()) and bool((maps[1] == 2).all())
+
+
+def test_post_processing_without_target_sizes_keeps_the_logits_size(processor):
+    maps = processor.post_process_semantic_segmentation({"logits": torch.randn(1, 5, 32, 48)})
+    assert maps[0].shape == (32, 48) and maps[0].dtype == torch.int64
+
+
+def test_post_processing_checks_the_number_of_target_sizes(processor):
+    with pytest.raises(ValueError, match="one \\(height, width\\) per image: got 1 for a batch of 2"):
+        processor.post_process_semantic_segmentation({"logits": torch.randn(2, 5, 8, 8)}, target_sizes=[(4, 4)])
+
+
+# --- chained scales ---------------------------------------------------------------------------------------------
+
+
+def test_inference_scales_travel_with_the_inputs(processor):
+    assert "scales" not in processor(np.zeros((64, 64, 3), np.uint8))
+    outputs = processor(np.zeros((64, 64, 3), np.uint8), inference_scales=[0.5, 1.0], return_tensors="pt")
+    assert outputs["scales"].tolist() == [0.5, 1.0]
+
+
+def test_inference_scales_must_fit_the_size_divisor():
+    with pytest.raises(ValueError, match=r"inference_scales \[0.3\].*size_divisor=64"):
+        HMSImageProcessor(inference_scales=[0.3, 1.0])
+    assert HMSImageProcessor(inference_scales=[0.3, 1.0], size_divisor=10).inference_scales == [0.3, 1.0]
+
+
+# --- saving -----------------------------------------------------------------------------------------------------
+
+
+def test_settings_round_trip_through_preprocessor_config(tmp_path):
+    original = HMSImageProcessor(size_divisor=128, inference_scales=[0.5, 1.0], max_image_pixels=10**7, num_labels=19)
+    original.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "HMSImageProcessor"
+    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_hms.HMSImageProcessor"}
+    assert (tmp_path / "image_processing_hms.py").is_file() and (tmp_path / "label_tables.py").is_file()
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is HMSImageProcessor
+    assert (reloaded.size_divisor, reloaded.inference_scales, reloaded.max_image_pixels, reloaded.num_labels) == (
+        128, [0.5, 1.0], 10**7, 19
+    )
