@@ -35,7 +35,7 @@ from hms_segmentation.hub import (
     save_for_hub,
 )
 from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL
-from test_modeling import TINY_HRNET  # the tiny HRNet-OCR config of the modeling tests, built once
+from tiny_configs import TINY_HRNET
 
 CLASS_NAMES = {0: "road", 1: "sidewalk", 2: "building", 3: "sky", 4: "car"}
 REMOTE_CODE_FILES = {

@@ -8,33 +8,7 @@ from torch.nn import functional as F
 
 from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, hierarchical_scale_fusion
 from hms_segmentation.configuration_hms import MODEL_PRESETS
-
-TINY_HRNET = {
-    "trunk": "hrnet_ocr",
-    "hrnet_preset": None,
-    "hrnet_stages": [
-        {"num_modules": 1, "block": "bottleneck", "num_blocks": [1], "num_channels": [8]},
-        {"num_modules": 1, "block": "basic", "num_blocks": [1, 1], "num_channels": [4, 8]},
-        {"num_modules": 1, "block": "basic", "num_blocks": [1, 1, 1], "num_channels": [4, 8, 16]},
-        {"num_modules": 2, "block": "basic", "num_blocks": [1, 1, 1, 1], "num_channels": [4, 8, 16, 32]},
-    ],
-    "hrnet_stem_channels": 8,
-    "ocr_mid_channels": 16,
-    "ocr_key_channels": 8,
-    "attention_bottleneck_channels": 8,
-    "num_labels": 5,
-}
-TINY_RESNET = {
-    "trunk": "resnet50_deeplabv3plus",
-    "resnet_layers": [1, 1, 1, 1],
-    "aspp_channels": 8,
-    "decoder_aspp_channels": 8,
-    "decoder_fine_channels": 4,
-    "segmentation_head_channels": 8,
-    "attention_bottleneck_channels": 8,
-    "num_labels": 5,
-}
-
+from tiny_configs import TINY_HRNET, TINY_RESNET
 
 @pytest.fixture(scope="module", params=["hrnet_ocr", "resnet50_deeplabv3plus"])
 def tiny_model(request) -> HMSForSemanticSegmentation:

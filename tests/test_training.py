@@ -11,7 +11,7 @@ import torch
 from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
 from hms_segmentation.training.arguments import parse_arguments
 from hms_segmentation.training.train import HMSTrainer, NonFiniteLossError, run_training
-from test_modeling import TINY_HRNET
+from tiny_configs import TINY_HRNET
 
 
 @pytest.fixture(scope="module")
