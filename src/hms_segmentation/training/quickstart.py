@@ -1,6 +1,6 @@
 """The README's main job: train and evaluate a small HMS model on the embedded synthetic dataset, on a CPU.
 
-    hms-segmentation quickstart [--output-dir hms_quickstart] [--max-steps 300]
+    hms-segmentation quickstart [--output-dir hms_quickstart] [--max-steps 600]
 
 Generates the procedural street-scene dataset (Cityscapes layout), trains `hrnet_small_ocr` through the real
 `Trainer` path on two scales (0.5, 1.0), evaluates single-scale (1.0) against chained multi-scale (0.5, 1.0, 2.0)
@@ -34,10 +34,10 @@ MULTI_SCALE = [0.5, 1.0, 2.0]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("hms_quickstart"))
-    parser.add_argument("--max-steps", type=int, default=300, help="training steps (about 1 s each on 2 CPU cores)")
+    parser.add_argument("--max-steps", type=int, default=600, help="training steps (about 0.5 s each on 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crop-size", type=int, default=192)
-    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--train-frames", type=int, default=200)
     parser.add_argument("--val-frames", type=int, default=30)
     parser.add_argument("--frame-height", type=int, default=256, help="height of the generated frames")
