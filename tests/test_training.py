@@ -28,6 +28,14 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic") / "data"
 
 
+def ensure_tiny_synthetic(data_dir: Path) -> Path:
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import ensure_synthetic_dataset
+
+    return ensure_synthetic_dataset(DataArguments(data_dir=str(data_dir), synthetic_train_frames=4, synthetic_val_frames=2,
+                                                  synthetic_height=64, synthetic_width=128))
+
+
 def tiny_run_arguments(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
         "--model_name_or_path", str(model_dir), "--dataset", "synthetic", "--data_dir", str(data_dir),
@@ -285,3 +293,47 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mIoU single-scale" in out and str(output / "model") in out
     assert cli_main(argv) == 2  # an earlier run's results are kept
+
+
+def test_fine_tuning_a_converted_model_to_five_classes_changes_heads_not_frozen_trunk(synthetic_dir, tmp_path):
+    from hms_segmentation.convert_nvidia import convert_nvidia_checkpoint
+    from hms_segmentation.training.arguments import ModelArguments
+    from hms_segmentation.training.datasets import SegmentationEvalDataset
+    from hms_segmentation.training.train import build_model
+    from hms_segmentation.data import load_cityscapes
+    from test_convert_nvidia import _nvidia_name
+
+    # a tiny 19-class model saved the way NVIDIA's training code saves checkpoints, then converted
+    torch.manual_seed(0)
+    source = HMSForSemanticSegmentation(HMSConfig(**{**TINY_HRNET, "num_labels": 19}, ocr_dropout=0.0))
+    checkpoint = tmp_path / "nvidia.pth"
+    torch.save({"state_dict": {"module." + _nvidia_name(k): v for k, v in source.state_dict().items()}}, checkpoint)
+    convert_nvidia_checkpoint(checkpoint, tmp_path / "converted", dataset="cityscapes")
+
+    five_classes = {i: f"group_{i}" for i in range(5)}
+    model = build_model(ModelArguments(model_name_or_path=str(tmp_path / "converted"), ignore_mismatched_sizes=True,
+                                       freeze_trunk=True, primary_loss="cross_entropy"), five_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    class FiveClassSynthetic(torch.utils.data.Dataset):
+        """The synthetic frames with their 19 classes folded into 5 (ignore stays ignore)."""
+
+        def __init__(self):
+            self.frames = SegmentationEvalDataset(load_cityscapes(ensure_tiny_synthetic(synthetic_dir), "train"))
+
+        def __len__(self):
+            return len(self.frames)
+
+        def __getitem__(self, index):
+            sample = self.frames[index]
+            labels = sample["labels"]
+            return {"pixel_values": sample["pixel_values"], "labels": torch.where(labels == 255, labels, labels % 5)}
+
+    _, _, training_args = parse_arguments(["--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--report_to",
+                                           "none", "--use_cpu", "true", "--per_device_train_batch_size", "2"])
+    HMSTrainer(model=model, args=training_args, train_dataset=FiveClassSynthetic()).train()
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert {"decode_head.classifier.weight", "decode_head.soft_region_head.1.weight"} <= changed
+    assert not any(k.startswith("backbone.") and not k.endswith(("running_mean", "running_var")) for k in changed)
+    assert model.config.id2label[4] == "group_4" and after["decode_head.classifier.weight"].shape[0] == 5

@@ -115,7 +115,9 @@ class HMSTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            schedule = poly_schedule(num_training_steps, self.args.get_warmup_steps(num_training_steps), self.args.poly_power)
+            # poly_power None: the Cityscapes recipe's 2.0 (run_training picks 1.0 for Mapillary)
+            power = 2.0 if self.args.poly_power is None else self.args.poly_power
+            schedule = poly_schedule(num_training_steps, self.args.get_warmup_steps(num_training_steps), power)
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
         return self.lr_scheduler
 
