@@ -3,9 +3,10 @@
     python benchmarks/rmi_loss.py                      # 19 and 65 classes on (1, C, 512, 1024) logits, CPU
     python benchmarks/rmi_loss.py --output rmi.json    # also write every figure as JSON
 
-Time: every method runs in the same process, interleaved round by round (so machine load hits them alike); the table
-gives the median over rounds and the median of the per-round ratio to cross-entropy. Memory: each (classes, method)
-runs once in a fresh subprocess; the peak resident set size is read after one forward + backward (VmHWM, after
+Time: every method runs in the same process with the same torch thread count, interleaved round by round (so
+machine load hits them alike), after untimed warm-up rounds; the table gives the median over rounds and the median of
+the per-round ratio to cross-entropy (``ignore_index=255``) on the same logits and labels. Memory: each (classes,
+method) runs once in a fresh subprocess; the peak resident set size is read after one forward + backward (VmHWM, after
 resetting it through /proc/self/clear_refs so that import-time peaks do not count; ``resource.getrusage`` where that
 is unavailable), and the figure "loss memory" is that peak minus the resident size just before the loss (inputs
 already built).
@@ -43,11 +44,16 @@ from hms_segmentation.rmi_loss import RMILoss
 
 IGNORE_INDEX = 255
 METHODS = {
-    "cross_entropy": "F.cross_entropy(ignore_index=255)",
+    "cross_entropy": "F.cross_entropy(ignore_index=255), all classes",
     "rmi": "RMILoss, all classes",
+    "rmi_bce_only": "RMILoss(do_rmi=False), all classes",
+    "cross_entropy_half_classes": "F.cross_entropy(ignore_index=255), half the classes",
     "rmi_half_classes": "RMILoss, half the classes",
-    "rmi_bce_only": "RMILoss(do_rmi=False)",
 }
+BASELINES = {
+    method: "cross_entropy_half_classes" if method.endswith("_half_classes") else "cross_entropy" for method in METHODS
+}
+"""Each method's ratio is to cross-entropy on the same inputs."""
 
 
 def make_inputs(
@@ -72,7 +78,7 @@ def make_inputs(
 
 
 def loss_function(method: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if method == "cross_entropy":
+    if method.startswith("cross_entropy"):
         return lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     criterion = RMILoss(num_classes=num_classes)
     do_rmi = method != "rmi_bce_only"
@@ -90,7 +96,7 @@ def forward_backward(function, logits: torch.Tensor, labels: torch.Tensor) -> No
 
 
 def uses_half_classes(method: str) -> bool:
-    return method == "rmi_half_classes"
+    return method.endswith("_half_classes")
 
 
 def time_methods(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
@@ -112,7 +118,7 @@ def time_methods(args: argparse.Namespace, num_classes: int) -> dict[str, dict]:
             seconds[method].append(time.perf_counter() - start)
     results = {}
     for method, values in seconds.items():
-        ratios = [value / baseline for value, baseline in zip(values, seconds["cross_entropy"])]
+        ratios = [value / baseline for value, baseline in zip(values, seconds[BASELINES[method]])]
         results[method] = {
             "median_ms": 1000 * statistics.median(values),
             "min_ms": 1000 * min(values),
@@ -127,30 +133,28 @@ def time_stages(args: argparse.Namespace, num_classes: int) -> dict[str, float]:
     criterion = RMILoss(num_classes=num_classes)
     logits, labels = make_inputs(args.batch_size, num_classes, args.height, args.width, False, args.device)
     valid = (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    safe_labels = labels.masked_fill(~valid, 0).unsqueeze(1)
     valid_mask = valid.to(logits.dtype).unsqueeze(1)
+    pool_size = criterion._fused_pool_size()
     with torch.no_grad():
-        probs = rmi_loss._SigmoidTerms.apply(logits, safe_labels, valid_mask, True)[1]
-        pooled_probs = criterion._downsample_probabilities(probs)
+        pooled_probs = rmi_loss._SigmoidTerms.apply(logits, safe_labels, valid_mask, pool_size)[1]
         pooled_onehot = criterion._pooled_onehot(safe_labels.squeeze(1), valid)
         height, width = pooled_probs.shape[-2:]
         maps = (pooled_onehot.reshape(-1, 1, height, width), pooled_probs.reshape(-1, 1, height, width))
         covariance = rmi_loss._RegionCovariance.apply(*maps, criterion.rmi_radius, None)
 
     # Leaves and upstream gradients are made once: the timings hold the stage's own work only.
-    logits_leaf, probs_leaf, prob_maps_leaf, covariance_leaf = (
-        tensor.detach().clone().requires_grad_(True) for tensor in (logits, probs, maps[1], covariance)
+    logits_leaf, prob_maps_leaf, covariance_leaf = (
+        tensor.detach().clone().requires_grad_(True) for tensor in (logits, maps[1], covariance)
     )
-    ones_like_probs, ones_like_pooled, ones_like_covariance = map(torch.ones_like, (probs, pooled_probs, covariance))
+    ones_like_pooled, ones_like_covariance = map(torch.ones_like, (pooled_probs, covariance))
 
     def sigmoid_terms() -> None:
         logits_leaf.grad = None
-        bce_sum, out = rmi_loss._SigmoidTerms.apply(logits_leaf, safe_labels, valid_mask, True)
-        torch.autograd.backward([bce_sum, out], [torch.ones_like(bce_sum), ones_like_probs])
+        bce_sum, pooled = rmi_loss._SigmoidTerms.apply(logits_leaf, safe_labels, valid_mask, pool_size)
+        torch.autograd.backward([bce_sum, pooled], [torch.ones_like(bce_sum), ones_like_pooled])
 
-    def pooling() -> None:
-        probs_leaf.grad = None
-        criterion._downsample_probabilities(probs_leaf).backward(ones_like_pooled)
+    def label_pooling() -> None:
         criterion._pooled_onehot(safe_labels.squeeze(1), valid)
 
     def region_covariance() -> None:
@@ -163,8 +167,8 @@ def time_stages(args: argparse.Namespace, num_classes: int) -> dict[str, float]:
         rmi_loss._conditional_half_log_det(covariance_leaf).sum().backward()
 
     stages = {
-        "sigmoid, BCE, masked probabilities (full resolution)": sigmoid_terms,
-        "pooling: probabilities (avg_pool2d) + one-hot labels (bincount)": pooling,
+        "sigmoid, BCE, average pooling of the probabilities (full resolution, in bands)": sigmoid_terms,
+        "pooled one-hot labels (pixel counts)": label_pooling,
         "region vectors + covariance matmuls": region_covariance,
         "conditional covariance, Cholesky, solve, log-det": log_det,
     }
@@ -262,8 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default: 7)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (default: 9)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--skip-memory", action="store_true", help="do not run the memory subprocesses")
@@ -295,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_memory:
             entry["memory"] = {method: measure_memory(args, num_classes, method) for method in METHODS}
         results["classes"][str(num_classes)] = entry
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
 
     print(format_table(results, args.skip_memory))
     if args.output:
@@ -307,7 +313,7 @@ def format_table(results: dict, skip_memory: bool) -> str:
     memory_header = "" if skip_memory else " peak RSS (MiB) | loss memory (MiB) |"
     lines = [
         f"forward + backward on ({shape['batch_size']}, C, {shape['height']}, {shape['width']}) float32 logits, "
-        f"median of {results['repeats']} interleaved rounds; {results['machine']}",
+        f"median of {results['repeats']} interleaved rounds; × cross-entropy on the same inputs; {results['machine']}",
         "",
         f"| C | method | median (ms) | min (ms) | × cross-entropy |{memory_header}",
         "|---|---|---:|---:|---:|" + ("" if skip_memory else "---:|---:|"),

@@ -308,13 +308,75 @@ def test_exclude_ignored_with_every_pixel_ignored_has_zero_rmi_term() -> None:
     assert output.rmi_loss.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
-def test_sigmoid_terms_backward_matches_numerical_gradient() -> None:
-    logits, labels = _blocky_inputs(batch_size=1, num_classes=3, height=5, width=6, dtype=torch.float64)
-    safe_labels = labels.clamp(max=2).unsqueeze(1)
-    valid_mask = (labels < 3).double().unsqueeze(1)
+def _sigmoid_terms_inputs(
+    num_classes: int, height: int, width: int, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, labels = _blocky_inputs(1, num_classes, height, width, seed=seed, dtype=dtype)
+    valid = labels < num_classes
+    return logits, (labels * valid).unsqueeze(1), valid.to(dtype).unsqueeze(1)
+
+
+# Sizes whose padded height or width is not a multiple of the kernel leave rows / columns that no window reads.
+SIGMOID_TERMS_CASES = {
+    "bce_only": (None, 5, 6),
+    "full_resolution": (1, 5, 6),
+    "pool_2": (2, 7, 9),
+    "pool_3_uncovered_edges": (3, 9, 12),
+    "pool_4": (4, 9, 10),
+    "pool_4_uncovered_edges": (4, 7, 11),
+}
+
+
+@pytest.mark.parametrize(("pool_size", "height", "width"), SIGMOID_TERMS_CASES.values(), ids=SIGMOID_TERMS_CASES.keys())
+@pytest.mark.parametrize("band_bytes", [1, 2**40], ids=["band_per_cell", "one_band"])
+def test_sigmoid_terms_match_direct_computation_and_numerical_gradient(
+    monkeypatch: pytest.MonkeyPatch, pool_size: int | None, height: int, width: int, band_bytes: int
+) -> None:
+    monkeypatch.setitem(rmi_loss.BAND_BYTES, "cpu", band_bytes)
+    logits, safe_labels, valid_mask = _sigmoid_terms_inputs(3, height, width)
+    bce_sum, probs = _SigmoidTerms.apply(logits, safe_labels, valid_mask, pool_size)
+
+    onehot = F.one_hot(safe_labels[:, 0], 3).permute(0, 3, 1, 2).double()
+    expected_bce = F.binary_cross_entropy_with_logits(logits, onehot, weight=valid_mask, reduction="sum")
+    torch.testing.assert_close(bce_sum, expected_bce, rtol=1e-12, atol=1e-12)
+    if pool_size is None:
+        assert probs.numel() == 0
+    else:
+        expected_probs = torch.sigmoid(logits) * valid_mask + rmi_loss.PROBABILITY_OFFSET
+        if pool_size > 1:
+            expected_probs = F.avg_pool2d(expected_probs, pool_size, pool_size, pool_size // 2)
+        torch.testing.assert_close(probs, expected_probs, rtol=1e-12, atol=1e-15)
+
     logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: _SigmoidTerms.apply(x, safe_labels, valid_mask, True), (logits,))
-    assert torch.autograd.gradcheck(lambda x: _SigmoidTerms.apply(x, safe_labels, valid_mask, False)[0], (logits,))
+    if pool_size is None:
+        assert torch.autograd.gradcheck(lambda x: _SigmoidTerms.apply(x, safe_labels, valid_mask, None)[0], (logits,))
+    else:
+        assert torch.autograd.gradcheck(lambda x: _SigmoidTerms.apply(x, safe_labels, valid_mask, pool_size), (logits,))
+
+
+@pytest.mark.parametrize("num_classes", [19, 150])
+def test_bce_per_pixel_is_accurate_in_float32_for_extreme_logits(num_classes: int) -> None:
+    # 150 classes: more than one product group (the product of 150 factors ≥ ½ would underflow float32).
+    generator = torch.Generator().manual_seed(5)
+    logits = 40 * torch.randn(num_classes, 6, 32, generator=generator)
+    logits[:, 0, :4] = torch.tensor([0.0, 1e4, -1e4, 88.0])[:, None].T
+    labels = torch.randint(0, num_classes, (1, 6, 32), generator=generator)
+    per_pixel = rmi_loss._bce_per_pixel(logits, torch.sigmoid(logits), labels)
+    exact = logits.double()
+    expected = F.softplus(exact).sum(dim=0, keepdim=True) - exact.gather(0, labels)
+    assert per_pixel.dtype == torch.float32 and torch.isfinite(per_pixel).all()
+    torch.testing.assert_close(per_pixel.double(), expected, rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool_way", [0, 1, 2])
+def test_banded_sigmoid_terms_give_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch, pool_way: int) -> None:
+    logits, labels = _blocky_inputs(batch_size=2, num_classes=5, height=37, width=53, dtype=torch.float64)
+    loss_fn = RMILoss(num_classes=5, rmi_pool_way=pool_way)
+    whole, whole_grad = _loss_and_grad(loss_fn, logits, labels)
+    monkeypatch.setitem(rmi_loss.BAND_BYTES, "cpu", 1)
+    banded, banded_grad = _loss_and_grad(loss_fn, logits, labels)
+    torch.testing.assert_close(banded.loss, whole.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(banded_grad, whole_grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

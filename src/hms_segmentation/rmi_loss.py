@@ -55,50 +55,190 @@ def _check_int_setting(name: str, value: object, allowed: str, condition: Callab
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
-class _SigmoidTerms(torch.autograd.Function):
-    """Sigmoid BCE sum and masked probabilities from one sigmoid, with a hand-written backward.
+BAND_BYTES = {"cpu": 4 * 2**20}
+""":class:`_SigmoidTerms` works on bands of rows (all classes of one image) of about this many bytes, in scratch
+buffers that every band reuses, so that on CPU a band's intermediate values are still in cache for the next
+operation. Other devices use ``DEFAULT_BAND_BYTES``, larger (usually a whole image), to launch fewer kernels."""
 
-    Autograd would keep separate graphs for the BCE and for ``sigmoid(x) * valid + 1e-6`` and add their
-    full-resolution gradients; here both are formed in one buffer, in three passes over the `(B, C, H, W)` logits.
-    On CPU a fresh full-resolution allocation costs about as much as a pass over it (page faults), hence the reuse.
+DEFAULT_BAND_BYTES = 256 * 2**20
+
+
+class _BandLayout(NamedTuple):
+    """Bands of rows of a `(C, H, W)` image, and where they sit in the `(C, scratch_rows, scratch_width)` scratch.
+
+    For average pooling with kernel = stride = k and padding p = k // 2, a band is a run of whole pooling cells: image
+    rows ``[i·k − p, (i+1)·k − p)`` are rows ``[i·k, (i+1)·k)`` of the zero-padded frame that the pooling reads, whose
+    columns ``[p, p + W)`` hold the image. Without pooling (k = 1, p = 0) a "cell" is one row. ``bands`` holds
+    `(cell_start, cell_stop, row_start, row_stop)`; rows that no window reads (below the last cell, when the padded
+    height is not a multiple of k) come last, in a band without cells.
+    """
+
+    kernel: int
+    padding: int
+    out_height: int
+    out_width: int
+    scratch_rows: int
+    scratch_width: int
+    bands: list[tuple[int, int, int, int]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, pool_size: int | None) -> _BandLayout:
+        _, num_classes, height, width = logits.shape
+        kernel = pool_size or 1
+        padding = kernel // 2
+        out_height = (height + 2 * padding - kernel) // kernel + 1
+        out_width = (width + 2 * padding - kernel) // kernel + 1
+        scratch_width = max(out_width * kernel, width + padding)
+        band_bytes = BAND_BYTES.get(logits.device.type, DEFAULT_BAND_BYTES)
+        cell_bytes = num_classes * kernel * scratch_width * logits.element_size()
+        cells_per_band = max(1, min(out_height, band_bytes // cell_bytes))
+        bands = []
+        for start in range(0, out_height, cells_per_band):
+            stop = min(start + cells_per_band, out_height)
+            bands.append((start, stop, max(0, start * kernel - padding), min(height, stop * kernel - padding)))
+        if bands[-1][3] < height:
+            bands.append((out_height, out_height, bands[-1][3], height))
+        return cls(kernel, padding, out_height, out_width, cells_per_band * kernel, scratch_width, bands)
+
+    def new_scratch(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.new_zeros(logits.shape[1], self.scratch_rows, self.scratch_width)
+
+    def band_view(
+        self, scratch: torch.Tensor, band: tuple[int, int, int, int], width: int, clear_padding: bool = False
+    ) -> torch.Tensor:
+        """The `(C, rows, W)` part of ``scratch`` that holds the band's image rows; optionally zeroes the frame's
+        padding rows (the columns outside the image are never written)."""
+        cell_start, cell_stop, row_start, row_stop = band
+        top = row_start + self.padding - cell_start * self.kernel if cell_stop > cell_start else 0
+        bottom = top + row_stop - row_start
+        if clear_padding:
+            scratch[:, :top].zero_()
+            scratch[:, bottom : (cell_stop - cell_start) * self.kernel].zero_()
+        return scratch[:, top:bottom, self.padding : self.padding + width]
+
+    def frame_view(self, scratch: torch.Tensor, cells: int) -> torch.Tensor:
+        """The padded frame of ``cells`` cell rows in ``scratch``, `(C, cells, k, W_out·k)`: rows split by window."""
+        width = self.out_width * self.kernel
+        return scratch[:, : cells * self.kernel, :width].view(-1, cells, self.kernel, width)
+
+    def coverage(self, size: int, count: int) -> torch.Tensor:
+        """How many image pixels (not padding) each of ``count`` windows along an axis of length ``size`` reads."""
+        starts = torch.arange(count) * self.kernel - self.padding
+        return (starts + self.kernel).clamp(max=size) - starts.clamp(min=0)
+
+
+PRODUCT_GROUP = 64
+"""Classes per product in :func:`_bce_per_pixel`: 64 factors of at least ½ stay far from float32 underflow."""
+
+
+def _bce_per_pixel(logits: torch.Tensor, sigmoid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ_c BCE(x_c, onehot_c) of each pixel, `(1, rows, W)`, from logits `(C, rows, W)` and their sigmoid (which it
+    overwrites; pixels whose sigmoid was zeroed get wrong values, to be masked by the caller).
+
+    Σ_c BCE = Σ_c softplus(x_c) − x_label (no one-hot target is needed), and softplus(x) = max(x, 0) − log σ(|x|)
+    with σ(|x|) = max(s, 1 − s) = |s − ½| + ½: one log per pixel, of the product over classes, instead of an exp and
+    a log1p per (pixel, class). Rounding: ≤ 1 ulp of 1 per factor, ~1e-7 per pixel in float32.
+    """
+    factors = sigmoid.sub_(0.5).abs_().add_(0.5)
+    log_products = [group.prod(dim=0, keepdim=True).log_() for group in factors.split(PRODUCT_GROUP)]
+    per_pixel = torch.clamp(logits, min=0, out=sigmoid).sum(dim=0, keepdim=True)
+    for log_product in log_products:
+        per_pixel -= log_product
+    per_pixel -= logits.gather(0, labels)
+    return per_pixel
+
+
+class _SigmoidTerms(torch.autograd.Function):
+    """Sigmoid BCE sum and masked (average-pooled) probabilities, band by band, with a hand-written backward.
+
+    Nothing of full resolution is saved: the backward recomputes the sigmoid. On CPU a fresh `(B, C, H, W)`
+    allocation costs several passes over it (page faults), while a band's values are still in cache from one
+    operation to the next. So the only full-resolution tensors written are the gradient and, for ``pool_size=1``,
+    the probabilities; the average pooling and its backward never build a full-resolution map.
     """
 
     @staticmethod
     def forward(
-        ctx, logits: torch.Tensor, safe_labels: torch.Tensor, valid_mask: torch.Tensor, need_probs: bool
+        ctx, logits: torch.Tensor, safe_labels: torch.Tensor, valid_mask: torch.Tensor, pool_size: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits `(B, C, H, W)`, safe_labels `(B, 1, H, W)` int64, valid_mask `(B, 1, H, W)` of the logits' dtype.
 
-        Returns the BCE sum over valid (pixel, class) pairs (0-dim) and ``sigmoid(logits) * valid + 1e-6``
-        `(B, C, H, W)` (empty when ``need_probs`` is False).
+        Returns the float64 BCE sum over valid (pixel, class) pairs (0-dim) and ``p = sigmoid(logits) · valid + 1e-6``:
+        empty for ``pool_size=None``, `(B, C, H, W)` for 1, ``F.avg_pool2d(p, k, k, k // 2)`` for k > 1.
         """
-        sigmoid = torch.sigmoid(logits)
-        label_logits = logits.gather(1, safe_labels)
-        buffer = F.softplus(logits)
-        # Σ_c BCE(x_c, onehot_c) = Σ_c softplus(x_c) − x_label: no (B, C, H, W) one-hot target is needed.
-        bce_sum = ((buffer.sum(dim=1, keepdim=True) - label_logits) * valid_mask).sum()
-        if need_probs:
-            # The softplus values are summed: reuse their memory.
-            probs = torch.addcmul(logits.new_tensor(PROBABILITY_OFFSET), sigmoid, valid_mask, out=buffer)
-        else:
+        layout = _BandLayout.of(logits, pool_size)
+        batch_size, num_classes, height, width = logits.shape
+        scratch = layout.new_scratch(logits)
+        if pool_size is None:
             probs = logits.new_empty(0)
             ctx.mark_non_differentiable(probs)
-        ctx.save_for_backward(sigmoid, torch.sigmoid(label_logits), safe_labels, valid_mask)
-        return bce_sum, probs
+        else:
+            probs = logits.new_empty(batch_size, num_classes, layout.out_height, layout.out_width)
+        partial_sums = []
+        for image in range(batch_size):
+            for band in layout.bands:
+                cell_start, cell_stop, row_start, row_stop = band
+                band_logits = logits[image, :, row_start:row_stop]
+                valid = valid_mask[image, :, row_start:row_stop]
+                inner = layout.band_view(scratch, band, width, clear_padding=True)
+                sigmoid = torch.sigmoid(band_logits, out=inner)
+                if pool_size == 1:
+                    torch.mul(sigmoid, valid, out=probs[image, :, row_start:row_stop]).add_(PROBABILITY_OFFSET)
+                elif pool_size is not None and cell_stop > cell_start:
+                    cells = cell_stop - cell_start
+                    sigmoid.mul_(valid)
+                    # Window sums: a reduction over the k rows, then k − 1 strided adds (faster than a reduction
+                    # over an innermost dimension of size k).
+                    row_sums = layout.frame_view(scratch, cells).sum(dim=2)
+                    out = probs[image, :, cell_start:cell_stop]
+                    torch.add(row_sums[..., 0 :: layout.kernel], row_sums[..., 1 :: layout.kernel], out=out)
+                    for column in range(2, layout.kernel):
+                        out += row_sums[..., column :: layout.kernel]
+                per_pixel = _bce_per_pixel(band_logits, sigmoid, safe_labels[image, :, row_start:row_stop])
+                partial_sums.append(torch.dot(per_pixel.view(-1), valid.reshape(-1)))
+        if pool_size is not None and layout.kernel > 1:
+            # Window sums so far; add the 1e-6 of each image pixel (the zero padding has none) and take the mean.
+            rows, cols = (layout.coverage(size, count) for size, count in zip((height, width), probs.shape[-2:]))
+            offsets = torch.outer(rows, cols).to(device=logits.device, dtype=logits.dtype) * PROBABILITY_OFFSET
+            probs.add_(offsets).div_(layout.kernel**2)
+        ctx.save_for_backward(logits, safe_labels, valid_mask)
+        ctx.pool_size = pool_size
+        return torch.stack(partial_sums).sum(dtype=torch.float64), probs
 
     @staticmethod
     def backward(ctx, grad_bce_sum: torch.Tensor, grad_probs: torch.Tensor):
-        sigmoid, label_sigmoid, safe_labels, valid_mask = ctx.saved_tensors
-        # d BCE / d x = sigmoid − onehot; at the label (sigmoid − 1) is formed before scaling, to keep its precision.
-        at_label = grad_bce_sum * (label_sigmoid - 1.0)
-        if grad_probs.numel() > 0:
-            grad = torch.ops.aten.sigmoid_backward(grad_probs, sigmoid)
-            at_label = at_label + grad.gather(1, safe_labels)
-            grad.addcmul_(sigmoid, grad_bce_sum)
-        else:
-            grad = sigmoid * grad_bce_sum
-        grad.scatter_(1, safe_labels, at_label)
-        grad.mul_(valid_mask)
+        logits, safe_labels, valid_mask = ctx.saved_tensors
+        layout = _BandLayout.of(logits, ctx.pool_size)
+        kernel, width = layout.kernel, logits.shape[-1]
+        grad_bce = grad_bce_sum.to(logits.dtype)
+        if ctx.pool_size is None or grad_probs is None:
+            grad_probs = None
+        elif kernel > 1:
+            grad_probs = grad_probs / kernel**2  # as avg_pool2d's backward
+        scratch = layout.new_scratch(logits)
+        grad_terms = None if grad_probs is None else layout.new_scratch(logits)
+        grad = torch.empty_like(logits)
+        for image in range(logits.shape[0]):
+            for band in layout.bands:
+                cell_start, cell_stop, row_start, row_stop = band
+                valid = valid_mask[image, :, row_start:row_stop]
+                out = grad[image, :, row_start:row_stop]
+                # s·valid, whose own derivative is s·(1 − s)·valid = (s·valid)·(1 − s·valid).
+                inner = layout.band_view(scratch, band, width)
+                torch.sigmoid(logits[image, :, row_start:row_stop], out=inner).mul_(valid)
+                cells = cell_stop - cell_start
+                if grad_probs is None or cells == 0:
+                    torch.mul(inner, grad_bce, out=out)
+                else:
+                    # Each window's gradient spread over its columns (for the inner loop), broadcast over its rows.
+                    spread = grad_probs[image, :, cell_start:cell_stop, :, None].expand(-1, -1, -1, kernel)
+                    spread = spread.reshape(-1, cells, 1, layout.out_width * kernel)
+                    frame, grad_frame = (layout.frame_view(buffer, cells) for buffer in (scratch, grad_terms))
+                    torch.ops.aten.sigmoid_backward.grad_input(spread, frame, grad_input=grad_frame)
+                    grad_inner = layout.band_view(grad_terms, band, width)
+                    torch.addcmul(grad_inner, inner, grad_bce, out=out)
+                # d BCE / dx = valid · (s − onehot): the onehot part.
+                out.scatter_add_(0, safe_labels[image, :, row_start:row_stop], valid * -grad_bce)
         return grad, None, None, None
 
 
@@ -131,64 +271,70 @@ class _RegionCovariance(torch.autograd.Function):
         Returns `(P, 2r², 2r²)` float64: rows/columns ``[0, r²)`` are the label components, ``[r², 2r²)`` the
         probability components.
         """
-        # float64 from here on, as in the reference.
-        maps = label_maps.new_empty(label_maps.shape[0], 2, *label_maps.shape[-2:], dtype=torch.float64)
-        maps[:, :1] = label_maps
-        maps[:, 1:] = prob_maps
-        maps -= maps.mean(dim=(2, 3), keepdim=True)
+        maps = (label_maps, prob_maps)
+        # Any shift gives the same covariance; the maps' means keep the subtraction below well conditioned.
+        shifts = torch.stack([part.mean(dim=(1, 2, 3)).double() for part in maps], dim=1)
         dim = 2 * radius**2
-        gram = maps.new_empty(maps.shape[0], dim + 1, dim + 1)
-        for start, stop, augmented in _region_chunks(maps, radius, point_weights):
+        gram = shifts.new_empty(shifts.shape[0], dim + 1, dim + 1)
+        for start, stop, augmented in _region_chunks(maps, shifts, radius, point_weights):
             torch.matmul(augmented, augmented.transpose(1, 2), out=gram[start:stop])
         sums, counts = gram[:, :dim, dim:], gram[:, dim:, dim:].clamp(min=1.0)
         means = sums / counts
-        ctx.save_for_backward(maps, means, point_weights)
+        ctx.save_for_backward(label_maps, prob_maps, shifts, means, point_weights)
         ctx.radius = radius
-        ctx.prob_dtype = prob_maps.dtype
         return gram[:, :dim, :dim] - means * sums.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_covariance: torch.Tensor):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
-        maps, means, point_weights = ctx.saved_tensors
+        label_maps, prob_maps, shifts, means, point_weights = ctx.saved_tensors
         radius = ctx.radius
         dim = radius * radius
         # dV = Ḡ (V − μ wᵀ) = [Ḡ, −Ḡμ] [V; w], Ḡ = G + Gᵀ (V is already zero where w = 0). Only the probability
         # rows of V need it.
         symmetric = (grad_covariance + grad_covariance.transpose(1, 2))[:, dim:, :]
         augmented_grad = torch.cat([symmetric, -torch.matmul(symmetric, means)], dim=2)
-        grad_maps = maps.new_zeros(maps.shape[0], 1, *maps.shape[-2:])
-        grad_buffer = None
-        for start, stop, augmented in _region_chunks(maps, radius, point_weights):
-            if grad_buffer is None:
-                grad_buffer = augmented.new_empty(stop - start, dim, augmented.shape[-1])
-            grad_vectors = torch.matmul(augmented_grad[start:stop], augmented, out=grad_buffer[: stop - start])
-            _fold_region_vectors(grad_vectors, radius, out=grad_maps[start:stop])
-        return None, grad_maps.to(ctx.prob_dtype), None, None
+        grad_maps = torch.empty_like(prob_maps)
+        grad_vectors = grad_chunk = None  # float64 buffers, reused by every chunk
+        for start, stop, augmented in _region_chunks((label_maps, prob_maps), shifts, radius, point_weights):
+            if grad_vectors is None:
+                grad_vectors = augmented.new_empty(augmented.shape[0], dim, augmented.shape[-1])
+                grad_chunk = augmented.new_empty(augmented.shape[0], *prob_maps.shape[1:])
+            size = stop - start
+            torch.matmul(augmented_grad[start:stop], augmented, out=grad_vectors[:size])
+            grad_maps[start:stop] = _fold_region_vectors(grad_vectors[:size], radius, out=grad_chunk[:size].zero_())
+        return None, grad_maps, None, None
 
 
-def _region_chunks(maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None):
-    """Yield `(start, stop, augmented)`: the region vectors of ``maps[start:stop]`` and a weight row, chunk by chunk.
+def _region_chunks(
+    maps: tuple[torch.Tensor, ...], shifts: torch.Tensor, radius: int, point_weights: torch.Tensor | None
+):
+    """Yield `(start, stop, augmented)`: the region vectors of the maps of pairs ``[start, stop)`` and a weight row.
 
-    ``augmented`` `(stop − start, K·r² + 1, N)`, N = (H'−r+1)(W'−r+1): row ``k·r² + dy·r + dx`` holds
-    ``maps[:, k, dy + i, dx + j]`` for every valid position ``(i, j)`` (the layout of ``F.unfold``, which is several
-    times slower on CPU than this strided copy), times the point weights if given; the last row holds the weights (or
-    ones). It lives in a buffer that the next chunk overwrites.
+    ``maps``: K tensors `(P, 1, H', W')`, any floating dtype; ``shifts`` `(P, K)` float64, subtracted from each map.
+    ``augmented`` `(stop − start, K·r² + 1, N)` float64, N = (H'−r+1)(W'−r+1): row ``k·r² + dy·r + dx`` holds
+    ``maps[k][:, 0, dy + i, dx + j] − shifts[:, k]`` for every valid position ``(i, j)`` (the layout of ``F.unfold``,
+    which is several times slower on CPU than this strided copy), times the point weights if given; the last row
+    holds the weights (or ones). It lives in a buffer that the next chunk overwrites.
     """
-    pairs, channels, height, width = maps.shape
+    pairs, _, height, width = maps[0].shape
     out_height, out_width = height - radius + 1, width - radius + 1
-    rows = channels * radius**2
-    bytes_per_pair = (rows + 1) * out_height * out_width * maps.element_size()
-    chunk_bytes = REGION_CHUNK_BYTES.get(maps.device.type, DEFAULT_REGION_CHUNK_BYTES)
+    per_map = radius**2
+    rows = len(maps) * per_map
+    bytes_per_pair = (rows + 1) * out_height * out_width * shifts.element_size()
+    chunk_bytes = REGION_CHUNK_BYTES.get(shifts.device.type, DEFAULT_REGION_CHUNK_BYTES)
     size = max(1, min(pairs, chunk_bytes // bytes_per_pair))
-    buffer = maps.new_empty(size, rows + 1, out_height * out_width)
+    buffer = shifts.new_empty(size, rows + 1, out_height * out_width)
+    shifted = shifts.new_empty(size, len(maps), height, width)
     if point_weights is None:
         buffer[:, rows] = 1.0
     for start in range(0, pairs, size):
         stop = min(start + size, pairs)
         augmented = buffer[: stop - start]
-        windows = maps[start:stop].unfold(2, radius, 1).unfold(3, radius, 1).permute(0, 1, 4, 5, 2, 3)
+        for index, part in enumerate(maps):  # float64 from here on, as in the reference
+            torch.sub(part[start:stop, 0], shifts[start:stop, index, None, None], out=shifted[: stop - start, index])
+        windows = shifted[: stop - start].unfold(2, radius, 1).unfold(3, radius, 1).permute(0, 1, 4, 5, 2, 3)
         augmented[:, :rows].view(windows.shape).copy_(windows)
         if point_weights is not None:
             augmented[:, :rows] *= point_weights[start:stop]
@@ -257,10 +403,12 @@ class RMILoss(nn.Module):
     ``ValueError`` naming the argument.
 
     Implementation: no full-resolution one-hot map is built (the BCE uses ``Σ_c softplus(x_c) − x_label``, the pooled
-    one-hot labels are pixel counts); the statistics run batched over (image, class) pairs: one matmul per chunk of
-    pairs for all covariance blocks, one batched Cholesky, triangular solve and Cholesky for all pairs. Pairs whose
-    pooled label map is constant (mostly absent classes) are skipped: their value is the constant
-    ``r²·log(√α + 1e-8)`` and their gradient is zero, exactly as computed by the reference.
+    one-hot labels are pixel counts); the sigmoid, the BCE and the average pooling of the probabilities run in bands
+    of rows that stay in cache, and only the gradient is written at full resolution (the backward recomputes the
+    sigmoid); the statistics run batched over (image, class) pairs: one matmul per chunk of pairs for all covariance
+    blocks, one batched Cholesky, triangular solve and Cholesky for all pairs. Pairs whose pooled label map is
+    constant (mostly absent classes) are skipped: their value is the constant ``r²·log(√α + 1e-8)`` and their
+    gradient is zero, exactly as computed by the reference.
 
     Args:
         num_classes (`int`, *optional*, defaults to 19):
@@ -432,15 +580,16 @@ class RMILoss(nn.Module):
             logits = logits.float()
         labels = labels.long()
         valid = (labels >= 0) & (labels < self.num_classes) & (labels != self.ignore_index)
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        safe_labels = torch.where(valid, labels, 0)
         valid_mask = valid.to(logits.dtype)
 
-        bce_sum, probs = _SigmoidTerms.apply(logits, safe_labels.unsqueeze(1), valid_mask.unsqueeze(1), do_rmi)
-        bce_loss = (bce_sum / (valid.sum() + 1)).float()
+        pool_size = self._fused_pool_size() if do_rmi else None
+        bce_sum, probs = _SigmoidTerms.apply(logits, safe_labels.unsqueeze(1), valid_mask.unsqueeze(1), pool_size)
+        bce_loss = (bce_sum / (torch.count_nonzero(valid) + 1)).float()
         if not do_rmi:
             return RMILossOutput(loss=bce_loss, bce_loss=bce_loss, rmi_loss=None)
 
-        pooled_probs = self._downsample_probabilities(probs)
+        pooled_probs = probs if pool_size > 1 else self._downsample_probabilities(probs)
         pooled_onehot = self._pooled_onehot(safe_labels, valid)
         point_weights = self._point_weights(valid) if self.exclude_ignored_from_rmi else None
         half_log_det = self._half_log_det_per_image_class(pooled_onehot, pooled_probs, point_weights)
@@ -460,6 +609,11 @@ class RMILoss(nn.Module):
         else:
             loss = bce_loss + weight * rmi_loss
         return RMILossOutput(loss=loss, bce_loss=bce_loss, rmi_loss=rmi_loss)
+
+    def _fused_pool_size(self) -> int:
+        """``pool_size`` for :class:`_SigmoidTerms`: the average pooling is done there; other ways get the
+        full-resolution probabilities (1)."""
+        return self.rmi_pool_size if self.rmi_pool_way == 1 and self.rmi_pool_stride > 1 else 1
 
     def _downsample_probabilities(self, maps: torch.Tensor) -> torch.Tensor:
         """Down-sample `(B, K, H, W)` maps the way probabilities are; `(B, K, H', W')`."""
@@ -493,21 +647,27 @@ class RMILoss(nn.Module):
             return onehot.scatter_(1, labels, 1.0)[:, :num_classes]
 
         # Max / average pooling with kernel == stride: every pixel falls in at most one window, so the pooled one-hot
-        # is a per-(image, class, cell) pixel count, gathered with one bincount instead of pooling B·C·H·W values.
+        # is a per-(image, class, cell) pixel count, gathered with one index_add_ instead of pooling B·C·H·W values.
         size = self.rmi_pool_size
         out_height, out_width = self.pooled_size(height, width)
         rows = (torch.arange(height, device=valid.device) + size // 2) // size
         cols = (torch.arange(width, device=valid.device) + size // 2) // size
         in_window = valid & (rows < out_height).view(1, -1, 1) & (cols < out_width).view(1, 1, -1)
-        images = torch.arange(batch_size, device=valid.device).view(-1, 1, 1)
-        cells = (images * num_classes + safe_labels) * out_height + rows.view(1, -1, 1)
-        cells = cells * out_width + cols.view(1, 1, -1)
-        num_cells = batch_size * num_classes * out_height * out_width
+        cells_per_map = out_height * out_width
+        cells = safe_labels * cells_per_map
+        cells += (rows * out_width).view(1, -1, 1)
+        cells += cols.view(1, 1, -1)
+        if batch_size > 1:
+            cells += (torch.arange(batch_size, device=valid.device) * (num_classes * cells_per_map)).view(-1, 1, 1)
+        num_cells = batch_size * num_classes * cells_per_map
         # Pixels outside every window (or ignored) go to one extra bin, dropped after counting.
-        cells = torch.where(in_window, cells, torch.full_like(cells, num_cells))
-        counts = torch.bincount(cells.flatten(), minlength=num_cells + 1)[:num_cells]
-        counts = counts.view(batch_size, num_classes, out_height, out_width).double()
-        return counts / float(size * size) if self.rmi_pool_way == 1 else (counts > 0).double()
+        cells.masked_fill_(~in_window, num_cells)
+        # Counted straight into float64 (exact integers); unlike bincount with weights, index_add_ is deterministic
+        # on CUDA too.
+        ones = torch.ones((), dtype=torch.float64, device=cells.device).expand(cells.numel())
+        counts = torch.zeros(num_cells + 1, dtype=torch.float64, device=cells.device).index_add_(0, cells.view(-1), ones)
+        counts = counts[:num_cells].view(batch_size, num_classes, out_height, out_width)
+        return counts.div_(size * size) if self.rmi_pool_way == 1 else counts.clamp_(max=1.0)
 
     def _point_weights(self, valid: torch.Tensor) -> torch.Tensor:
         """0/1 weight of each region point, `(B, 1, N)` float64: 1 iff no pixel its pooled cells read is ignored."""
