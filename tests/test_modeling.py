@@ -289,3 +289,15 @@ def test_initialisation_follows_the_reference():
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
     head_std = model.decode_head.classifier.weight.std()
     assert head_std > 0.01  # PyTorch's default init, as the reference leaves the decoder
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("primary_loss", ["rmi", "cross_entropy"])
+def test_labels_of_any_integer_dtype_give_the_same_loss(dtype, primary_loss):
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, primary_loss=primary_loss)).eval()
+    labels = labels_for()
+    with torch.no_grad():
+        expected = model(images(), labels=labels, scales=[0.5, 1.0]).loss
+        got = model(images(), labels=labels.to(dtype), scales=[0.5, 1.0]).loss
+    torch.testing.assert_close(got, expected)

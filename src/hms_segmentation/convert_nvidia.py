@@ -24,7 +24,7 @@ import torch
 
 from .configuration_hms import HMSConfig
 from .hub import NVIDIA_LICENSE, ORIGINAL_REPOSITORY_URL, build_model_card, save_for_hub
-from .label_tables import CITYSCAPES_ID2LABEL
+from .label_tables import CITYSCAPES_ID2LABEL, MAPILLARY_V12_ID2LABEL
 from .modeling_hms import HMSForSemanticSegmentation
 
 _OCR = "ocr.ocr_distri_head.object_context_block."
@@ -271,11 +271,7 @@ def id2label_for(dataset: str | None, num_labels: int) -> dict[int, str]:
     if dataset == "cityscapes":
         names = CITYSCAPES_ID2LABEL
     elif dataset == "mapillary":
-        from . import label_tables
-
-        names = getattr(label_tables, "MAPILLARY_V12_ID2LABEL", None)
-        if names is None:
-            raise CheckpointConversionError("this version of hms_segmentation has no Mapillary Vistas label table")
+        names = MAPILLARY_V12_ID2LABEL
     else:
         raise ValueError(f"dataset must be 'cityscapes' or 'mapillary', got {dataset!r}")
     if len(names) != num_labels:

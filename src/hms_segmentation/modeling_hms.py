@@ -374,6 +374,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         """
         config = self.config
         criterion = self._criterion()
+        labels = labels.long()  # cross-entropy wants int64; uint8/int32 label maps are common
 
         def term(prediction: torch.Tensor, use_rmi: bool) -> torch.Tensor:
             prediction = prediction if prediction.shape[-2:] == labels.shape[-2:] else F.interpolate(
