@@ -242,6 +242,25 @@ def measure_memory(args: argparse.Namespace, num_classes: int, method: str) -> d
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def parallel_op_microseconds(device: str) -> float:
+    """Median time of one small multi-threaded operation (an in-place multiply of 2**20 floats).
+
+    On this 2-core machine: ~30 µs when both cores are free, up to milliseconds when other work (possibly outside
+    this VM, so not in the load average) holds one. RMILoss runs hundreds of such operations per call and
+    cross-entropy a handful, so its ratio grows with this figure; compare ratios only from runs where it stayed low.
+    """
+    values = torch.ones(2**20, device=device)
+    times = []
+    for index in range(220):
+        synchronize(device)
+        start = time.perf_counter()
+        values.mul_(1.0)
+        synchronize(device)
+        if index >= 20:
+            times.append(time.perf_counter() - start)
+    return round(1e6 * statistics.median(times), 1)
+
+
 def machine_description(device: str) -> dict[str, str | int]:
     model = platform.processor() or platform.machine()
     try:
@@ -253,6 +272,7 @@ def machine_description(device: str) -> dict[str, str | int]:
     description["torch"] = torch.__version__
     if hasattr(os, "getloadavg"):  # other work on a shared machine slows every method, not always alike
         description["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    description["parallel_op_us_at_start"] = parallel_op_microseconds(device)
     if device.startswith("cuda"):
         description["gpu"] = torch.cuda.get_device_name()
     return description
@@ -301,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         results["classes"][str(num_classes)] = entry
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    results["machine"]["parallel_op_us_at_end"] = parallel_op_microseconds(args.device)
 
     print(format_table(results, args.skip_memory))
     if args.output:
