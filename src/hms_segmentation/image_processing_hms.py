@@ -27,11 +27,9 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from .label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from .label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS
 
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
-"""Largest image (width * height) the processor accepts: Pillow's hard decompression-bomb limit
-(2 * `PIL.Image.MAX_IMAGE_PIXELS`). Pillow's own guard stays on as well."""
+DEFAULT_MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb guard stays on as well
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I;16N")

@@ -15,6 +15,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """Normalisation of the reference (``DATASET.MEAN`` / ``DATASET.STD``), applied to images scaled to [0, 1]."""
 
+MAX_IMAGE_PIXELS = 178_956_970
+"""Largest image (width * height) any entry point decodes: Pillow's hard decompression-bomb limit (twice its warning
+threshold). Real street photos (Mapillary, up to ~25 MP) are far below; a larger header is almost always a bomb."""
+
 
 @dataclass(frozen=True)
 class CityscapesLabel:

@@ -21,13 +21,11 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..label_tables import IGNORE_INDEX
+from ..label_tables import IGNORE_INDEX, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, dict, Image.Image]
 
-DEFAULT_MAX_PIXELS = 178_956_970
-"""Largest image (width * height) we decode: Pillow's own hard limit, twice its warning threshold. Real street
-photos (Mapillary, up to ~25 MP) are far below; a larger header is almost always a decompression bomb."""
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 
 LABEL_MODES = ("L", "P")
 """Label maps hold one id per pixel: 8-bit grayscale (Cityscapes) or 8-bit palette (Mapillary) PNGs."""
