@@ -4,14 +4,19 @@ Measures samples/s through a `torch.utils.data.DataLoader` (default collate), in
 `--num-workers` workers, for:
 
 - ``decode only``: `PIL.Image.open(...).load()` of each image and its label file, nothing else: the practical limit;
-- ``train, streaming``: `load_cityscapes(..., streaming=True)` -> `SegmentationTrainingStream` (read with checks,
-  random scale 0.5-2.0, crop, flip, colour jitter, normalise) -> ``pixel_values`` float32 / ``labels`` int64;
-- ``train, streaming, bilinear``: the same with bilinear instead of the reference's bicubic image scaling;
-- ``train, map-style``: `load_cityscapes(...)` -> `SegmentationTrainingDataset`.
+- ``train, streaming, float32``: `load_cityscapes(..., streaming=True)` -> `SegmentationTrainingStream` (read with
+  checks, random scale 0.5-2.0, crop, flip, colour jitter, normalise) -> ``pixel_values`` float32 / ``labels`` int64;
+- ``train, streaming, float32, bilinear``: the same with bilinear instead of the reference's bicubic image scaling;
+- ``train, map-style, float32``: `load_cityscapes(...)` -> `SegmentationTrainingDataset`;
+- ``train, ..., uint8``: the same with ``TrainAugmentationOptions(output_dtype="uint8")`` (the training scripts'
+  default): ``pixel_values`` and ``labels`` uint8, normalised later on the device (not part of this measurement).
 
-"1 process" compares CPU work per sample; with workers the samples (20 MB each at 1024x1024) must also travel to the
-main process. Measurements alternate and the best of `--repeats` is kept, since the machine may be shared. Without
-``--data-dir`` a synthetic Cityscapes of 1024x2048 frames is generated first.
+"1 process" compares CPU work per sample; with workers the samples (20 MB each at 1024x1024 in float32/int64, 4 MB in
+uint8) must also travel to the main process. Measurements alternate and the best of `--repeats` is kept, since the
+machine may be shared; the 1-minute load average is sampled before each measurement and reported. Since other jobs
+slow the wall clock, the CPU time per sample (this process and its DataLoader workers, over whole passes) is reported
+too: the ratio of CPU times is what the 1-process ratio of rates would be on a free core. Without ``--data-dir`` a
+synthetic Cityscapes of 1024x2048 frames is generated first.
 
 Example:
     python benchmarks/data_pipeline.py --num-frames 16 --crop-size 1024 --num-workers 2 --output data_pipeline.json
@@ -23,7 +28,9 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -68,16 +75,27 @@ class DecodeOnly(torch.utils.data.Dataset):
             return torch.tensor(image.size)
 
 
-def _samples_per_second(make_loader, epochs: int, batch_size: int) -> float:
-    """Samples/s over `epochs` passes, not counting the wait for the first batch (worker start-up)."""
-    count, elapsed = 0, 0.0
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (DataLoader workers, once shut down)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _measure(make_loader, epochs: int, batch_size: int) -> tuple[float, float]:
+    """Samples/s over `epochs` passes, not counting the wait for the first batch (worker start-up), and CPU seconds
+    per sample over the whole passes (first batch and worker start-up included)."""
+    count, elapsed, cpu, total = 0, 0.0, 0.0, 0
     for epoch in range(epochs):
+        cpu_start = _cpu_seconds()
         iterator = iter(make_loader(epoch))
         next(iterator)
         start = time.perf_counter()
-        count += batch_size * sum(1 for _ in iterator)
+        batches = sum(1 for _ in iterator)  # the exhausted iterator shuts its workers down: their CPU time counts
         elapsed += time.perf_counter() - start
-    return count / elapsed
+        cpu += _cpu_seconds() - cpu_start
+        count += batch_size * batches
+        total += batch_size * (batches + 1)
+    return count / elapsed, cpu / total
 
 
 def _machine() -> str:
@@ -124,13 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         options = CityscapesOptions(num_shards=len(samples), cache_dir=Path(scratch) / "hf_cache")
         stream = load_cityscapes(root, arguments.split, streaming=True, options=options)
         mapped = load_cityscapes(root, arguments.split, options=options)
-        augmentation = {resample: SegmentationTrainTransform(TrainAugmentationOptions(
-            crop_size=arguments.crop_size, image_resample=resample)) for resample in ("bicubic", "bilinear")}
-        training = {
-            "train, streaming": SegmentationTrainingStream(stream, augmentation["bicubic"], num_labels=19),
-            "train, streaming, bilinear": SegmentationTrainingStream(stream, augmentation["bilinear"], num_labels=19),
-            "train, map-style": SegmentationTrainingDataset(mapped, augmentation["bicubic"], num_labels=19),
-        }
+        augmentation = {(dtype, resample): SegmentationTrainTransform(TrainAugmentationOptions(
+            crop_size=arguments.crop_size, image_resample=resample, output_dtype=dtype))
+            for dtype in ("float32", "uint8") for resample in ("bicubic", "bilinear")}
+        training = {}
+        for dtype in ("float32", "uint8"):
+            training[f"train, streaming, {dtype}"] = SegmentationTrainingStream(
+                stream, augmentation[dtype, "bicubic"], num_labels=19)
+            training[f"train, streaming, {dtype}, bilinear"] = SegmentationTrainingStream(
+                stream, augmentation[dtype, "bilinear"], num_labels=19)
+            training[f"train, map-style, {dtype}"] = SegmentationTrainingDataset(
+                mapped, augmentation[dtype, "bicubic"], num_labels=19)
         decode = DecodeOnly([(sample.image_path, sample.label_path) for sample in samples])
 
         def loader(dataset: torch.utils.data.Dataset, workers: int, epoch: int) -> torch.utils.data.DataLoader:
@@ -141,22 +163,35 @@ def main(argv: list[str] | None = None) -> int:
                                                num_workers=workers)
 
         best: dict[str, dict[str, float]] = {}
+        cpu_per_sample: dict[str, dict[str, float]] = {}
+        load_averages: list[float] = []
         settings = {"1 process": 0, f"{arguments.num_workers} workers": arguments.num_workers}
         for _ in range(arguments.repeats):
             for setting, workers in settings.items():
                 for name, dataset in {DECODE: decode, **training}.items():
-                    rate = _samples_per_second(functools.partial(loader, dataset, workers), arguments.epochs,
-                                               arguments.batch_size)
+                    load_averages.append(os.getloadavg()[0])
+                    rate, cpu = _measure(functools.partial(loader, dataset, workers), arguments.epochs,
+                                         arguments.batch_size)
                     best.setdefault(setting, {})[name] = max(best.get(setting, {}).get(name, 0.0), rate)
+                    cpu_per_sample.setdefault(setting, {})[name] = min(cpu_per_sample.get(setting, {}).get(name, cpu),
+                                                                       cpu)
+        load_averages.append(os.getloadavg()[0])
         frame_size = Image.open(samples[0].image_path).size
 
+    load = {"min": min(load_averages), "mean": sum(load_averages) / len(load_averages), "max": max(load_averages)}
     print(f"\n{len(samples)} frames of {frame_size[0]}x{frame_size[1]}, crop {arguments.crop_size}, batch "
           f"{arguments.batch_size}, best of {arguments.repeats}; samples/s (ratio to decode only)")
-    print(f"{'pipeline':34s}" + "".join(f"{setting:>22s}" for setting in settings))
+    print(f"{'pipeline':40s}" + "".join(f"{setting:>22s}" for setting in settings)
+          + "".join(f"{setting + ': CPU ms':>26s}" for setting in settings))
     for name in best["1 process"]:
         cells = [f"{best[setting][name]:8.2f} ({best[setting][name] / best[setting][DECODE]:.2f})"
                  for setting in settings]
-        print(f"{name:34s}" + "".join(f"{cell:>22s}" for cell in cells))
+        cells += [f"{1e3 * cpu_per_sample[setting][name]:8.1f} "
+                  f"({cpu_per_sample[setting][DECODE] / cpu_per_sample[setting][name]:.2f})" for setting in settings]
+        print(f"{name:40s}" + "".join(f"{cell:>22s}" for cell in cells[:2])
+              + "".join(f"{cell:>26s}" for cell in cells[2:]))
+    print(f"1-minute load average over the measurements: min {load['min']:.2f}, mean {load['mean']:.2f}, "
+          f"max {load['max']:.2f} ({os.cpu_count()} CPUs)")
     report = {
         "benchmark": "data_pipeline",
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -169,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         "frame_size": list(frame_size),
         "crop_size": arguments.crop_size,
         "batch_size": arguments.batch_size,
+        "load_average_1min": load,
         "samples_per_second": best,
         "ratio_to_decode": {setting: {name: rate / rates[DECODE] for name, rate in rates.items()}
                             for setting, rates in best.items()},
+        "cpu_ms_per_sample": {setting: {name: 1e3 * cpu for name, cpu in times.items()}
+                              for setting, times in cpu_per_sample.items()},
+        "cpu_ratio_to_decode": {setting: {name: times[DECODE] / cpu for name, cpu in times.items()}
+                                for setting, times in cpu_per_sample.items()},
     }
     arguments.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {arguments.output}")

@@ -18,6 +18,7 @@ from hms_segmentation.data import (
     load_cityscapes,
     sample_generator,
 )
+from hms_segmentation.data.transforms import normalize_pixel_values
 from hms_segmentation.label_tables import IMAGENET_MEAN, IMAGENET_STD
 
 NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0)
@@ -174,3 +175,54 @@ def test_eval_transform_serves_datasets_with_transform(synthetic_cityscapes, hf_
     raw = dataset.cast_column("image", datasets.Image(decode=False)).with_transform(transform.apply_to_batch)[0:2]
     assert decoded["pixel_values"][0].shape == (3, 64, 128) and decoded["labels"][1].dtype == torch.int64
     assert torch.equal(decoded["pixel_values"][1], raw["pixel_values"][1])
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"blur_probability": 0.5, "noise_std": 6.0, "noise_probability": 1.0},
+    {"crop_size": (128, 256), "scale_min": 0.5, "scale_max": 0.7},  # padding with the mean colour and ignore labels
+    {"image_resample": "bilinear", "flip_probability": 1.0},
+], ids=["reference", "blur_and_noise", "padding", "bilinear_flipped"])
+def test_uint8_samples_normalised_on_the_device_equal_float32_samples(scene, settings):
+    """The uint8 path hands over the 8-bit crop; `normalize_pixel_values` then gives the float path's tensor exactly."""
+    settings = {"crop_size": (48, 64), **settings}
+    as_float = SegmentationTrainTransform(TrainAugmentationOptions(**settings, output_dtype="float32"))
+    as_uint8 = SegmentationTrainTransform(TrainAugmentationOptions(**settings, output_dtype="uint8"))
+    floats = [as_float(*scene, sample_generator(5, 2, index)) for index in range(6)]
+    bytes_ = [as_uint8(*scene, sample_generator(5, 2, index)) for index in range(6)]
+    for float_sample, uint8_sample in zip(floats, bytes_):
+        assert uint8_sample["pixel_values"].dtype == torch.uint8 and uint8_sample["labels"].dtype == torch.uint8
+        assert uint8_sample["pixel_values"].shape == float_sample["pixel_values"].shape
+        assert torch.equal(normalize_pixel_values(uint8_sample["pixel_values"]), float_sample["pixel_values"])
+        assert torch.equal(uint8_sample["labels"].long(), float_sample["labels"])
+    batch = torch.stack([sample["pixel_values"] for sample in bytes_])  # what the DataLoader hands to the device
+    assert torch.equal(normalize_pixel_values(batch), torch.stack([sample["pixel_values"] for sample in floats]))
+
+
+def test_uint8_samples_are_the_same_for_the_same_seed(scene):
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=48, blur_probability=0.5, noise_std=4,
+                                                                    output_dtype="uint8"))
+    first, again = (transform(*scene, sample_generator(3, 1, 7)) for _ in range(2))
+    other = transform(*scene, sample_generator(3, 1, 8))
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["labels"], again["labels"])
+    assert not torch.equal(first["pixel_values"], other["pixel_values"])
+
+
+def test_normalize_pixel_values_keeps_its_input_and_names_a_wrong_shape():
+    pixels = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2).clone()
+    normalised = normalize_pixel_values(pixels)
+    expected = (torch.tensor([0.0, 128.0, 255.0]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert normalised.dtype == torch.float32 and torch.allclose(normalised[:, 0, 0], expected, atol=1e-6)
+    assert pixels.dtype == torch.uint8 and pixels[1, 0, 0] == 128
+    with pytest.raises(ValueError, match=r"pixel_values must be \(\.\.\., 3, height, width\), got shape \(2, 2\)"):
+        normalize_pixel_values(torch.zeros(2, 2, dtype=torch.uint8))
+
+
+def test_uint8_output_needs_imagenet_normalisation_and_an_8_bit_ignore_index():
+    with pytest.raises(ValueError, match="output_dtype must be 'float32' or 'uint8'"):
+        TrainAugmentationOptions(output_dtype="float16")
+    with pytest.raises(ValueError, match="normalised on the device with the ImageNet mean/std"):
+        TrainAugmentationOptions(output_dtype="uint8", image_mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="ignore_index must be in 0..255"):
+        TrainAugmentationOptions(output_dtype="uint8", ignore_index=-1)
+    assert TrainAugmentationOptions(output_dtype="float32", image_mean=(0.5, 0.5, 0.5)).image_mean == (0.5, 0.5, 0.5)

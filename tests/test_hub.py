@@ -40,6 +40,7 @@ from tiny_configs import TINY_HRNET
 CLASS_NAMES = {0: "road", 1: "sidewalk", 2: "building", 3: "sky", 4: "car"}
 REMOTE_CODE_FILES = {
     "configuration_hms.py", "modeling_hms.py", "image_processing_hms.py", "backbone_hrnet.py", "backbone_resnet.py",
+    "backbone_mobilenet.py", "backbone_transformers.py", "scale_fusion_baselines.py", "tiled_inference.py",
     "head_ocr.py", "head_deeplabv3plus.py", "residual_blocks.py", "rmi_loss.py", "label_tables.py",
 }
 EVALUATION = {

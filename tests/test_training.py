@@ -206,6 +206,19 @@ def test_evaluate_cli_compares_scale_lists_and_writes_tables(tiny_model_dir, syn
     assert cli_main(argv) == 2  # results are not overwritten
     assert "exists" in capsys.readouterr().err
 
+    # the per-scale table with one column pair per model (e.g. RMI vs cross-entropy as the primary loss)
+    compared = tmp_path / "compared"
+    assert cli_main(["evaluate", "--model", f"rmi={tiny_model_dir}", "--model", f"ce={tiny_model_dir}", "--data-dir",
+                     str(synthetic_dir), "--scales", "1.0", "0.5,1.0", "--output-dir", str(compared)]) == 0
+    record = json.loads((compared / "results.json").read_text())
+    assert set(record["results_by_model"]) == {"rmi", "ce"}
+    comparison = (compared / "results.md").read_text()
+    assert "| scales | rmi mIoU | rmi pixel acc. | ce mIoU | ce pixel acc. |" in comparison
+    rmi, ce = record["results_by_model"]["rmi"], record["results_by_model"]["ce"]
+    assert [r["mean_iou"] for r in rmi] == [r["mean_iou"] for r in ce]  # the same weights twice
+    assert cli_main(["evaluate", "--model", f"a={tiny_model_dir}", "--model", f"a={tiny_model_dir}"]) == 2
+    assert "given twice" in capsys.readouterr().err
+
 
 def test_flip_averages_with_the_mirrored_prediction(tiny_model_dir):
     from hms_segmentation.training.evaluate import predict
@@ -337,3 +350,42 @@ def test_fine_tuning_a_converted_model_to_five_classes_changes_heads_not_frozen_
     assert {"decode_head.classifier.weight", "decode_head.soft_region_head.1.weight"} <= changed
     assert not any(k.startswith("backbone.") and not k.endswith(("running_mean", "running_var")) for k in changed)
     assert model.config.id2label[4] == "group_4" and after["decode_head.classifier.weight"].shape[0] == 5
+
+
+def test_trainer_step_normalises_uint8_samples_like_float32_samples(tiny_model_dir, tmp_path):
+    from hms_segmentation.data.transforms import normalize_pixel_values
+    from hms_segmentation.training.train import normalize_uint8_pixel_values
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    _, _, training_args = parse_arguments(["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "true"])
+    trainer = HMSTrainer(model=model, args=training_args)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 19, (2, 64, 64), dtype=torch.uint8, generator=generator)
+    labels[:, :8] = 255
+    as_float = {"pixel_values": normalize_pixel_values(pixels), "labels": labels.long()}
+    assert normalize_uint8_pixel_values(as_float) is as_float  # float batches (evaluation) pass through untouched
+    model.train()
+    loss_uint8 = trainer.compute_loss(model, {"pixel_values": pixels, "labels": labels})
+    loss_float = trainer.compute_loss(model, as_float)
+    assert torch.isfinite(loss_uint8) and loss_uint8.item() == loss_float.item()
+    loss_uint8.backward()
+    assert model.decode_head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_uint8_training_samples_train_like_float32_samples(tiny_model_dir, synthetic_dir, tmp_path):
+    """The default --train_sample_dtype uint8 (normalised in compute_loss) trains as float32 samples do."""
+    extra = ("--do_train", "--primary_loss", "cross_entropy", "--seed", "3")
+    histories, weights = {}, {}
+    for dtype in ("float32", "uint8"):
+        output_dir = tmp_path / dtype
+        run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, *extra,
+                                                         "--train_sample_dtype", dtype)))
+        state = json.loads((output_dir / "trainer_state.json").read_text())
+        histories[dtype] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        weights[dtype] = _final_parameters(output_dir)
+    assert len(histories["uint8"]) == 3 and histories["uint8"] == pytest.approx(histories["float32"], rel=1e-6)
+    for key, value in weights["float32"].items():
+        torch.testing.assert_close(weights["uint8"][key], value, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    assert parse_arguments(["--output_dir", str(tmp_path)])[1].train_sample_dtype == "uint8"

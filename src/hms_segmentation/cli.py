@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hms_segmentation.training.train", "train / evaluate with transformers.Trainer"),
     "train-accelerate": ("hms_segmentation.training.train_accelerate", "train with the explicit Accelerate loop"),
     "evaluate": ("hms_segmentation.training.evaluate", "mIoU of a checkpoint at one or more scale lists (+flip)"),
+    "autolabel": ("hms_segmentation.autolabel", "label unlabelled images with a teacher, keeping confident pixels"),
     "demo": ("hms_segmentation.demo", "chained multi-scale inference on an image; saves labels and attention maps"),
     "convert-nvidia": ("hms_segmentation.convert_nvidia", "convert an NVIDIA/semantic-segmentation checkpoint"),
     "push": ("hms_segmentation.hub", "publish a model folder (weights, config, processor, code, card) in one commit"),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .label_tables import CITYSCAPES_ID2LABEL, IGNORE_INDEX
+from .tiled_inference import check_tile_size, tiling_settings
 
-TRUNKS = ("hrnet_ocr", "resnet50_deeplabv3plus")
+TRUNKS = ("hrnet_ocr", "resnet50_deeplabv3plus", "mobilenetv2_deeplabv3plus", "backbone_deeplabv3plus")
+MOBILENET_OUTPUT_STRIDES = (8, 16, 32)
+SCALE_FUSIONS = ("hierarchical", "explicit", "average", "max")
 PRIMARY_LOSSES = ("rmi", "cross_entropy")
 
 
@@ -47,6 +50,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "hrnet_w18_ocr": {"trunk": "hrnet_ocr", "hrnet_preset": "w18", "ocr_mid_channels": 256, "ocr_key_channels": 128},
     # the paper's ablation trunk
     "resnet50_deeplabv3plus": {"trunk": "resnet50_deeplabv3plus"},
+    # the small-budget trunk: MobileNetV2 (output stride 16) with a slim DeepLabV3+ decoder
+    "mobilenetv2_deeplabv3plus": {
+        "trunk": "mobilenetv2_deeplabv3plus",
+        "mobilenet_width_multiplier": 1.0,
+        "mobilenet_output_stride": 16,
+        "aspp_channels": 128,
+        "aspp_dilations": [6, 12, 18],
+        "decoder_aspp_channels": 128,
+        "segmentation_head_channels": 128,
+        "attention_bottleneck_channels": 64,
+    },
     # a small HRNet-OCR for CPUs and tests: one module per stage, one or two blocks per branch
     "hrnet_small_ocr": {
         "trunk": "hrnet_ocr",
@@ -77,9 +91,29 @@ class HMSConfig(PretrainedConfig):
     The defaults give the record-setting configuration: HRNetV2-W48 + OCR with the reference's Cityscapes recipe.
 
     Args:
-        trunk (`str`, *optional*, defaults to `"hrnet_ocr"`):
-            `"hrnet_ocr"` (HRNetV2 + object-contextual representations) or `"resnet50_deeplabv3plus"` (dilated
-            ResNet-50 with output stride 8 + DeepLabV3+ decoder, the paper's ablation trunk).
+        trunk (`str`, *optional*):
+            `"hrnet_ocr"` (HRNetV2 + object-contextual representations, the default), `"resnet50_deeplabv3plus"`
+            (dilated ResNet-50 with output stride 8 + DeepLabV3+ decoder, the paper's ablation trunk),
+            `"mobilenetv2_deeplabv3plus"` (MobileNetV2 + DeepLabV3+, for small budgets) or
+            `"backbone_deeplabv3plus"` (any transformers backbone + DeepLabV3+; chosen automatically when
+            `backbone_config` or `backbone` is given).
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            Config of a transformers backbone (`ResNetConfig`, `ConvNextConfig`, ...), as UperNet and Mask2Former
+            take it. DeepLabV3+ reads its first returned feature map (should be stride 4) and its last (deepest);
+            when `out_features` names fewer than two stages, the first and the last stage are requested.
+        backbone (`str`, *optional*):
+            Hub id or local folder of a transformers backbone (e.g. `"microsoft/resnet-50"`): where its pretrained
+            weights come from, and its config becomes `backbone_config` unless that is given too (a saved model
+            keeps both).
+        use_pretrained_backbone (`bool`, *optional*, defaults to `False`):
+            Load `backbone`'s pretrained weights when the model is built. Models store it as `False` once built,
+            since their checkpoints then hold those weights.
+        backbone_kwargs (`dict`, *optional*):
+            Extra arguments for the backbone config loaded from `backbone` (e.g. `{"out_features": [...]}`).
+        mobilenet_width_multiplier (`float`, *optional*, defaults to 1.0):
+            Channel width multiplier of the MobileNetV2 trunk (0.35 ... 1.4 in the MobileNetV2 paper).
+        mobilenet_output_stride (`int`, *optional*, defaults to 16):
+            Output stride of the MobileNetV2 trunk (8, 16 or 32): later strides become dilations.
         hrnet_preset (`str`, *optional*, defaults to `"w48"`):
             One of `"w18"`, `"w32"`, `"w48"`; fills `hrnet_stages` when that is not given.
         hrnet_stages (`list[dict]`, *optional*):
@@ -117,6 +151,10 @@ class HMSConfig(PretrainedConfig):
             Scales seen in training mode; the lowest scale's attention gates the next.
         inference_scales (`list[float]`, *optional*, defaults to `[0.5, 1.0, 2.0]`):
             Scales chained in eval mode when the call gives none.
+        scale_fusion (`str`, *optional*, defaults to `"hierarchical"`):
+            How per-scale predictions are fused: `"hierarchical"` (HMSA's attention chain), or the baselines HMSA is
+            compared against, which fuse all scales at once and so train on all of them: `"explicit"` (a softmax over
+            the scales of each scale's attention score, Chen et al. 2016), `"average"`, `"max"`.
         primary_loss (`str`, *optional*, defaults to `"rmi"`):
             `"rmi"` (sigmoid BCE + region mutual information, NVIDIA's variant) or `"cross_entropy"`.
         ocr_aux_weight (`float`, *optional*, defaults to 0.4):
@@ -131,14 +169,31 @@ class HMSConfig(PretrainedConfig):
             Settings of the RMI loss (see [`RMILoss`]); the defaults are the reference's.
         batch_norm_eps (`float`, *optional*, defaults to 1e-5):
             Epsilon of every BatchNorm layer.
+        tile_pixel_budget (`int`, *optional*):
+            Tiled inference: in eval mode, a scale whose resized input has more than this many pixels (height * width,
+            per image) runs as overlapping tiles of `tile_size`, blended with a smooth window, so that its memory
+            depends on the tile size rather than the image size (see `tiled_inference.py`). `None` (the default)
+            never tiles, as the reference. Must be at least one tile's pixels. Training mode never tiles.
+        tile_size (`int` or `list[int]`, *optional*, defaults to 1024):
+            Tile side, or `[height, width]`, in pixels of the resized input. Multiples of 32 keep the tiles on the
+            HRNet trunk's stride grid.
+        tile_overlap (`int`, *optional*, defaults to 256):
+            Pixels shared by neighbouring tiles (`tile_size - tile_overlap` is the stride), smaller than `tile_size`.
     """
 
     model_type = "hms"
+    sub_configs = {"backbone_config": AutoConfig}
     keys_to_ignore_at_inference = ["auxiliary_logits", "scale_logits", "attentions", "hidden_states", "loss_terms"]
 
     def __init__(
         self,
-        trunk: str = "hrnet_ocr",
+        trunk: str | None = None,
+        backbone_config: PretrainedConfig | dict[str, Any] | None = None,
+        backbone: str | None = None,
+        use_pretrained_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        mobilenet_width_multiplier: float = 1.0,
+        mobilenet_output_stride: int = 16,
         hrnet_preset: str | None = "w48",
         hrnet_stages: list[dict[str, Any]] | None = None,
         hrnet_stem_channels: int = 64,
@@ -157,6 +212,7 @@ class HMSConfig(PretrainedConfig):
         align_corners: bool = False,
         training_scales: list[float] | tuple[float, ...] = (0.5, 1.0),
         inference_scales: list[float] | tuple[float, ...] = (0.5, 1.0, 2.0),
+        scale_fusion: str = "hierarchical",
         primary_loss: str = "rmi",
         ocr_aux_weight: float = 0.4,
         ocr_aux_rmi: bool = False,
@@ -169,14 +225,35 @@ class HMSConfig(PretrainedConfig):
         rmi_loss_weight_lambda: float = 0.5,
         rmi_lambda_way: int = 1,
         batch_norm_eps: float = 1e-5,
+        tile_pixel_budget: int | None = None,
+        tile_size: int | list[int] | tuple[int, int] = 1024,
+        tile_overlap: int = 256,
         **kwargs: Any,
     ) -> None:
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["id2label"] = dict(CITYSCAPES_ID2LABEL)
         super().__init__(**kwargs)
 
+        if trunk is None:
+            trunk = "backbone_deeplabv3plus" if (backbone_config is not None or backbone is not None) else "hrnet_ocr"
         if trunk not in TRUNKS:
             raise ValueError(f"trunk must be one of {TRUNKS}, got {trunk!r}")
+        self.backbone_config = _resolve_backbone_config(trunk, backbone_config, backbone, backbone_kwargs)
+        self.backbone = backbone
+        self.use_pretrained_backbone = bool(use_pretrained_backbone)
+        if self.use_pretrained_backbone and backbone is None:
+            raise ValueError("use_pretrained_backbone=True needs `backbone` (a Hub id or local folder of weights)")
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        if isinstance(mobilenet_width_multiplier, bool) or not (
+            isinstance(mobilenet_width_multiplier, (int, float)) and 0 < mobilenet_width_multiplier <= 4
+        ):
+            raise ValueError(f"mobilenet_width_multiplier must be a number in (0, 4], got {mobilenet_width_multiplier!r}")
+        self.mobilenet_width_multiplier = float(mobilenet_width_multiplier)
+        if mobilenet_output_stride not in MOBILENET_OUTPUT_STRIDES:
+            raise ValueError(
+                f"mobilenet_output_stride must be one of {MOBILENET_OUTPUT_STRIDES}, got {mobilenet_output_stride!r}"
+            )
+        self.mobilenet_output_stride = int(mobilenet_output_stride)
         if hrnet_stages is None:
             if hrnet_preset not in HRNET_PRESETS:
                 raise ValueError(f"hrnet_preset must be one of {sorted(HRNET_PRESETS)} (or give hrnet_stages), got {hrnet_preset!r}")
@@ -207,6 +284,9 @@ class HMSConfig(PretrainedConfig):
         self.align_corners = bool(align_corners)
         self.training_scales = validate_scales(training_scales, "training_scales")
         self.inference_scales = validate_scales(inference_scales, "inference_scales")
+        if scale_fusion not in SCALE_FUSIONS:
+            raise ValueError(f"scale_fusion must be one of {SCALE_FUSIONS}, got {scale_fusion!r}")
+        self.scale_fusion = scale_fusion
         self.primary_loss = primary_loss
         self.ocr_aux_weight = _non_negative("ocr_aux_weight", ocr_aux_weight)
         self.ocr_aux_rmi = bool(ocr_aux_rmi)
@@ -229,6 +309,11 @@ class HMSConfig(PretrainedConfig):
         if not 0 < batch_norm_eps < 1:
             raise ValueError(f"batch_norm_eps must be in (0, 1), got {batch_norm_eps}")
         self.batch_norm_eps = float(batch_norm_eps)
+        tiling_settings(tile_pixel_budget, tile_size, tile_overlap)  # raises naming the field
+        tile_height, tile_width = check_tile_size(tile_size)
+        self.tile_pixel_budget = tile_pixel_budget
+        self.tile_size = tile_height if tile_height == tile_width else [tile_height, tile_width]
+        self.tile_overlap = int(tile_overlap)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> HMSConfig:
@@ -241,6 +326,34 @@ class HMSConfig(PretrainedConfig):
     def hrnet_output_channels(self) -> int:
         """Channels of the concatenated HRNet branches fed to OCR (`high_level_ch` in the reference)."""
         return sum(self.hrnet_stages[-1]["num_channels"])
+
+
+def _resolve_backbone_config(
+    trunk: str, backbone_config: PretrainedConfig | dict[str, Any] | None, backbone: str | None,
+    backbone_kwargs: dict[str, Any] | None,
+) -> PretrainedConfig | None:
+    """The transformers backbone config of `trunk="backbone_deeplabv3plus"`, asking for its first and last stages."""
+    if trunk != "backbone_deeplabv3plus":
+        if backbone_config is not None or backbone is not None:
+            raise ValueError(f"backbone_config / backbone need trunk='backbone_deeplabv3plus', got trunk={trunk!r}")
+        return None
+    if backbone_config is None and backbone is None:
+        raise ValueError("trunk='backbone_deeplabv3plus' needs backbone_config or backbone")
+    if backbone_config is None:
+        backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
+    elif isinstance(backbone_config, dict):
+        if "model_type" not in backbone_config:
+            raise ValueError(f"backbone_config as a dict needs a 'model_type', got keys {sorted(backbone_config)}")
+        backbone_config = AutoConfig.for_model(**backbone_config)
+    stage_names = getattr(backbone_config, "stage_names", None)
+    if not stage_names:
+        raise ValueError(
+            f"backbone_config must be a transformers backbone config (with stage_names / out_features), "
+            f"got {type(backbone_config).__name__}"
+        )
+    if len(getattr(backbone_config, "out_features", None) or []) < 2:
+        backbone_config.out_features = [stage_names[1], stage_names[-1]]  # the stride-4 stage and the deepest
+    return backbone_config
 
 
 def validate_scales(scales: Any, name: str = "scales") -> list[float]:

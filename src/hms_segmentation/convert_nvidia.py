@@ -330,9 +330,16 @@ def load_imagenet_trunk(model: HMSForSemanticSegmentation, path: str | Path) -> 
     """
     Load ImageNet-pretrained trunk weights into `model.backbone`: the HRNet ImageNet file the reference uses
     (`hrnetv2_w48_imagenet_pretrained.pth`, keys possibly prefixed `model.`) or a ResNet-50 state dict in torchvision's
-    key layout. Every trunk tensor must be present with the right shape; the file's classification-head keys are
-    ignored and returned.
+    key layout, or a MobileNetV2 state dict in torchvision's key layout. Every trunk tensor must be present with the
+    right shape; the file's classification-head keys (and MobileNetV2's last 1x1 convolution, `features.18`, which
+    DeepLabV3+ does not read) are ignored and returned. Transformers backbones load their weights through
+    `HMSConfig(backbone=..., use_pretrained_backbone=True)` instead.
     """
+    if model.config.trunk == "backbone_deeplabv3plus":
+        raise ValueError(
+            f"{path}: a transformers-backbone trunk loads pretrained weights through HMSConfig(backbone=<Hub id or "
+            "folder>, use_pretrained_backbone=True), not from a state-dict file"
+        )
     state_dict = load_checkpoint_state_dict(path)
     state_dict = {key[len("model."):] if key.startswith("model.") else key: value for key, value in state_dict.items()}
     trunk_state = model.backbone.state_dict()

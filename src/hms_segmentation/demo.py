@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
 from .data.io import load_image
 from .label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
+from .image_processing_hms import shrink_to_long_side
+from .inference_options import add_large_input_arguments, large_input_settings
 from .modeling_hms import HMSForSemanticSegmentation
 
 def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Image:
@@ -46,6 +49,13 @@ def normalize(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
+def palette_for(num_labels: int) -> tuple[tuple[int, int, int], ...]:
+    """The Cityscapes colours for a 19-class model; otherwise fixed pseudo-random colours, one per class."""
+    if num_labels == len(CITYSCAPES_PALETTE):
+        return CITYSCAPES_PALETTE
+    return tuple(tuple(int(c) for c in np.random.default_rng(i).integers(0, 256, 3)) for i in range(num_labels))
+
+
 def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> Image.Image:
     colours = np.zeros((256, 3), dtype=np.uint8)
     colours[: len(palette)] = palette
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", default="0.5,1.0,2.0", help="comma-separated inference scales")
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
     parser.add_argument("--overwrite", action="store_true", help="allow replacing files in a non-empty output folder")
+    add_large_input_arguments(parser)
     return parser
 
 
@@ -85,17 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     model, trained = load_model(args.model)
     if not trained:
         print(f"note: preset {args.model!r} has random weights: the labels below are not a real segmentation.")
-    pixel_values = normalize(image).unsqueeze(0)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        outputs = model(pixel_values, scales=scales, output_attentions=True)
+    try:
+        tiling, max_long_side = large_input_settings(args, model.config)
+        pixel_values = shrink_to_long_side(normalize(image).unsqueeze(0), max_long_side)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs = model(pixel_values, scales=scales, output_attentions=True, **tiling)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if outputs.logits.shape[-2:] != (image.height, image.width):  # shrunk by --max_long_side: label the full image
+        outputs.logits = F.interpolate(outputs.logits, size=(image.height, image.width), mode="bilinear",
+                                       align_corners=model.config.align_corners)
     seconds = time.perf_counter() - start
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     labels = outputs.logits.argmax(dim=1)[0].numpy()
-    palette = CITYSCAPES_PALETTE if model.config.num_labels == len(CITYSCAPES_PALETTE) else tuple(
-        tuple(int(c) for c in np.random.default_rng(i).integers(0, 256, 3)) for i in range(model.config.num_labels)
-    )
+    palette = palette_for(model.config.num_labels)
     Image.fromarray(labels.astype(np.uint8)).save(args.output_dir / "labels.png")
     colorize(labels, palette).save(args.output_dir / "labels_color.png")
     image.save(args.output_dir / "input.png")

@@ -194,6 +194,12 @@ def describe_trunk(config: HMSConfig) -> str:
         if config.hrnet_preset:
             return f"HRNetV2-{config.hrnet_preset.upper()} + OCR"
         return f"HRNetV2 (branch widths {config.hrnet_stages[-1]['num_channels']}) + OCR"
+    if config.trunk == "mobilenetv2_deeplabv3plus":
+        return (f"MobileNetV2 (width {config.mobilenet_width_multiplier}, output stride "
+                f"{config.mobilenet_output_stride}) + DeepLabV3+")
+    if config.trunk == "backbone_deeplabv3plus":
+        source = config.backbone or type(config.backbone_config).__name__.removesuffix("Config")
+        return f"transformers backbone {source} + DeepLabV3+"
     return "dilated ResNet-50 (output stride 8) + DeepLabV3+"
 
 

@@ -47,6 +47,9 @@ class HMSImageProcessorKwargs(ImagesKwargs, total=False):
         When set, label maps may only hold `0..num_labels-1` and `ignore_index`; other values raise a `ValueError`.
     inference_scales (`list[float]`, *optional*, defaults to `self.inference_scales`):
         When set, the output carries `scales`, which the model chains instead of `config.inference_scales`.
+    max_long_side (`int`, *optional*, defaults to `self.max_long_side`):
+        Images whose longer side exceeds this are shrunk (aspect ratio kept) so that it equals this, before the
+        `size_divisor` rounding; smaller images are left alone. `None` never shrinks.
     """
 
     size_divisor: int
@@ -54,6 +57,7 @@ class HMSImageProcessorKwargs(ImagesKwargs, total=False):
     ignore_index: int
     num_labels: int | None
     inference_scales: list[float] | None
+    max_long_side: int | None
 
 
 class HMSImageProcessor(PilBackend):
@@ -71,6 +75,8 @@ class HMSImageProcessor(PilBackend):
        - keep the size (`do_resize=False`, the default, as the reference evaluates at full resolution),
        - shortest edge (`size={"shortest_edge": n}`, optionally with `"longest_edge"`), aspect ratio kept,
        - fixed size (`size={"height": h, "width": w}`),
+       then, with `max_long_side`, images whose longer side still exceeds it are shrunk to it (the memory-saving
+       alternative to tiled inference, as the reference resizes large Mapillary images for evaluation; see the README),
        then height and width are rounded to the nearest multiple of `size_divisor` (at least one), in the same single
        bilinear resize. With `size_divisor=64`, every scale `s` for which `64 * s` is a multiple of 32 (0.5, 1, 1.5,
        2, ...) gives feature maps that line up exactly with the trunk's stride-32 branch and never rounds to zero
@@ -106,6 +112,8 @@ class HMSImageProcessor(PilBackend):
             Validate that label maps hold only `0..num_labels-1` and `ignore_index`.
         inference_scales (`list[float]`, *optional*):
             Scales for the model to chain (output key `scales`); `None` leaves the choice to `config.inference_scales`.
+        max_long_side (`int`, *optional*):
+            Shrink images whose longer side exceeds this (aspect ratio kept); `None` keeps every size.
     """
 
     valid_kwargs = HMSImageProcessorKwargs
@@ -126,11 +134,14 @@ class HMSImageProcessor(PilBackend):
     ignore_index = IGNORE_INDEX
     num_labels = None
     inference_scales = None
+    max_long_side = None
 
     def __init__(self, **kwargs: Unpack[HMSImageProcessorKwargs]) -> None:
         super().__init__(**kwargs)
         _positive_int("size_divisor", self.size_divisor)
         _positive_int("max_image_pixels", self.max_image_pixels)
+        if self.max_long_side is not None:
+            _positive_int("max_long_side", self.max_long_side)
         if self.inference_scales is not None:
             self.inference_scales = _checked_scales(self.inference_scales, self.size_divisor)
 
@@ -213,6 +224,9 @@ class HMSImageProcessor(PilBackend):
     ) -> BatchFeature:
         size_divisor = _positive_int("size_divisor", kwargs["size_divisor"])
         max_image_pixels = _positive_int("max_image_pixels", kwargs["max_image_pixels"])
+        max_long_side = kwargs.get("max_long_side")
+        if max_long_side is not None:
+            _positive_int("max_long_side", max_long_side)
         raw_images = self._prepare_images_structure(images, max_image_pixels=max_image_pixels)
         names = [_describe(image, f"images[{index}]") for index, image in enumerate(raw_images)]
         arrays = [
@@ -221,7 +235,7 @@ class HMSImageProcessor(PilBackend):
         ]
         original_sizes = [array.shape[-2:] for array in arrays]
         output_sizes = [
-            get_output_size(height, width, kwargs["size"] if kwargs["do_resize"] else None, size_divisor)
+            get_output_size(height, width, kwargs["size"] if kwargs["do_resize"] else None, size_divisor, max_long_side)
             for height, width in original_sizes
         ]
         pixel_values = []
@@ -350,7 +364,9 @@ class HMSImageProcessor(PilBackend):
         return label_maps
 
 
-def get_output_size(height: int, width: int, size: SizeDict | dict | None, size_divisor: int) -> tuple[int, int]:
+def get_output_size(
+    height: int, width: int, size: SizeDict | dict | None, size_divisor: int, max_long_side: int | None = None
+) -> tuple[int, int]:
     """
     `(height, width)` of an image after the resize policy and the rounding to `size_divisor`.
 
@@ -358,6 +374,8 @@ def get_output_size(height: int, width: int, size: SizeDict | dict | None, size_
         height, width: The image's size.
         size: `None` (keep), `{"shortest_edge": n}` (+ optional `"longest_edge"`), or `{"height": h, "width": w}`.
         size_divisor: Each side is rounded to the nearest multiple of it, and to at least one multiple.
+        max_long_side: When the size after `size` has a longer side above this, both sides shrink by the same
+            factor so that it equals this (before the rounding). `None`: no limit.
     """
     size = SizeDict(**size) if isinstance(size, dict) else size
     if size is None:
@@ -374,8 +392,29 @@ def get_output_size(height: int, width: int, size: SizeDict | dict | None, size_
             f"size must be {{'shortest_edge': n}} (optionally with 'longest_edge') or {{'height': h, 'width': w}}, "
             f"got {dict(size)}"
         )
+    if max_long_side is not None and max(target) > max_long_side:
+        factor = max_long_side / max(target)
+        target = (target[0] * factor, target[1] * factor)
     # half up, not Python's half-to-even, so that 160 -> 192 and 96 -> 128 alike
     return tuple(max(size_divisor, math.floor(side / size_divisor + 0.5) * size_divisor) for side in target)
+
+
+def shrink_to_long_side(pixel_values: Any, max_long_side: int | None, size_divisor: int = 64) -> Any:
+    """
+    The `max_long_side` policy on a batch tensor (batch, channels, height, width), for callers that hold tensors
+    already (evaluation, demo): when the longer side exceeds `max_long_side`, a bilinear resize to the size
+    `get_output_size` gives (aspect ratio kept, sides rounded to `size_divisor`); otherwise `pixel_values` unchanged.
+    """
+    if max_long_side is None:
+        return pixel_values
+    _positive_int("max_long_side", max_long_side)
+    height, width = pixel_values.shape[-2:]
+    if max(height, width) <= max_long_side:
+        return pixel_values
+    from torch.nn import functional as F
+
+    size = get_output_size(height, width, None, size_divisor, max_long_side)
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
 
 
 def open_image_file(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

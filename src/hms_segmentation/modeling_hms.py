@@ -20,11 +20,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .backbone_hrnet import HMSHRNetBackbone
+from .backbone_mobilenet import HMSMobileNetV2Backbone
 from .backbone_resnet import HMSDilatedResNetBackbone
+from .backbone_transformers import HMSTransformersBackbone
 from .configuration_hms import HMSConfig, validate_scales
 from .head_deeplabv3plus import HMSDeepLabV3PlusHead
 from .head_ocr import HMSConvNormReLU, HMSObjectContextHead
 from .rmi_loss import RMILoss
+from .scale_fusion_baselines import explicit_scale_attention_fusion, pooled_scale_fusion
+from .tiled_inference import segment_in_tiles, tiling_settings
 
 
 def resize_as(tensor: torch.Tensor, reference: torch.Tensor, align_corners: bool) -> torch.Tensor:
@@ -117,11 +121,13 @@ class HMSSemanticSegmenterOutput(SemanticSegmenterOutput):
             One per scale (ascending, as `scales`): the trunk's output features at that scale.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
             One per scale (ascending, as `scales`): the scale-attention map `(batch_size, 1, h_s, w_s)` in [0, 1]
-            at that scale's input resolution.
+            at that scale's input resolution (a scale above 1 run as tiles: the lower resolution at which the
+            attention chain consumes it, see `tile_pixel_budget` of the forward).
         auxiliary_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`, *optional*):
             OCR's auxiliary (soft-region) logits fused with the same attention; `None` for trunks without one.
         scale_logits (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            One per scale (ascending, as `scales`): that scale's own class logits at its input resolution.
+            One per scale (ascending, as `scales`): that scale's own class logits at its input resolution (a scale
+            above 1 run as tiles: at the resolution of its attention map).
         scales (`tuple(float)`, *optional*, returned with `attentions`, `scale_logits` or `hidden_states`):
             The scales of this call, ascending.
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is provided):
@@ -189,7 +195,7 @@ class HMSPreTrainedModel(PreTrainedModel):
             if isinstance(module, HMSHRNetBackbone):
                 for conv in _convolutions(module):
                     init.normal_(conv.weight, std=0.001)
-            elif isinstance(module, HMSDilatedResNetBackbone):
+            elif isinstance(module, (HMSDilatedResNetBackbone, HMSMobileNetV2Backbone)):
                 for conv in _convolutions(module):
                     init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, HMSDeepLabV3PlusHead):
@@ -226,7 +232,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             )
             attention_in_channels = config.ocr_mid_channels
         else:
-            self.backbone = HMSDilatedResNetBackbone(config.resnet_layers, eps)
+            self.backbone = self._build_deeplab_trunk(config)
             self.decode_head = HMSDeepLabV3PlusHead(
                 self.backbone.low_level_channels,
                 self.backbone.out_channels,
@@ -248,6 +254,23 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             eps,
         )
         self.post_init()
+
+    @staticmethod
+    def _build_deeplab_trunk(
+        config: HMSConfig,
+    ) -> HMSDilatedResNetBackbone | HMSMobileNetV2Backbone | HMSTransformersBackbone:
+        """The trunk under the DeepLabV3+ decoder: each returns (stride-4 features, deep features)."""
+        if config.trunk == "resnet50_deeplabv3plus":
+            return HMSDilatedResNetBackbone(config.resnet_layers, config.batch_norm_eps)
+        if config.trunk == "mobilenetv2_deeplabv3plus":
+            return HMSMobileNetV2Backbone(
+                config.mobilenet_width_multiplier, config.mobilenet_output_stride, config.batch_norm_eps
+            )
+        if config.use_pretrained_backbone:
+            trunk = HMSTransformersBackbone(config.backbone_config, pretrained=config.backbone)
+            config.use_pretrained_backbone = False  # the weights now live in this model's checkpoints
+            return trunk
+        return HMSTransformersBackbone(config.backbone_config)
 
     def segment_single_scale(
         self, pixel_values: torch.Tensor
@@ -279,6 +302,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        tile_pixel_budget: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
+        tile_overlap: int | None = None,
         **kwargs,
     ) -> HMSSemanticSegmenterOutput | tuple:
         r"""
@@ -292,9 +318,25 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                 Scales to run and fuse, any order, each positive. Defaults to `config.training_scales` in training
                 mode and `config.inference_scales` in eval mode.
             output_attentions (`bool`, *optional*):
-                Return each scale's attention map and logits.
+                Return each scale's attention map and logits, at that scale's resolution; a scale above 1 that runs as
+                tiles returns them at the reduced resolution it was blended at (see `tile_pixel_budget`).
             output_hidden_states (`bool`, *optional*):
-                Return each scale's trunk features.
+                Return each scale's trunk features. Not available for a scale that runs as tiles (a `ValueError` says
+                so before anything runs): raise `tile_pixel_budget` or leave tiling off to get them.
+            tile_pixel_budget (`int`, *optional*):
+                Tiled inference (eval mode only; training mode never tiles): a scale whose resized input has more than
+                this many pixels per image runs as overlapping tiles whose logits, auxiliary logits and attention are
+                blended with a smooth window (see `segment_in_tiles`); the attention chain then goes on as usual.
+                A tiled scale above 1 is blended directly at the resolution where the chain consumes it (the next
+                lower scale >= 1 that keeps its own resolution, else the input's; the input's for the `scale_fusion`
+                baselines), so peak memory follows the tile size, not that scale's size. With a single tile that is
+                exactly the untiled result; without a scale in [1, s) below a tiled scale `s`, the steps of scales
+                below 1 then run at the input's resolution rather than at scale `s`'s (a small approximation).
+                Defaults to `config.tile_pixel_budget` (`None`: never tile). Must be at least one tile's pixels.
+            tile_size (`int` or `(int, int)`, *optional*):
+                Tile side or (height, width) in pixels of the resized input; defaults to `config.tile_size`.
+            tile_overlap (`int`, *optional*):
+                Pixels shared by neighbouring tiles; defaults to `config.tile_overlap`.
         """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
@@ -311,6 +353,24 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         if labels is not None:
             _check_labels(labels, pixel_values)
         keep_scale_logits = output_attentions or (labels is not None and self.config.supervised_scale_weight > 0)
+        tiling = None if self.training else tiling_settings(
+            self.config.tile_pixel_budget if tile_pixel_budget is None else tile_pixel_budget,
+            self.config.tile_size if tile_size is None else tile_size,
+            self.config.tile_overlap if tile_overlap is None else tile_overlap,
+        )
+        tiled_scales = set() if tiling is None else {
+            scale for scale in scales if tiling.applies_to(*_scaled_size(pixel_values.shape[-2:], scale))
+        }
+        if tiled_scales and output_hidden_states:
+            raise ValueError(
+                f"output_hidden_states is not available for scales run as tiles ({sorted(tiled_scales)} exceed "
+                f"tile_pixel_budget={tiling.pixel_budget:,} pixels); raise tile_pixel_budget or pass "
+                "output_hidden_states=False"
+            )
+        tiled_output_sizes = {
+            scale: _tiled_output_size(scale, scales, tiled_scales, pixel_values.shape[-2:], self.config.scale_fusion)
+            for scale in tiled_scales
+        }
 
         scale_logits: dict[float, torch.Tensor] = {}
         scale_attentions: dict[float, torch.Tensor] = {}
@@ -318,9 +378,20 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
 
         def run_scales() -> Iterator[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]]:
             for scale in scales:
-                logits, auxiliary_logits, attention, features = self.segment_single_scale(
-                    resize_to_scale(pixel_values, scale, self.config.align_corners)
-                )
+                scaled_pixel_values = resize_to_scale(pixel_values, scale, self.config.align_corners)
+                if scale in tiled_scales:
+                    logits, auxiliary_logits, attention = segment_in_tiles(
+                        self.segment_single_scale,
+                        scaled_pixel_values,
+                        tiling.tile_size,
+                        tiling.tile_overlap,
+                        output_size=tiled_output_sizes[scale],
+                        align_corners=self.config.align_corners,
+                    )
+                    features = None
+                else:
+                    logits, auxiliary_logits, attention, features = self.segment_single_scale(scaled_pixel_values)
+                del scaled_pixel_values
                 if keep_scale_logits:
                     scale_logits[scale] = logits
                 if output_attentions:
@@ -330,7 +401,14 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                 predictions = (logits,) if auxiliary_logits is None else (logits, auxiliary_logits)
                 yield scale, predictions, attention
 
-        fused = hierarchical_scale_fusion(run_scales(), self.config.align_corners)
+        if self.config.scale_fusion == "hierarchical":
+            fused = hierarchical_scale_fusion(run_scales(), self.config.align_corners)
+        elif self.config.scale_fusion == "explicit":
+            fused = explicit_scale_attention_fusion(run_scales(), pixel_values.shape[-2:], self.config.align_corners)
+        else:
+            fused = pooled_scale_fusion(
+                run_scales(), pixel_values.shape[-2:], self.config.scale_fusion, self.config.align_corners
+            )
         # The reference's output has the resolution of scale 1.0; without 1.0 in the list we still answer at the input's.
         fused = tuple(resize_as(prediction, pixel_values, self.config.align_corners) for prediction in fused)
         logits = fused[0]
@@ -409,6 +487,31 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             loss_weight_lambda=config.rmi_loss_weight_lambda,
             lambda_way=config.rmi_lambda_way,
         )
+
+
+def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(height, width) of an input of `size` after `resize_to_scale` by `scale`."""
+    return (math.floor(size[0] * scale), math.floor(size[1] * scale)) if scale != 1.0 else tuple(size)
+
+
+def _tiled_output_size(
+    scale: float, scales: list[float], tiled_scales: set[float], size: tuple[int, int], scale_fusion: str
+) -> tuple[int, int]:
+    """
+    (height, width) at which a tiled `scale` (input of `size`) blends its maps: where the fusion first consumes them.
+
+    A scale <= 1 keeps its own size. Above 1, the hierarchical chain only uses a scale after `down(fused)` to the
+    next lower scale >= 1, so the maps go straight to the size of the next lower scale >= 1 that keeps its own size
+    (1.0 itself, or a scale that is not tiled; a tiled one in between is itself reduced further); with none, to the
+    input's size, where the chain's answer ends. The baselines fuse every scale at the input's size.
+    """
+    if scale <= 1.0:
+        return _scaled_size(size, scale)
+    if scale_fusion == "hierarchical":
+        for lower in sorted((s for s in scales if 1.0 <= s < scale), reverse=True):
+            if lower == 1.0 or lower not in tiled_scales:
+                return _scaled_size(size, lower)
+    return tuple(size)
 
 
 def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> None:

@@ -27,6 +27,8 @@ from .io import BadSampleError, LabelMapping
 
 CITYSCAPES_SPLITS = ("train", "val", "test", "train_extra")
 IMAGE_SUFFIX = "_leftImg8bit.png"
+AUTO_LABEL_KIND = "gtAuto"
+"""Auto-labels are ``gtCoarse/<split>/<city>/<city>_<seq>_<frame>_gtAuto_labelTrainIds.png`` (`hms_segmentation.autolabel`)."""
 
 
 def cityscapes_label_mapping() -> LabelMapping:
@@ -91,9 +93,26 @@ def find_cityscapes_samples(
     annotation = "gtCoarse" if split == "train_extra" else "gtFine"  # train_extra has coarse labels only
     samples = _scan(root, split, annotation, (annotation,), options, skipped, required=True)
     if options.include_coarse or options.include_auto_labels:
-        kinds = (("gtAuto",) if options.include_auto_labels else ()) + (("gtCoarse",) if options.include_coarse else ())
+        kinds = ((AUTO_LABEL_KIND,) if options.include_auto_labels else ()) + (("gtCoarse",) if options.include_coarse else ())
         samples += _scan(root, "train_extra", "gtCoarse", kinds, options, skipped,
                          required=options.include_coarse)
+    return samples, skipped
+
+
+def find_auto_labelled_samples(
+    root: str | os.PathLike, options: CityscapesOptions | None = None
+) -> tuple[list[SampleFiles], SkippedSamples]:
+    """Only the ``train_extra`` frames that have an auto-label, paired with it (for mixing them in at a chosen ratio).
+
+    Raises:
+        ValueError: ``leftImg8bit/train_extra`` is missing or empty, or no frame has an auto-label.
+    """
+    options = options or CityscapesOptions()
+    skipped = SkippedSamples(f"Cityscapes train_extra auto-labels (scanning {root})")
+    samples = _scan(Path(root), "train_extra", "gtCoarse", (AUTO_LABEL_KIND,), options, skipped, required=False)
+    if not samples:
+        raise ValueError(f"no auto-labels found: expected {root}/gtCoarse/train_extra/<city>/*_{AUTO_LABEL_KIND}"
+                         "_labelTrainIds.png (written by `hms-segmentation autolabel`)")
     return samples, skipped
 
 

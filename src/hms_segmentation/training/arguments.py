@@ -16,6 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..configuration_hms import MODEL_PRESETS, validate_scales
 
 DATASETS = ("synthetic", "cityscapes", "mapillary")
+TRAINING_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -31,7 +32,20 @@ class ModelArguments:
         metadata={"help": "re-initialise the class and auxiliary heads when the dataset has another label set"},
     )
     imagenet_trunk: str | None = field(
-        default=None, metadata={"help": "local ImageNet trunk file (HRNet ImageNet .pth, torchvision ResNet-50 state dict)"}
+        default=None,
+        metadata={"help": "local ImageNet trunk file (HRNet ImageNet .pth; torchvision ResNet-50 or MobileNetV2 state dict)"},
+    )
+    backbone: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or folder of a transformers backbone (e.g. microsoft/resnet-50) to train from scratch "
+                          "with its pretrained weights under DeepLabV3+ (replaces --preset)"},
+    )
+    training_stage: int = field(
+        default=0,
+        metadata={"help": "staged recipe for small GPUs: 1 = trunk + head at a single scale (attention frozen), "
+                          "2 = only the attention head on the two-scale path, 3 = trunk + head with the attention frozen; "
+                          "0 = everything at once (the paper's recipe). Stages 2 and 3 start from the previous "
+                          "stage's output (--model_name_or_path)"},
     )
     freeze_trunk: bool = field(default=False, metadata={"help": "train only the decoder and attention heads"})
     trunk_learning_rate_multiplier: float = field(default=1.0, metadata={"help": "LR of the trunk relative to the heads"})
@@ -41,6 +55,10 @@ class ModelArguments:
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across processes (distributed runs)"})
 
     def __post_init__(self) -> None:
+        if self.training_stage not in TRAINING_STAGES:
+            raise ValueError(f"--training_stage must be one of {TRAINING_STAGES}, got {self.training_stage!r}")
+        if self.backbone is not None and self.model_name_or_path is not None:
+            raise ValueError("give either --backbone (a new model on a pretrained backbone) or --model_name_or_path")
         if self.model_name_or_path is None and self.preset not in MODEL_PRESETS:
             raise ValueError(f"--preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
         # YAML turns "1.0" into a number and "[0.5, 1.0]" into a list: keep one canonical string
@@ -63,10 +81,22 @@ class DataArguments:
     crop_size: int = field(default=1024, metadata={"help": "square training crop"})
     scale_min: float = field(default=0.5)
     scale_max: float = field(default=2.0)
+    train_sample_dtype: str = field(
+        default="uint8",
+        metadata={"help": "uint8: training crops and labels travel as 8 bits (4 MB per 1024x1024 sample instead of 20 MB) "
+                          "and are normalised on the device, same values; float32: normalised on the CPU",
+                  "choices": ["uint8", "float32"]},
+    )
     class_uniform_fraction: float = field(default=0.5, metadata={"help": "share of crops centred on a uniformly drawn class"})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and count) unreadable samples instead of stopping"})
+    auto_label_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Cityscapes/synthetic: share of training samples drawn from the auto-labelled train_extra frames "
+                          "(gtCoarse/train_extra/*_gtAuto_labelTrainIds.png, see `hms-segmentation autolabel`), the rest "
+                          "from the fine train split; 0 = fine only, 1 = auto-labels only"},
+    )
     synthetic_train_frames: int = field(default=200, metadata={"help": "synthetic: frames generated for train"})
     synthetic_val_frames: int = field(default=40, metadata={"help": "synthetic: frames generated for val"})
     synthetic_height: int = field(default=256)
@@ -79,6 +109,11 @@ class DataArguments:
             raise ValueError(f"--data_dir is required for --dataset {self.dataset}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
+        if not 0 <= self.auto_label_ratio <= 1:
+            raise ValueError(f"--auto_label_ratio must be in [0, 1], got {self.auto_label_ratio}")
+        if self.auto_label_ratio > 0 and self.dataset == "mapillary":
+            raise ValueError("--auto_label_ratio needs --dataset cityscapes or synthetic (auto-labels in the Cityscapes "
+                             "layout), got --dataset mapillary")
 
 
 @dataclass

@@ -25,6 +25,8 @@ from ..data import (
     mapillary_label_set,
     synthesize_cityscapes,
 )
+from ..data.builder import build_dataset
+from ..data.cityscapes import cityscapes_label_mapping, find_auto_labelled_samples
 from ..data.synthesize import GENERATOR_VERSION, MARKER_FILE
 from ..label_tables import CITYSCAPES_ID2LABEL
 from .arguments import DataArguments
@@ -94,6 +96,29 @@ def load_split(args: DataArguments, split: str, streaming: bool = False) -> tupl
     return rows, dict(label_set.id2label), 1.0
 
 
+def mix_auto_labelled(fine_rows, args: DataArguments, seed: int, streaming: bool = False) -> tuple:
+    """Fine training rows mixed with the auto-labelled ``train_extra`` frames so that a share `args.auto_label_ratio`
+    of the samples are auto-labelled.
+
+    Returns:
+        The mixed rows (each auto-labelled frame seen once, fine frames repeated as the ratio needs), and the distinct
+        rows (fine + auto-labelled, once each) for the class-uniform index.
+    """
+    root = ensure_synthetic_dataset(args) if args.dataset == "synthetic" else args.data_dir
+    options = CityscapesOptions(skip_bad_samples=args.skip_bad_samples)
+    samples, skipped = find_auto_labelled_samples(root, options)
+    auto_rows = build_dataset(samples, cityscapes_label_mapping(), len(CITYSCAPES_ID2LABEL), options,
+                              name="Cityscapes auto-labelled", split="train_extra", streaming=streaming,
+                              skipped_at_discovery=skipped)
+    if args.auto_label_ratio >= 1:
+        return auto_rows, auto_rows
+    distinct = datasets.concatenate_datasets([fine_rows, auto_rows])
+    # "all_exhausted": every auto-labelled frame is used (a fixed subset would be the same one at every seed)
+    mixed = datasets.interleave_datasets([fine_rows, auto_rows], probabilities=[1 - args.auto_label_ratio,
+                                         args.auto_label_ratio], seed=seed, stopping_strategy="all_exhausted")
+    return mixed, distinct
+
+
 def build_eval_dataset(args: DataArguments) -> tuple[SegmentationEvalDataset, dict[int, str]]:
     """The evaluation split as normalised images with full-resolution labels, and its `id2label`."""
     rows, id2label, _ = load_split(args, args.eval_split)
@@ -107,17 +132,23 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
     train_rows, id2label, poly_power = load_split(args, args.train_split, streaming=args.streaming)
     num_labels = len(id2label)
     evaluation = build_eval_dataset(args)[0] if do_eval else None
+    distinct_rows = None
+    if args.auto_label_ratio > 0:
+        train_rows, distinct_rows = mix_auto_labelled(train_rows, args, seed, streaming=args.streaming)
 
     if args.max_train_samples is not None:
         train_rows = train_rows.take(args.max_train_samples) if args.streaming else train_rows.select(
             range(min(args.max_train_samples, len(train_rows)))
         )
+        distinct_rows = None
     transform = SegmentationTrainTransform(
-        TrainAugmentationOptions(crop_size=args.crop_size, scale_min=args.scale_min, scale_max=args.scale_max)
+        TrainAugmentationOptions(crop_size=args.crop_size, scale_min=args.scale_min, scale_max=args.scale_max,
+                                 output_dtype=args.train_sample_dtype)
     )
     centroids = None
     if args.class_uniform_fraction > 0:
-        centroids = ClassCentroidIndex.build(train_rows, num_labels)
+        # centroids are keyed by sample id: the distinct rows give them all without re-reading repeated frames
+        centroids = ClassCentroidIndex.build(distinct_rows if distinct_rows is not None else train_rows, num_labels)
     common = {
         "num_labels": num_labels,
         "seed": seed,

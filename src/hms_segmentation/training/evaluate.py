@@ -2,6 +2,10 @@
 
     hms-segmentation evaluate --model runs/synthetic --scales 1.0 0.5,1.0,2.0 --output-dir eval_results
     hms-segmentation evaluate --model hms-cityscapes --dataset cityscapes --data-dir /data/cityscapes --flip
+    hms-segmentation evaluate --model hms-mapillary --dataset mapillary --data-dir /data/mapillary --tile_pixel_budget 4194304
+
+Large inputs: `--tile_pixel_budget` runs every scale above that many pixels as overlapping tiles (`--tile_size`,
+`--tile_overlap`), `--max_long_side` shrinks inputs first (predictions are scored at the labels' full size).
 
 Every scale list is one row of the comparison: per-class IoU, mIoU, pixel accuracy and seconds per image, printed and
 saved as `results.json` and `results.md` in `--output-dir`.
@@ -14,20 +18,36 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+from ..image_processing_hms import shrink_to_long_side
+from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset
 
 
-def predict(model: HMSForSemanticSegmentation, pixel_values: torch.Tensor, scales: list[float], flip: bool) -> torch.Tensor:
-    """Fused logits (batch, num_labels, H, W), averaged with those of the mirrored image when `flip`."""
-    logits = model(pixel_values, scales=scales).logits
+def predict(
+    model: HMSForSemanticSegmentation,
+    pixel_values: torch.Tensor,
+    scales: list[float],
+    flip: bool,
+    max_long_side: int | None = None,
+    **tiling: Any,
+) -> torch.Tensor:
+    """
+    Fused logits (batch, num_labels, H, W), averaged with those of the mirrored image when `flip`.
+
+    With `max_long_side`, inputs with a longer side are shrunk first (the logits then have the shrunk size);
+    `tiling` (`tile_pixel_budget`, `tile_size`, `tile_overlap`) goes to the model's forward.
+    """
+    pixel_values = shrink_to_long_side(pixel_values, max_long_side)
+    logits = model(pixel_values, scales=scales, **tiling).logits
     if flip:
-        logits = (logits + model(pixel_values.flip(-1), scales=scales).logits.flip(-1)) / 2
+        logits = (logits + model(pixel_values.flip(-1), scales=scales, **tiling).logits.flip(-1)) / 2
     return logits
 
 
@@ -38,9 +58,12 @@ def evaluate_scales(
     flip: bool = False,
     device: str = "cpu",
     id2label: dict[int, str] | None = None,
+    max_long_side: int | None = None,
+    **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
-    `id2label` (the dataset's) or else the model's."""
+    `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
+    `tile_overlap`) as in `predict`; predictions are always scored at the labels' size."""
     num_labels = model.config.num_labels
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     seconds = 0.0
@@ -50,7 +73,7 @@ def evaluate_scales(
             pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
             labels = sample["labels"].unsqueeze(0).to(device)
             start = time.perf_counter()
-            logits = predict(model, pixel_values, scales, flip)
+            logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
             predictions = preprocess_logits_for_metrics(logits, labels, model.config.align_corners)
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
@@ -59,6 +82,8 @@ def evaluate_scales(
     return {
         "scales": scales,
         "flip": flip,
+        **({"max_long_side": max_long_side} if max_long_side is not None else {}),
+        **{name: value for name, value in tiling.items() if value is not None},
         "images": len(dataset),
         "seconds_per_image": seconds / max(1, len(dataset)),
         "mean_iou": float(metrics["mean_iou"]),
@@ -66,6 +91,34 @@ def evaluate_scales(
         "overall_accuracy": float(metrics["overall_accuracy"]),
         "per_category_iou": {name: float(v) for name, v in zip(names, metrics["per_category_iou"].tolist())},
     }
+
+
+def comparison_table(results_by_model: dict[str, list[dict]]) -> str:
+    """Scale lists as rows; mIoU and pixel accuracy (in %) of each model as columns (e.g. RMI vs cross-entropy)."""
+    names = list(results_by_model)
+    lines = ["| scales | " + " | ".join(f"{name} mIoU | {name} pixel acc." for name in names) + " |",
+             "|---|" + "---:|---:|" * len(names)]
+    for row, first in enumerate(results_by_model[names[0]]):
+        label = ",".join(map(str, first["scales"])) + (" +flip" if first["flip"] else "")
+        cells = []
+        for name in names:
+            result = results_by_model[name][row]
+            cells += [f"{100 * result['mean_iou']:.1f}", f"{100 * result['overall_accuracy']:.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_model_arguments(values: list[str]) -> dict[str, str]:
+    """`--model` values, `PATH` or `NAME=PATH`, as {name: path}; unnamed models are named by their path."""
+    models: dict[str, str] = {}
+    for value in values:
+        name, _, path = value.partition("=") if "=" in value and not value.startswith("=") else (value, "", value)
+        if not path:
+            raise ValueError(f"--model {value!r}: expected PATH or NAME=PATH")
+        if name in models:
+            raise ValueError(f"--model: the name {name!r} is given twice")
+        models[name] = path
+    return models
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -83,7 +136,9 @@ def markdown_table(results: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="save_pretrained folder or Hub id")
+    parser.add_argument("--model", required=True, action="append",
+                        help="save_pretrained folder or Hub id; repeat it (optionally as NAME=PATH, e.g. rmi=runs/rmi "
+                             "ce=runs/ce) to compare models column by column in one table")
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
     parser.add_argument("--split", default="val")
@@ -93,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_large_input_arguments(parser)
     return parser
 
 
@@ -109,18 +165,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.output_dir / 'results.json'} exists; pass --overwrite or choose another --output-dir",
               file=sys.stderr)
         return 2
-    model = HMSForSemanticSegmentation.from_pretrained(args.model).to(args.device).eval()
-    dataset, id2label = build_eval_dataset(data_args)
-    if len(id2label) != model.config.num_labels:
-        print(f"error: the model predicts {model.config.num_labels} classes, the {args.dataset} split has {len(id2label)}",
-              file=sys.stderr)
+    try:
+        model_paths = parse_model_arguments(args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    results = [evaluate_scales(model, dataset, scales, args.flip, args.device, id2label) for scales in scale_lists]
-    table = markdown_table(results)
+    dataset, id2label = build_eval_dataset(data_args)
+    results_by_model: dict[str, list[dict]] = {}
+    for name, path in model_paths.items():
+        model = HMSForSemanticSegmentation.from_pretrained(path).to(args.device).eval()
+        if len(id2label) != model.config.num_labels:
+            print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
+                  f"{len(id2label)}", file=sys.stderr)
+            return 2
+        try:
+            tiling, max_long_side = large_input_settings(args, model.config)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        results_by_model[name] = [
+            evaluate_scales(model, dataset, scales, args.flip, args.device, id2label, max_long_side, **tiling)
+            for scales in scale_lists
+        ]
+    tables = []
+    for name, results in results_by_model.items():
+        tables.append((f"### {name}\n\n" if len(results_by_model) > 1 else "") + markdown_table(results))
+    if len(results_by_model) > 1:
+        tables.insert(0, "### mIoU and pixel accuracy by scale list\n\n" + comparison_table(results_by_model))
+    table = "\n".join(tables)
     print(table)
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "dataset": args.dataset, "split": args.split, "results": results}
+        single = len(results_by_model) == 1
+        record = {"model": next(iter(model_paths.values())) if single else model_paths, "dataset": args.dataset,
+                  "split": args.split}
+        if single:
+            record["results"] = next(iter(results_by_model.values()))
+        else:
+            record["results_by_model"] = results_by_model
         (args.output_dir / "results.json").write_text(json.dumps(record, indent=2))
         (args.output_dir / "results.md").write_text(table)
         print(f"wrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.md'}")

@@ -12,6 +12,7 @@ confusion matrix for mIoU.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
+from ..data.transforms import normalize_pixel_values
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
@@ -40,7 +42,15 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForS
         "inference_scales": parse_scales(model_args.eval_scales),
         "primary_loss": model_args.primary_loss,
     }
-    if model_args.model_name_or_path is None:
+    if model_args.training_stage == 1:
+        scale_settings["training_scales"] = STAGE_ONE_SCALES
+    elif model_args.training_stage in (2, 3) and len(scale_settings["training_scales"]) < 2:
+        raise ValueError(f"--training_stage {model_args.training_stage} trains on two or more scales, got "
+                         f"--training_scales {model_args.training_scales}")
+    if model_args.backbone is not None:
+        config = HMSConfig(backbone=model_args.backbone, use_pretrained_backbone=True, **label_settings, **scale_settings)
+        model = HMSForSemanticSegmentation(config)
+    elif model_args.model_name_or_path is None:
         config = HMSConfig.from_preset(model_args.preset, **label_settings, **scale_settings)
         model = HMSForSemanticSegmentation(config)
     else:
@@ -54,7 +64,9 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForS
         ignored = load_imagenet_trunk(model, model_args.imagenet_trunk)
         logger.info("loaded ImageNet trunk weights from %s (ignored %d classifier keys)", model_args.imagenet_trunk, len(ignored))
     if model_args.freeze_trunk:
-        model.backbone.requires_grad_(False)
+        freeze(model.backbone)
+    for name in STAGE_FROZEN_MODULES[model_args.training_stage]:
+        freeze(getattr(model, name))
     if model_args.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.cuda.is_available():
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -62,6 +74,33 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForS
             # PyTorch's SyncBatchNorm runs on CUDA only; CPU processes keep their own batch statistics
             logger.warning("--sync_bn needs CUDA devices; on CPU every process keeps its own BatchNorm statistics")
     return model
+
+
+STAGE_ONE_SCALES = [1.0]
+STAGE_FROZEN_MODULES: dict[int, tuple[str, ...]] = {
+    0: (),
+    1: ("scale_attention_head",),  # one scale: nothing to fuse, the attention head would get no gradient
+    2: ("backbone", "decode_head"),
+    3: ("scale_attention_head",),
+}
+"""The staged recipe for small GPUs: what each `--training_stage` keeps fixed."""
+
+
+def freeze(module: torch.nn.Module) -> None:
+    """
+    Keep `module` fixed while the rest trains: no gradients, and BatchNorm statistics that stop moving too (the
+    module stays in eval mode when the model is put in training mode).
+    """
+    module.requires_grad_(False)
+    for sub in module.modules():
+        # nn.Module.train(mode) recurses through children; pinning each submodule's own `train` keeps them in eval
+        sub.train = functools.partial(_stay_in_eval_mode, sub)
+    module.eval()
+
+
+def _stay_in_eval_mode(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    module.training = False
+    return module
 
 
 def sgd_parameter_groups(model: torch.nn.Module, learning_rate: float, trunk_multiplier: float) -> list[dict]:
@@ -84,6 +123,16 @@ def poly_schedule(total_steps: int, warmup_steps: int, power: float):
         return (1.0 - progress) ** power
 
     return factor
+
+
+def normalize_uint8_pixel_values(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch the model takes: uint8 ``pixel_values`` (training samples of ``TrainAugmentationOptions(
+    output_dtype="uint8")``) normalised with the ImageNet mean/std where they are, i.e. on the device after the
+    DataLoader's transfer; any other batch is returned as it is. Both training loops call this before the forward."""
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is None or pixel_values.dtype != torch.uint8:
+        return inputs
+    return {**inputs, "pixel_values": normalize_pixel_values(pixel_values)}
 
 
 class SetEpochCallback(TrainerCallback):
@@ -122,7 +171,7 @@ class HMSTrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**normalize_uint8_pixel_values(inputs))
         loss = outputs.loss
         if not torch.isfinite(loss):
             step = self.state.global_step + 1

@@ -29,7 +29,14 @@ from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metri
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
 from .datasets import build_datasets
-from .train import NonFiniteLossError, build_model, check_output_dir, poly_schedule, sgd_parameter_groups
+from .train import (
+    NonFiniteLossError,
+    build_model,
+    check_output_dir,
+    normalize_uint8_pixel_values,
+    poly_schedule,
+    sgd_parameter_groups,
+)
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -131,7 +138,7 @@ def run_training(
                 loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
         for batch in loader:
             with accelerator.accumulate(model):
-                outputs = model(**batch)
+                outputs = model(**normalize_uint8_pixel_values(batch))
                 loss = outputs.loss
                 if not torch.isfinite(loss):
                     if args.stop_on_nonfinite_loss:

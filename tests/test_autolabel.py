@@ -1,0 +1,377 @@
+"""Auto-labelling: a teacher trained in-test labels held-out synthetic frames; thresholds, merging, layout, resuming,
+odd inputs, the report, several processes, and mixing the labels into training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import synthetic_cityscapes  # noqa: F401 - fixture used by name
+from PIL import Image
+
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+from hms_segmentation import autolabel as autolabel_module
+from hms_segmentation.autolabel import (
+    LABEL_SUFFIX,
+    PNG_TEXT_KEY,
+    PREVIEW_SUFFIX,
+    REPORT_FILE,
+    TEMPORARY_SUFFIX,
+    find_auto_labelled_folder,
+    label_marker,
+    main,
+    merge_with_coarse,
+)
+from hms_segmentation.data import CityscapesOptions, load_cityscapes, load_image, load_label
+from hms_segmentation.data.cityscapes import cityscapes_label_mapping
+from hms_segmentation.data.transforms import SegmentationEvalTransform
+from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL, IGNORE_INDEX
+from hms_segmentation.training.evaluate import predict
+from tiny_configs import TINY_HRNET
+
+FAST = ["--scales", "0.5,1.0", "--num-workers", "0", "--no-progress"]
+
+
+def _fine_train_ids(image_path: Path) -> np.ndarray:
+    label = str(image_path).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+    return load_label(label)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny images: one thread is fastest, and on a busy machine several threads mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(synthetic_cityscapes, tmp_path_factory) -> Path:  # noqa: F811
+    """A tiny 19-class model trained for a few seconds on the synthetic train frames (never on val)."""
+    transform = SegmentationEvalTransform()
+    samples = [transform(load_image(path), _fine_train_ids(path))
+               for path in sorted((synthetic_cityscapes / "leftImg8bit" / "train").glob("*/*.png"))]
+    pixel_values = torch.stack([s["pixel_values"] for s in samples])
+    labels = torch.stack([s["labels"] for s in samples])
+    torch.manual_seed(0)
+    config = HMSConfig(**{**TINY_HRNET, "num_labels": 19}, id2label=dict(CITYSCAPES_ID2LABEL), ocr_dropout=0.0,
+                       primary_loss="cross_entropy")
+    model = HMSForSemanticSegmentation(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        batch = torch.randperm(len(samples))[:4]
+        loss = model(pixel_values[batch], labels=labels[batch], scales=[1.0]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("teacher")
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def extra_root(synthetic_cityscapes, tmp_path_factory) -> Path:  # noqa: F811
+    """The synthetic set with a ``train_extra`` split: the held-out val frames, with "coarse" labels (labelIds, the
+    right half left unlabelled, as a coarse annotator leaves regions out)."""
+    root = tmp_path_factory.mktemp("extra") / "cityscapes"
+    shutil.copytree(synthetic_cityscapes, root)
+    for image_path in sorted((root / "leftImg8bit" / "val").glob("*/*_leftImg8bit.png")):
+        city, stem = image_path.parent.name, image_path.name[: -len("_leftImg8bit.png")]
+        (root / "leftImg8bit" / "train_extra" / city).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image_path, root / "leftImg8bit" / "train_extra" / city / image_path.name)
+        label_ids = np.array(Image.open(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"))
+        label_ids[:, label_ids.shape[1] // 2:] = 0  # "unlabeled"
+        (root / "gtCoarse" / "train_extra" / city).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label_ids).save(root / "gtCoarse" / "train_extra" / city / f"{stem}_gtCoarse_labelIds.png")
+    return root
+
+
+def _fresh_copy(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "cityscapes"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _digests(folder: Path, pattern: str = f"*{LABEL_SUFFIX}") -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob(pattern))}
+
+
+def _report(folder: Path) -> dict:
+    return json.loads((folder / REPORT_FILE).read_text())
+
+
+def test_cli_lists_the_autolabel_subcommand(capsys):
+    from hms_segmentation.cli import main as cli_main
+
+    assert cli_main(["--help"]) == 0
+    assert "autolabel" in capsys.readouterr().out
+
+
+def test_teacher_labels_held_out_frames_that_reload_through_the_cityscapes_loader(teacher_dir, extra_root, tmp_path):
+    root = _fresh_copy(extra_root, tmp_path)
+    assert main(["--model", str(teacher_dir), "--input", str(root / "leftImg8bit" / "train_extra"),
+                 "--merge-coarse", "replace", "--preview", *FAST]) == 0
+    images = sorted((root / "leftImg8bit" / "train_extra").glob("*/*_leftImg8bit.png"))
+    model = HMSForSemanticSegmentation.from_pretrained(teacher_dir).eval()
+    correct_kept = kept = correct_all = valid_all = 0
+    for image_path in images:
+        city, stem = image_path.parent.name, image_path.name[: -len("_leftImg8bit.png")]
+        label_path = root / "gtCoarse" / "train_extra" / city / f"{stem}{LABEL_SUFFIX}"
+        assert (root / "gtCoarse" / "train_extra" / city / f"{stem}{PREVIEW_SUFFIX}").is_file()
+        with Image.open(label_path) as written:
+            assert written.mode == "L" and written.size == Image.open(image_path).size
+        label, truth = load_label(label_path), _fine_train_ids(str(image_path).replace("train_extra", "val"))
+        assert set(np.unique(label)) <= set(range(19)) | {IGNORE_INDEX}
+        valid = truth != IGNORE_INDEX
+        # the held-out frames were never trained on; confident pixels must be the more accurate ones
+        correct_kept += int(((label == truth) & valid).sum())
+        kept += int(((label != IGNORE_INDEX) & valid).sum())
+        prediction = _argmax_label(model, image_path)
+        correct_all += int(((prediction == truth) & valid).sum())
+        valid_all += int(valid.sum())
+    assert kept > 0.2 * valid_all
+    assert correct_kept / kept > correct_all / valid_all > 0.3
+
+    rows = load_cityscapes(root, "train", options=CityscapesOptions(include_auto_labels=True))
+    auto_rows = [row for row in rows if row["id"].startswith("validham")]
+    assert len(rows) == 12 + len(images) and len(auto_rows) == len(images)
+    for row in auto_rows:
+        city = row["id"].split("_")[0]
+        np.testing.assert_array_equal(
+            np.asarray(row["label"]),
+            load_label(root / "gtCoarse" / "train_extra" / city / f"{row['id']}{LABEL_SUFFIX}"))
+    report = _report(root)
+    assert report["images"] == {"labelled": len(images), "finished_before": 0, "kept_existing": 0, "failed": 0}
+
+
+def _argmax_label(model: HMSForSemanticSegmentation, image_path: Path, scales=(0.5, 1.0)) -> np.ndarray:
+    pixel_values = SegmentationEvalTransform()(load_image(image_path))["pixel_values"][None]
+    with torch.inference_mode():
+        return predict(model, pixel_values, list(scales), flip=False)[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.7])
+def test_pixels_whose_top_probability_is_under_the_threshold_are_ignored(teacher_dir, extra_root, tmp_path, threshold):
+    images = extra_root / "leftImg8bit" / "val"
+    output = tmp_path / "labels"
+    assert main(["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir",
+                 str(output), "--threshold", str(threshold), "--flip", *FAST]) == 0
+    model = HMSForSemanticSegmentation.from_pretrained(teacher_dir).eval()
+    ignored = 0
+    for image_path in sorted(images.glob("*/*.png")):
+        pixel_values = SegmentationEvalTransform()(load_image(image_path))["pixel_values"][None]
+        with torch.inference_mode():
+            # the softmax of the flip-averaged logits, as the reference thresholds
+            confidence, predicted = predict(model, pixel_values, [0.5, 1.0], flip=True)[0].softmax(0).max(0)
+        label = load_label(output / image_path.parent.name / f"{image_path.name[:-4]}{LABEL_SUFFIX}")
+        clearly_under, clearly_over = (confidence < threshold - 1e-4).numpy(), (confidence > threshold + 1e-4).numpy()
+        assert (label[clearly_under] == IGNORE_INDEX).all()
+        np.testing.assert_array_equal(label[clearly_over], predicted.numpy()[clearly_over])
+        ignored += int(clearly_under.sum())
+    assert ignored > 0
+    report = _report(output)
+    assert report["threshold"] == threshold and 0 < report["ignored_fraction_below_threshold"] < 1
+
+
+def test_fill_keeps_the_human_coarse_labels_and_fills_their_gaps(teacher_dir, extra_root, tmp_path):
+    root = _fresh_copy(extra_root, tmp_path)
+    replaced_dir = tmp_path / "replaced"
+    split = root / "leftImg8bit" / "train_extra"
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--merge-coarse", "replace", "--output-dir",
+                 str(replaced_dir), *FAST]) == 0
+    assert main(["--model", str(teacher_dir), "--input", str(split), *FAST]) == 0  # fill is the default
+    mapping = cityscapes_label_mapping()
+    for coarse_path in sorted((root / "gtCoarse" / "train_extra").glob("*/*_gtCoarse_labelIds.png")):
+        name = coarse_path.name.replace("_gtCoarse_labelIds.png", LABEL_SUFFIX)
+        coarse = load_label(coarse_path, mapping)
+        auto = load_label(replaced_dir / "gtCoarse" / "train_extra" / coarse_path.parent.name / name)
+        filled = load_label(coarse_path.parent / name)
+        labelled = coarse != IGNORE_INDEX
+        assert labelled.any() and (~labelled).any()
+        np.testing.assert_array_equal(filled[labelled], coarse[labelled])
+        np.testing.assert_array_equal(filled[~labelled], auto[~labelled])
+    assert _report(root)["coarse_pixels_kept"] > 0
+    np.testing.assert_array_equal(merge_with_coarse(np.array([[1, 2]], np.uint8), np.array([[255, 7]], np.uint8),
+                                                    "fill"), [[1, 7]])
+    with pytest.raises(ValueError, match="merge mode"):
+        merge_with_coarse(np.zeros((1, 1), np.uint8), None, "average")
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed in the middle of writing a file."""
+
+
+def test_a_resumed_run_skips_finished_files_and_gives_byte_identical_labels(teacher_dir, extra_root, tmp_path,
+                                                                             monkeypatch):
+    images = extra_root / "leftImg8bit" / "val"
+    argv = ["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--batch-size", "2",
+            "--preview", *FAST]
+    assert main([*argv, "--output-dir", str(tmp_path / "uninterrupted")]) == 0
+    expected = _digests(tmp_path / "uninterrupted")
+    assert len(expected) == 4
+
+    interrupted = tmp_path / "interrupted"
+    real_replace, renames = os.replace, []
+
+    def replace_then_die(source, destination):
+        renames.append(destination)
+        if len(renames) == 6:  # label of the 3rd image: its preview went through, the label was half written
+            Path(source).write_bytes(Path(source).read_bytes()[:20])
+            raise _Killed
+        real_replace(source, destination)
+
+    monkeypatch.setattr(autolabel_module.os, "replace", replace_then_die)
+    with pytest.raises(_Killed):
+        main([*argv, "--output-dir", str(interrupted)])
+    monkeypatch.setattr(autolabel_module.os, "replace", real_replace)
+    assert len(_digests(interrupted)) == 2
+    # a kill -9 would leave the temporary file behind; it must never be taken for a finished label
+    half = next(interrupted.rglob(f"*{PREVIEW_SUFFIX}")).parent / f".stale{LABEL_SUFFIX}{TEMPORARY_SUFFIX}"
+    half.write_bytes(b"\x89PNG half")
+    leftover = interrupted / "validham" / f".{sorted(expected)[2].split('/')[-1]}{TEMPORARY_SUFFIX}"
+    leftover.write_bytes(b"\x89PNG half")
+
+    assert main([*argv, "--output-dir", str(interrupted)]) == 0
+    assert _digests(interrupted) == expected
+    assert _digests(interrupted, f"*{PREVIEW_SUFFIX}") == _digests(tmp_path / "uninterrupted", f"*{PREVIEW_SUFFIX}")
+    assert not leftover.exists()
+    report = _report(interrupted)
+    assert report["images"]["finished_before"] == 2 and report["images"]["labelled"] == 2
+    assert find_auto_labelled_folder(images, interrupted)  # the stale temporary file is no sample either
+    assert all(".partial" not in sample.label_path for sample in find_auto_labelled_folder(images, interrupted))
+
+
+def test_existing_label_files_it_did_not_write_are_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
+    images = extra_root / "leftImg8bit" / "val"
+    output = tmp_path / "labels"
+    first = sorted(images.glob("*/*.png"))[0]
+    users_label = output / first.parent.name / f"{first.stem}{LABEL_SUFFIX}"
+    users_label.parent.mkdir(parents=True)
+    Image.fromarray(np.full((64, 128), 3, np.uint8)).save(users_label)
+    users_bytes = users_label.read_bytes()
+    argv = ["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir", str(output), *FAST]
+    assert main(argv) == 0
+    assert users_label.read_bytes() == users_bytes
+    assert _report(output)["images"]["kept_existing"] == 1 and _report(output)["images"]["labelled"] == 3
+    # labels of other settings are not silently mixed with the new ones either
+    assert main([*argv, "--threshold", "0.9"]) == 0
+    assert _report(output)["images"]["kept_existing"] == 4
+    assert main([*argv, "--threshold", "0.9", "--overwrite"]) == 0
+    assert _report(output)["images"]["labelled"] == 4
+    assert label_marker(users_label)["source"] == f"{first.parent.name}/{first.name}"
+    with Image.open(users_label) as label:
+        assert PNG_TEXT_KEY in label.text
+
+
+def test_odd_inputs_are_converted_or_named_skipped_and_counted(teacher_dir, shared_data_dir, tmp_path, capsys):
+    odd = shared_data_dir / "odd_inputs"
+    images = tmp_path / "photos"
+    (images / "nested").mkdir(parents=True)
+    readable = ["rgb_ok.png", "grayscale.png", "rgba.png", "palette.png", "cmyk.jpg", "gray16.png",
+                "exif_orientation6.jpg", "tiny_3x5.png", "one_row_1x4000.png"]
+    broken = ["truncated.png", "truncated.jpg", "not_an_image.png", "empty.png", "bomb_40000x40000.png"]
+    for name in readable + broken:
+        shutil.copy(odd / name, images / ("nested" if name.startswith("t") else "") / name)
+    output = tmp_path / "labels"
+    assert main(["--model", str(teacher_dir), "--input", str(images), "--output-dir", str(output), *FAST]) == 0
+    report = _report(output)
+    assert report["images"]["labelled"] == len(readable) and report["images"]["failed"] == len(broken)
+    for name in broken:
+        assert any(name in message for message in report["failed_files"]), name
+    assert "bomb_40000x40000.png: refused" in capsys.readouterr().out
+    with Image.open(next(output.rglob(f"exif_orientation6{LABEL_SUFFIX}"))) as label:
+        assert label.size == (96, 160)  # the shown size, after the EXIF rotation
+    with Image.open(next(output.rglob(f"tiny_3x5{LABEL_SUFFIX}"))) as label, Image.open(odd / "tiny_3x5.png") as image:
+        assert label.size == image.size
+    with Image.open(output / f"gray16{LABEL_SUFFIX}") as label:
+        assert label.size == (160, 96) and label.mode == "L"
+
+
+def test_report_measures_storage_against_float16_soft_labels(teacher_dir, extra_root, tmp_path, capsys):
+    images = extra_root / "leftImg8bit" / "val"
+    output = tmp_path / "labels"
+    assert main(["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir", str(output),
+                 *FAST]) == 0
+    report = _report(output)
+    written = sum(path.stat().st_size for path in output.rglob(f"*{LABEL_SUFFIX}"))
+    assert report["bytes_written"]["labels"] == written
+    assert report["float16_soft_label_bytes"] == 4 * 19 * 64 * 128 * 2
+    assert report["pixels"] == 4 * 64 * 128
+    predicted = sum(row["predicted_pixels"] for row in report["per_class"].values())
+    assert predicted == report["pixels"] and "road" in report["per_class"]
+    assert all(row["ignored_fraction"] is None or 0 <= row["ignored_fraction"] <= 1
+               for row in report["per_class"].values())
+    out = capsys.readouterr().out
+    assert "float16 soft labels would take" in out and "| road |" in out
+
+
+def test_bad_arguments_are_named(teacher_dir, extra_root, tmp_path, capsys):
+    images = str(extra_root / "leftImg8bit" / "val")
+    assert main(["--model", str(teacher_dir), "--input", images, "--layout", "folder"]) == 2
+    assert "--output-dir is required" in capsys.readouterr().err
+    assert main(["--model", str(teacher_dir), "--input", images, "--threshold", "1.5"]) == 2
+    assert "--threshold must be in [0, 1]" in capsys.readouterr().err
+    assert main(["--model", str(teacher_dir), "--input", str(tmp_path / "missing"), "--output-dir", "x"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["--model", str(teacher_dir), "--input", images, "--tile-pixel-budget", "100", "--tile-size", "64"]) == 2
+    assert "tile_pixel_budget" in capsys.readouterr().err
+
+
+def test_tiled_labelling_with_one_tile_per_scale_equals_untiled(teacher_dir, extra_root, tmp_path):
+    untiled, tiled = _fresh_copy(extra_root, tmp_path / "untiled"), _fresh_copy(extra_root, tmp_path / "tiled")
+    assert main(["--model", str(teacher_dir), "--input", str(untiled / "leftImg8bit" / "train_extra"), *FAST]) == 0
+    # every scale of these 64x128 frames fits one 256-pixel tile: tiling is on, and must change nothing
+    assert main(["--model", str(teacher_dir), "--input", str(tiled / "leftImg8bit" / "train_extra"), *FAST,
+                 "--tile-pixel-budget", "4096", "--tile-size", "256", "--tile-overlap", "32"]) == 0
+    assert _digests(tiled).keys() == _digests(untiled).keys() and len(_digests(tiled)) > 0
+    frame_pixels = np.prod(Image.open(next((tiled / "leftImg8bit").rglob("*.png"))).size)
+    assert frame_pixels > 4096  # so scale 1.0 does run through the tiling path
+    for name in _digests(tiled):
+        assert np.array_equal(np.asarray(Image.open(tiled / name)), np.asarray(Image.open(untiled / name))), name
+
+
+def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra_root, tmp_path):
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_datasets
+
+    root = _fresh_copy(extra_root, tmp_path)
+    assert main(["--model", str(teacher_dir), "--input", str(root / "leftImg8bit" / "train_extra"), *FAST]) == 0
+    args = DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_ratio=0.75, crop_size=64)
+    rows = build_datasets(args, seed=0, do_eval=False).train.rows
+    ids = [row["id"] for row in rows]
+    auto = [sample_id for sample_id in ids if sample_id.startswith("validham")]
+    assert set(auto) == {path.name[: -len("_leftImg8bit.png")]
+                         for path in (root / "leftImg8bit" / "train_extra").glob("*/*.png")}
+    assert len(set(ids) - set(auto)) <= 12 and len(auto) / len(ids) > 0.4
+    only_auto = build_datasets(DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_ratio=1.0,
+                                             crop_size=64), seed=0, do_eval=False).train.rows
+    assert {row["id"] for row in only_auto} == set(auto)
+    with pytest.raises(ValueError, match="--auto_label_ratio must be in"):
+        DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_ratio=1.5)
+
+
+def test_two_processes_label_disjoint_halves_like_one(teacher_dir, extra_root, tmp_path):
+    root = _fresh_copy(extra_root, tmp_path)
+    single = tmp_path / "single"
+    split = root / "leftImg8bit" / "train_extra"
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--output-dir", str(single), *FAST]) == 0
+    # on a machine without GPUs, accelerate's multi-process launch runs MULTI_CPU (gloo)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "29541", "-m", "hms_segmentation.autolabel", "--model", str(teacher_dir),
+               "--input", str(split), "--output-dir", str(tmp_path / "double"), *FAST]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert _digests(tmp_path / "double") == _digests(single) and len(_digests(single)) == 4
+    report = _report(tmp_path / "double")
+    assert report["processes"] == 2 and report["images"]["labelled"] == 4
