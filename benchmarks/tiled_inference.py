@@ -11,6 +11,10 @@ of the tile, `tile_pixel_budget` = one tile, so every scale larger than a tile i
   scored against the untiled ones.
 
     python benchmarks/tiled_inference.py --part memory
+    python benchmarks/tiled_inference.py --part memory --height 1024 --width 2048 --memory-tiles 1024 512
+    python benchmarks/tiled_inference.py --part memory --memory-tiles 512 --no-untiled   # one more row, kept beside
+
+Memory rows are merged into the output file by (input, tiling): a rerun replaces its own rows and keeps the others.
     python benchmarks/tiled_inference.py --part accuracy --synthetic-model /tmp/qs/model --synthetic-data /tmp/qs/data \\
         --parity-dir ../shared/parity/hrnet_ocr --photos ../shared/data/street_photos/*.jpg
 """
@@ -226,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         # rows of other inputs / variants measured earlier stay; a rerun of the same input and variant replaces its row
         measured = {(tuple(row["input"]), json.dumps(row["tiling"], sort_keys=True)) for row in new_rows}
         previous = record.get("memory", {})
+        same_setup = previous.get("preset") == args.preset and previous.get("device") == args.device
+        old_rows = [{"input": row.get("input", previous.get("input")), **row} for row in previous.get("rows", [])]
         kept = [
-            row for row in previous.get("rows", [])
-            if previous.get("preset") == args.preset and previous.get("device") == args.device
-            and (tuple(row.get("input", previous.get("input"))), json.dumps(row["tiling"], sort_keys=True)) not in measured
+            row for row in old_rows
+            if same_setup and (tuple(row["input"]), json.dumps(row["tiling"], sort_keys=True)) not in measured
         ]
-        kept = [{"input": row.get("input", previous.get("input")), **row} for row in kept]
         record["memory"] = {"preset": args.preset, "device": args.device, "rows": kept + new_rows}
         print(f"\n{args.preset}, input 1x3x{args.height}x{args.width}, scales {SCALES}, {args.device}")
         print(f"{'variant':<34}{'seconds':>9}{'peak RSS MiB':>14}{'above model+input':>19}")

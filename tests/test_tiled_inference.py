@@ -147,7 +147,8 @@ def test_tiles_at_a_lower_resolution_sample_where_the_resize_of_the_whole_map_do
 ):
     pixel_values = torch.randn(2, 3, *size)
     tiled = segment_in_tiles(pointwise_segment, pixel_values, tile_size, overlap, output_size, align_corners)
-    expected = [None if out is None else _resize(out, output_size, align_corners) for out in pointwise_segment(pixel_values)[:3]]
+    untiled = pointwise_segment(pixel_values)[:3]
+    expected = [None if out is None else _resize(out, output_size, align_corners) for out in untiled]
     # PyTorch computes the sampling points in float32 (align_corners=True: up to ~1e-5 px off), these in float64;
     # the squared values reach ~20
     _assert_outputs_close(tiled, expected, atol=1e-3 if align_corners else 1e-4)
@@ -209,8 +210,13 @@ def test_a_tiled_scale_above_one_never_allocates_maps_of_its_own_size_and_matche
 
 @pytest.mark.parametrize(
     "scales, fusion, expected",
-    [([0.5, 1.0, 2.0], "hierarchical", {2.0: (96, 128)}), ([1.0, 1.5, 2.0], "hierarchical", {1.5: (96, 128), 2.0: (96, 128)}),
-     ([0.5, 2.0], "hierarchical", {2.0: (96, 128)}), ([0.5, 1.0, 2.0], "average", {2.0: (96, 128)})],
+    [
+        ([0.5, 1.0, 2.0], "hierarchical", {2.0: (96, 128)}),
+        # 1.5 is tiled too, so it is reduced as well and 2.0 goes on to 1.0's size
+        ([1.0, 1.5, 2.0], "hierarchical", {1.5: (96, 128), 2.0: (96, 128)}),
+        ([0.5, 2.0], "hierarchical", {2.0: (96, 128)}),  # no scale in [1, 2): the input's size
+        ([0.5, 1.0, 2.0], "average", {2.0: (96, 128)}),  # the baselines fuse at the input's size
+    ],
 )
 def test_a_tiled_scale_above_one_is_blended_where_the_fusion_consumes_it(scales, fusion, expected):
     model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, scale_fusion=fusion)).eval()

@@ -209,20 +209,25 @@ def segment_in_tiles(
     column_starts = tile_starts(width, tile_width, tile_overlap)
     if len(row_starts) == 1 and len(column_starts) == 1:
         logits, auxiliary_logits, attention, _ = segment(pixel_values)
-        return tuple(  # type: ignore[return-value]
-            None if output is None else _resize(output, (output_height, output_width), align_corners)
-            for output in (logits, auxiliary_logits, attention)
+        output_size = (output_height, output_width)
+        return (
+            _resize(logits, output_size, align_corners),
+            None if auxiliary_logits is None else _resize(auxiliary_logits, output_size, align_corners),
+            _resize(attention, output_size, align_corners),
         )
 
     row_placements = _axis_placements(height, output_height, tile_height, row_starts, tile_overlap, align_corners)
     column_placements = _axis_placements(width, output_width, tile_width, column_starts, tile_overlap, align_corners)
+    # float64 windows, cast per tile: the summed weights are exact however many tiles overlap
+    row_weights = _windows_on_output_grid(tile_height, row_starts, tile_overlap, row_placements, pixel_values.device)
+    column_weights = _windows_on_output_grid(
+        tile_width, column_starts, tile_overlap, column_placements, pixel_values.device
+    )
     sums: list[torch.Tensor | None] = []
-    row_weights: list[torch.Tensor] = []
-    column_weights: list[torch.Tensor] = []
     for row, (top, rows) in enumerate(zip(row_starts, row_placements)):
         for column, (left, columns) in enumerate(zip(column_starts, column_placements)):
             if rows.start == rows.stop or columns.start == columns.stop:
-                continue  # the output grid samples nothing inside this tile's footprint (a strongly reduced output)
+                continue  # the output grid samples nothing inside this tile (a strongly reduced output)
             tile = pixel_values[..., top : top + tile_height, left : left + tile_width]
             outputs = segment(tile)[:3]  # (logits, auxiliary_logits, attention); the tile's features are dropped
             if not sums:
@@ -230,33 +235,19 @@ def segment_in_tiles(
                     None if out is None else out.new_zeros(*out.shape[:2], output_height, output_width)
                     for out in outputs
                 ]
-                dtype, device = outputs[0].dtype, outputs[0].device
-                row_weights = [
-                    placement.resample(window, 0)
-                    for window, placement in zip(
-                        tile_windows(tile_height, row_starts, tile_overlap, torch.float64, device), row_placements
-                    )
-                ]
-                column_weights = [
-                    placement.resample(window, 0)
-                    for window, placement in zip(
-                        tile_windows(tile_width, column_starts, tile_overlap, torch.float64, device), column_placements
-                    )
-                ]
-                total_weight = (
-                    _summed_weights(row_weights, row_placements, output_height)[:, None]
-                    * _summed_weights(column_weights, column_placements, output_width)[None, :]
-                ).to(dtype)
-                row_weights = [weights.to(dtype) for weights in row_weights]
-                column_weights = [weights.to(dtype) for weights in column_weights]
-            window = row_weights[row][:, None] * column_weights[column][None, :]
+            window = (row_weights[row][:, None] * column_weights[column][None, :]).to(outputs[0].dtype)
             for total, output in zip(sums, outputs):
                 if total is not None:
                     resampled = columns.resample(rows.resample(output, -2), -1)
                     total[..., rows.start : rows.stop, columns.start : columns.stop] += resampled * window
             del outputs
 
+    # The windows are separable, so the summed weights are an outer product of two 1-D sums.
     logits_sum, auxiliary_sum, attention_sum = sums
+    total_weight = (
+        _summed_weights(row_weights, row_placements, output_height)[:, None]
+        * _summed_weights(column_weights, column_placements, output_width)[None, :]
+    ).to(logits_sum.dtype)
     return (
         logits_sum.div_(total_weight),
         None if auxiliary_sum is None else auxiliary_sum.div_(total_weight),
@@ -296,8 +287,8 @@ def _axis_placements(
     `output_length`. Output pixel `i` samples input coordinate `x_i` as PyTorch's bilinear resize does; a tile takes
     the `i` whose `x_i` lies within `[start, start + tile - 1]`, where it interpolates between two of its own pixels
     exactly as the resize of the whole map would. Tiles that overlap by at least a pixel cover the axis that way;
-    tiles without overlap leave a gap of one pixel between them, so each reaches half a pixel further, clamped to
-    its border pixel (as the resize clamps at the image border).
+    without overlap, samples between two tiles' border pixels would belong to neither, so each tile then reaches
+    half a pixel further, clamped to its border pixel (as the resize clamps at the image border).
     """
     if output_length == length:
         return [_AxisPlacement(start, start + tile) for start in starts]
@@ -319,6 +310,14 @@ def _axis_placements(
         upper = (lower + 1).clamp_(max=tile - 1)
         placements.append(_AxisPlacement(first, stop, lower, upper, upper_weight))
     return placements
+
+
+def _windows_on_output_grid(
+    tile: int, starts: list[int], overlap: int, placements: list[_AxisPlacement], device: torch.device
+) -> list[torch.Tensor]:
+    """Each tile's 1-D blending window along an axis (float64), resampled onto the output pixels it covers."""
+    windows = tile_windows(tile, starts, overlap, torch.float64, device)
+    return [placement.resample(window, 0) for window, placement in zip(windows, placements)]
 
 
 def _resize(tensor: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
