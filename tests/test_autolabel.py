@@ -323,22 +323,34 @@ def test_bad_arguments_are_named(teacher_dir, extra_root, tmp_path, capsys):
     assert "--threshold must be in [0, 1]" in capsys.readouterr().err
     assert main(["--model", str(teacher_dir), "--input", str(tmp_path / "missing"), "--output-dir", "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert main(["--model", str(teacher_dir), "--input", images, "--tile-pixel-budget", "100", "--tile-size", "64"]) == 2
+    assert main(["--model", str(teacher_dir), "--input", images, "--tile-pixel-budget", "100", "--tile-size", "64",
+                 "--tile-overlap", "16"]) == 2
     assert "tile_pixel_budget" in capsys.readouterr().err
 
 
-def test_tiled_labelling_with_one_tile_per_scale_equals_untiled(teacher_dir, extra_root, tmp_path):
+def test_tiled_labelling_runs_the_tiles_and_stays_close_to_untiled(teacher_dir, extra_root, tmp_path, monkeypatch):
+    import hms_segmentation.modeling_hms as modeling
+
+    calls = []
+
+    def counting_segment_in_tiles(*args, **kwargs):
+        calls.append(tuple(args[1].shape))
+        return segment_in_tiles(*args, **kwargs)
+
+    segment_in_tiles = modeling.segment_in_tiles
+    monkeypatch.setattr(modeling, "segment_in_tiles", counting_segment_in_tiles)
     untiled, tiled = _fresh_copy(extra_root, tmp_path / "untiled"), _fresh_copy(extra_root, tmp_path / "tiled")
     assert main(["--model", str(teacher_dir), "--input", str(untiled / "leftImg8bit" / "train_extra"), *FAST]) == 0
-    # every scale of these 64x128 frames fits one 256-pixel tile: tiling is on, and must change nothing
+    assert not calls
+    # scale 1.0 of these frames exceeds a 64x64 tile's budget: it runs as overlapping tiles
     assert main(["--model", str(teacher_dir), "--input", str(tiled / "leftImg8bit" / "train_extra"), *FAST,
-                 "--tile-pixel-budget", "4096", "--tile-size", "256", "--tile-overlap", "32"]) == 0
+                 "--tile-pixel-budget", "4096", "--tile-size", "64", "--tile-overlap", "32"]) == 0
+    assert calls and all(shape[-2] * shape[-1] > 4096 for shape in calls)
     assert _digests(tiled).keys() == _digests(untiled).keys() and len(_digests(tiled)) > 0
-    frame_pixels = np.prod(Image.open(next((tiled / "leftImg8bit").rglob("*.png"))).size)
-    assert frame_pixels > 4096  # so scale 1.0 does run through the tiling path
-    for name in _digests(tiled):
-        assert np.array_equal(np.asarray(Image.open(tiled / name)), np.asarray(Image.open(untiled / name))), name
-
+    agreement = [np.mean(np.asarray(Image.open(tiled / name)) == np.asarray(Image.open(untiled / name)))
+                 for name in _digests(tiled)]
+    assert min(agreement) > 0.5  # OCR pools its context per tile, so tiles may differ a little (see BENCHMARKS.md)
+    assert "4096" in json.dumps(_report(tiled))  # the settings in the report name the tiling
 
 def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra_root, tmp_path):
     from hms_segmentation.training.arguments import DataArguments
