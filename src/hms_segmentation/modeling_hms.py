@@ -89,6 +89,11 @@ def hierarchical_scale_fusion(
     return fused
 
 
+def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(height, width) of an input of `size` after `resize_to_scale` by `scale`."""
+    return (math.floor(size[0] * scale), math.floor(size[1] * scale)) if scale != 1.0 else tuple(size)
+
+
 def resize_to_scale(pixel_values: torch.Tensor, scale: float, align_corners: bool) -> torch.Tensor:
     """
     Resize (batch, channels, height, width) by `scale` to (floor(height * scale), floor(width * scale)), the size
@@ -97,7 +102,7 @@ def resize_to_scale(pixel_values: torch.Tensor, scale: float, align_corners: boo
     if scale == 1.0:
         return pixel_values
     height, width = pixel_values.shape[-2:]
-    size = (math.floor(height * scale), math.floor(width * scale))
+    size = _scaled_size((height, width), scale)
     if min(size) < 1:
         raise ValueError(
             f"scale {scale} turns the input of size {height}x{width} into {size[0]}x{size[1]} pixels; "
@@ -487,11 +492,6 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             loss_weight_lambda=config.rmi_loss_weight_lambda,
             lambda_way=config.rmi_lambda_way,
         )
-
-
-def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(height, width) of an input of `size` after `resize_to_scale` by `scale`."""
-    return (math.floor(size[0] * scale), math.floor(size[1] * scale)) if scale != 1.0 else tuple(size)
 
 
 def _tiled_output_size(
