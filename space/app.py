@@ -11,7 +11,8 @@ attention maps as PNG files (see `space/README.md`).
 Settings come from environment variables, read once in `SpaceSettings.from_environment`:
 
 - `HMS_SPACE_MODEL`: Hub id, `save_pretrained` folder or preset name (random weights) of the model
-  (default `hms-segmentation/hms-hrnet-w48-cityscapes`). When it cannot be loaded (offline, not found), the app
+  (default `hms-segmentation/hms-hrnet-w48-cityscapes`, or the model that `space/build_space.py --model` recorded in
+  `default_model.txt` next to this file). When it cannot be loaded (offline, not found), the app
   falls back to a quickstart checkpoint (`hms_quickstart/model`, from `hms-segmentation quickstart`), and without one
   it says so on the page instead of failing.
 - `HMS_SPACE_FALLBACK_MODELS`: colon-separated folders tried after it (default: `hms_quickstart/model` in the
@@ -59,13 +60,29 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # scale was not trusted there, bright = it decided the pixel.
 ATTENTION_RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
 OUTPUT_FILES_KEPT_SECONDS = 3600
+# Written by `space/build_space.py --model` into the Space folder it builds; the two names must agree.
+DEFAULT_MODEL_FILE = "default_model.txt"
+
+
+def bundled_default_model(space_dir: Path = SPACE_DIR) -> str:
+    """The default model: the one recorded in `default_model.txt` next to the app, else `DEFAULT_MODEL`.
+
+    The file names a folder beside it (a model copied into a built Space folder) or a Hub id / preset name. Folders
+    resolve against the app's folder, so the bundle works whatever the working directory.
+    """
+    path = space_dir / DEFAULT_MODEL_FILE
+    name = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+    if not name:
+        return DEFAULT_MODEL
+    folder = space_dir / name
+    return str(folder) if folder.is_dir() else name
 
 
 @dataclass(frozen=True)
 class SpaceSettings:
     """Everything the app reads from its environment, read in one place."""
 
-    model: str = DEFAULT_MODEL
+    model: str = field(default_factory=bundled_default_model)
     fallback_models: tuple[Path, ...] = (QUICKSTART_MODEL, SPACE_DIR.parent / QUICKSTART_MODEL)
     max_side: int = 768
     max_file_bytes: int = 10 * 2**20

@@ -7,14 +7,23 @@ import dataclasses
 import importlib.util
 import os
 import re
+import importlib.metadata
+import json
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
 
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from PIL import Image
 
 from conftest import REPO_ROOT, require_shared
@@ -37,15 +46,16 @@ MAX_FILE_MB = 1
 MAX_PIXELS = 4_000_000
 
 
-def _load_space_module():
-    spec = importlib.util.spec_from_file_location("hms_space_app", REPO_ROOT / "space" / "app.py")
+def _load_space_script(module_name: str, file_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "space" / file_name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
-space = _load_space_module()
+space = _load_space_script("hms_space_app", "app.py")
+builder = _load_space_script("hms_space_builder", "build_space.py")
 
 
 def _free_port() -> int:
@@ -277,8 +287,234 @@ def test_space_readme_header_and_requirements_agree():
     lines = (REPO_ROOT / "space" / "requirements.txt").read_text().splitlines()
     requirements = "\n".join(line for line in lines if not line.startswith("#"))
     assert f"gradio=={header['sdk_version']}" in requirements
-    assert "torch==" in requirements and "whl/cpu" in requirements and "hms-segmentation" in requirements
-    assert "torchvision" not in requirements
+    assert "torch==" in requirements and "whl/cpu" in requirements and "torchvision" not in requirements
+    # the package is vendored into the Space folder by space/build_space.py, not installed from a URL
+    assert "hms-segmentation" not in requirements and "git+" not in requirements
+    assert "space/build_space.py vendors" in " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The self-contained Space folder (space/build_space.py).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bundle") / "space"
+    assert builder.main([str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_bundle(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("bundle") / "space"
+    assert builder.main([str(folder), "--model", str(tiny_model_dir)]) == 0
+    return folder
+
+
+def relative_files(root: Path, pattern: str = "*") -> list[Path]:
+    return sorted(path.relative_to(root) for path in root.rglob(pattern) if path.is_file())
+
+
+def requirement_lines(text: str) -> list[str]:
+    """The requirement lines of a requirements.txt: no comments, no options."""
+    return [line for line in text.splitlines() if line.strip() and not line.startswith(("#", "-"))]
+
+
+def test_bundle_vendors_the_whole_package_next_to_the_app(bundle):
+    source, vendored = REPO_ROOT / "src" / "hms_segmentation", bundle / "hms_segmentation"
+    python_files = relative_files(source, "*.py")
+    assert python_files and relative_files(vendored, "*.py") == python_files
+    assert all((vendored / name).read_bytes() == (source / name).read_bytes() for name in python_files)
+    assert not list(vendored.rglob("__pycache__")) and not list(vendored.rglob("*.py[co]"))
+    for name in ("app.py", "README.md", "LICENSE"):
+        assert (bundle / name).read_bytes() == ((REPO_ROOT / "space" / name) if name != "LICENSE"
+                                                else REPO_ROOT / name).read_bytes()
+    # without --model the Space loads the Hub model, as `python space/app.py` does
+    assert not (bundle / builder.DEFAULT_MODEL_FILE).exists()
+    assert space.bundled_default_model(bundle) == space.DEFAULT_MODEL
+
+
+def test_bundle_requirements_pin_every_dependency_to_the_installed_version(bundle):
+    text = (bundle / "requirements.txt").read_text()
+    project = builder.tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["space"]
+    requirements = [Requirement(line) for line in requirement_lines(text)]
+    assert {canonicalize_name(r.name) for r in requirements} == {canonicalize_name(Requirement(d).name)
+                                                                  for d in declared}
+    for requirement in requirements:
+        (specifier,) = requirement.specifier
+        assert requirement.url is None and specifier.operator == "=="
+        assert specifier.version == Version(importlib.metadata.version(requirement.name)).public
+    options = [line for line in text.splitlines() if line.startswith("-")]
+    assert options == ["--extra-index-url https://download.pytorch.org/whl/cpu"]  # torch's CPU wheel
+    assert not any("torchvision" in line or "://" in line or "git+" in line for line in requirement_lines(text))
+    header = dict(re.findall(r"^(\w+): *(.*)$", (bundle / "README.md").read_text().split("---")[1], re.MULTILINE))
+    assert f"gradio=={header['sdk_version']}" in requirement_lines(text)
+
+
+def test_committed_requirements_are_what_the_builder_writes(bundle):
+    # same comments, options and packages; the versions are those of the environment that ran the builder
+    def unpinned(text: str) -> str:
+        return re.sub(r"==\S+", "==", text)
+
+    committed = (REPO_ROOT / "space" / "requirements.txt").read_text()
+    assert unpinned(committed) == unpinned((bundle / "requirements.txt").read_text())
+
+
+def test_bundle_imports_its_vendored_package_and_loads_its_bundled_model(model_bundle, tiny_model_dir):
+    import hms_segmentation
+
+    # here the editable install answers; in the bundle, the app's folder comes first on sys.path and must win
+    assert Path(hms_segmentation.__file__).resolve().is_relative_to(REPO_ROOT / "src")
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "HMS_SPACE_MODEL")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    code = ("import json, app, hms_segmentation; settings = app.SpaceSettings.from_environment(); "
+            "loaded = app.load_space_model(settings); "
+            "print(json.dumps([hms_segmentation.__file__, app.__file__, settings.model, loaded.source, loaded.notice]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=model_bundle, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    package, app_file, model, source, notice = json.loads(result.stdout.splitlines()[-1])
+    root = model_bundle.resolve()
+    assert Path(package).resolve() == root / "hms_segmentation" / "__init__.py"
+    assert Path(app_file).resolve() == root / "app.py"
+    assert model == source == str(root / "model") and notice == ""  # the bundled model, not the Hub's
+    assert relative_files(model_bundle / "model") == relative_files(tiny_model_dir)
+
+
+def test_model_option_records_a_hub_id_and_refuses_pickles(tmp_path, tiny_model_dir):
+    assert builder.main([str(tmp_path / "hub"), "--model", "someone/hms-model"]) == 0
+    assert space.bundled_default_model(tmp_path / "hub") == "someone/hms-model"
+    assert not (tmp_path / "hub" / "model").exists()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(builder.SpaceBuildError, match=r"pickle files \['pytorch_model.bin'\]"):
+        builder.build_bundle(tmp_path / "refused", model=str(pickled))
+    assert not (tmp_path / "refused").exists()  # checked before anything is written
+
+
+def test_non_empty_folder_needs_overwrite_which_replaces_only_the_space_files(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "space"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert builder.main([str(folder)]) == 1
+    error = capsys.readouterr().err
+    assert f"OUTPUT_DIR {folder} is not empty (notes.txt)" in error and "--overwrite" in error
+    assert [path.name for path in folder.iterdir()] == ["notes.txt"]
+    assert builder.main([str(folder), "--overwrite", "--model", str(tiny_model_dir)]) == 0
+    assert (folder / "model" / "config.json").is_file()
+    assert builder.main([str(folder), "--overwrite"]) == 0  # the rebuild drops the earlier model
+    assert not (folder / "model").exists() and not (folder / builder.DEFAULT_MODEL_FILE).exists()
+    assert (folder / "notes.txt").read_text() == "mine" and "notes.txt" in capsys.readouterr().err
+
+
+def test_builder_refuses_to_write_over_the_project(tmp_path):
+    project = tmp_path / "project"
+    (project / "space").mkdir(parents=True)
+    (project / "space" / "app.py").write_text("# the source")
+    for target in (project, project / "space", project / "src" / "hms_segmentation" / "x", tmp_path):
+        with pytest.raises(builder.SpaceBuildError, match="overwrite the project's own files"):
+            builder.prepare_output(target, overwrite=True, project_root=project)
+    assert (project / "space" / "app.py").read_text() == "# the source"
+
+
+def test_builder_refuses_a_gradio_other_than_the_sdk_version():
+    readme = REPO_ROOT / "space" / "README.md"
+    sdk_version = builder.space_header(readme)["sdk_version"]
+
+    def version_of(name: str) -> str:
+        return "6.99.0" if name == "gradio" else importlib.metadata.version(name)
+
+    with pytest.raises(builder.SpaceBuildError, match=rf"sdk_version: {re.escape(sdk_version)}, but gradio 6\.99\.0"):
+        builder.pinned_requirements(REPO_ROOT / "pyproject.toml", readme, version_of)
+
+
+@pytest.mark.parametrize("dependency, message", [
+    ("torchvision>=0.19", "the Space must not install torchvision"),
+    ("foo @ git+https://example.com/foo", "installs from a URL"),
+    ("no-such-package-hms>=1", "no-such-package-hms is not installed"),
+    ("numpy<1", "is installed; install a version in that range"),
+])
+def test_builder_refuses_dependencies_a_space_cannot_pin(tmp_path, dependency, message):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(f'[project]\nname = "x"\ndependencies = [{json.dumps(dependency)}]\n'
+                         '[project.optional-dependencies]\nspace = []\n')
+    with pytest.raises(builder.SpaceBuildError, match=re.escape(message)) as error:
+        builder.pinned_requirements(pyproject, REPO_ROOT / "space" / "README.md")
+    assert str(error.value).startswith(str(pyproject))
+
+
+class FakeSpaceApi:
+    """Stands in for `HfApi`: records the Space it creates and the files of each folder upload."""
+
+    instances: list[FakeSpaceApi] = []
+
+    def __init__(self, token: str | None = None):
+        self.token, self.repos, self.uploads = token, [], []
+        FakeSpaceApi.instances.append(self)
+
+    def create_repo(self, repo_id: str, **kwargs):
+        self.repos.append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/spaces/{repo_id}"
+
+    def upload_folder(self, *, repo_id: str, folder_path, repo_type=None, **kwargs):
+        folder = Path(folder_path)
+        self.uploads.append({"repo_id": repo_id, "folder": folder, "repo_type": repo_type,
+                             "files": relative_files(folder), **kwargs})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/spaces/{repo_id}/commit/0123abc")
+
+
+@pytest.fixture
+def fake_space_hub(monkeypatch):
+    FakeSpaceApi.instances = []
+    monkeypatch.setattr(builder, "HfApi", FakeSpaceApi)
+    monkeypatch.setattr(builder, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return FakeSpaceApi
+
+
+def test_push_creates_a_gradio_space_and_uploads_the_folder(fake_space_hub, tmp_path, capsys):
+    folder = tmp_path / "space"
+    assert builder.main([str(folder), "--push", "someone/hms-space", "--private", "--token", "hf_test"]) == 0
+    (api,) = fake_space_hub.instances
+    assert api.token == "hf_test"
+    assert api.repos == [{"repo_id": "someone/hms-space", "repo_type": "space", "space_sdk": "gradio",
+                          "private": True, "exist_ok": True}]
+    (upload,) = api.uploads
+    assert (upload["repo_id"], upload["folder"], upload["repo_type"]) == ("someone/hms-space", folder, "space")
+    assert upload["files"] == relative_files(folder)
+    assert {Path("app.py"), Path("README.md"), Path("requirements.txt"),
+            Path("hms_segmentation/__init__.py")} <= set(upload["files"])
+    assert "https://huggingface.co/spaces/someone/hms-space/commit/0123abc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("offline, token, message", [
+    (True, "hf_test", "offline mode (HF_HUB_OFFLINE=1)"),
+    (False, None, "no Hugging Face token"),
+])
+def test_push_fails_early_offline_or_without_a_token(fake_space_hub, monkeypatch, tmp_path, capsys, offline, token,
+                                                     message):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    folder = tmp_path / "space"
+    assert builder.main([str(folder), "--push", "someone/hms-space", *(["--token", token] if token else [])]) == 1
+    error = capsys.readouterr().err
+    assert message in error and "someone/hms-space" in error and "Nothing was written or sent" in error
+    assert fake_space_hub.instances == [] and not folder.exists()
+
+
+def test_builder_command_line(tmp_path):
+    script = REPO_ROOT / "space" / "build_space.py"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert all(option in shown.stdout for option in ("OUTPUT_DIR", "--model", "--push", "--private", "--overwrite"))
+    # offline from the environment, as a user would set it: refused before anything is built
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    pushed = subprocess.run([sys.executable, str(script), str(tmp_path / "space"), "--push", "someone/hms-space",
+                             "--token", "hf_test"], capture_output=True, text=True, env=env, timeout=120)
+    assert pushed.returncode == 1 and "offline mode (HF_HUB_OFFLINE=1)" in pushed.stderr
+    assert not (tmp_path / "space").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
