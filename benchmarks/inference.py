@@ -101,10 +101,10 @@ def _row_worker(spec: dict, connection) -> None:
         if spec["variant"] != "compile":
             segment = model.segment_single_scale
 
-            def timed_segment(x):
+            def timed_segment(x, **kwargs):
                 synchronize()
                 start = time.perf_counter()
-                result = segment(x)
+                result = segment(x, **kwargs)
                 synchronize()
                 per_scale_seconds.append(time.perf_counter() - start)
                 return result

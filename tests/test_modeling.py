@@ -117,7 +117,8 @@ def test_scale_order_of_the_call_does_not_matter(tiny_model):
 @pytest.mark.parametrize("scales", [[1.0], [0.5], [0.5, 2.0], [0.25, 0.5, 1.0, 1.5, 2.0], [0.75, 1.25]])
 def test_any_scale_list_answers_at_input_resolution(tiny_model, scales):
     with torch.no_grad():
-        outputs = tiny_model(images(), scales=scales, output_attentions=True, output_hidden_states=True)
+        outputs = tiny_model(images(), scales=scales, output_attentions=True, output_hidden_states=True,
+                             output_auxiliary_logits=True)
     assert outputs.logits.shape == (2, 5, 48, 64)
     assert outputs.scales == tuple(sorted(scales))
     assert len(outputs.attentions) == len(outputs.scale_logits) == len(outputs.hidden_states) == len(scales)
@@ -127,6 +128,40 @@ def test_any_scale_list_answers_at_input_resolution(tiny_model, scales):
         assert attention.min() >= 0 and attention.max() <= 1
     has_aux = tiny_model.config.trunk == "hrnet_ocr"
     assert (outputs.auxiliary_logits is not None) == has_aux
+
+
+def test_auxiliary_logits_are_fused_only_when_labels_or_the_option_ask_for_them():
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).eval()
+    labels = torch.randint(0, 5, (2, 48, 64))
+    with torch.no_grad():
+        plain = model(images(), scales=[0.5, 1.0])
+        requested = model(images(), scales=[0.5, 1.0], output_auxiliary_logits=True)
+        with_labels = model(images(), labels=labels, scales=[0.5, 1.0])
+    assert plain.auxiliary_logits is None  # inference skips what only the auxiliary loss uses
+    assert requested.auxiliary_logits.shape == with_labels.auxiliary_logits.shape == (2, 5, 48, 64)
+    torch.testing.assert_close(requested.auxiliary_logits, with_labels.auxiliary_logits, rtol=0, atol=0)
+    torch.testing.assert_close(plain.logits, requested.logits, rtol=0, atol=0)
+    assert "auxiliary" in with_labels.loss_terms
+
+    config = HMSConfig(**TINY_HRNET, output_auxiliary_logits=True)
+    assert HMSConfig.from_dict(config.to_dict()).output_auxiliary_logits
+    model = HMSForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        assert model(images(), scales=[1.0]).auxiliary_logits is not None
+        assert model(images(), scales=[1.0], output_auxiliary_logits=False).auxiliary_logits is None
+
+
+def test_inference_that_fuses_in_place_equals_the_autograd_path_and_keeps_per_scale_outputs_intact(tiny_model):
+    pixel_values = images()
+    with torch.no_grad():
+        in_place = tiny_model(pixel_values, scales=[0.5, 1.0, 2.0])
+        kept = tiny_model(pixel_values, scales=[0.5, 1.0, 2.0], output_attentions=True)
+        alone = {s: tiny_model(pixel_values, scales=[s], output_attentions=True).scale_logits[0] for s in kept.scales}
+    graph = tiny_model(pixel_values, scales=[0.5, 1.0, 2.0])  # grad enabled: torch.lerp, nothing overwritten
+    torch.testing.assert_close(in_place.logits, graph.logits.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(kept.logits, in_place.logits, rtol=0, atol=1e-6)
+    for scale, logits in zip(kept.scales, kept.scale_logits):
+        torch.testing.assert_close(logits, alone[scale], rtol=0, atol=0)  # not overwritten by the fusion
 
 
 def test_single_scale_equals_one_plain_forward(tiny_model):

@@ -37,7 +37,9 @@ class ParityCase:
 
     def run(self, scales, labels=None):
         with torch.no_grad():
-            return self.model(self.images, labels=labels, scales=scales, output_attentions=True)
+            return self.model(
+                self.images, labels=labels, scales=scales, output_attentions=True, output_auxiliary_logits=True
+            )
 
 
 def assert_matches_reference(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:

@@ -35,10 +35,10 @@ class ToyConvolutionalTrunk(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2 * num_labels + 1, 3, padding=1))
         self.num_labels = num_labels
 
-    def forward(self, pixel_values: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, keep_auxiliary: bool = True):
         out = self.body(pixel_values)
         logits, auxiliary_logits = out[:, : self.num_labels], out[:, self.num_labels : 2 * self.num_labels]
-        return logits, auxiliary_logits, torch.sigmoid(out[:, -1:]), None
+        return logits, auxiliary_logits if keep_auxiliary else None, torch.sigmoid(out[:, -1:]), None
 
 
 def pointwise_segment(pixel_values: torch.Tensor):
@@ -107,11 +107,14 @@ def test_overlapping_tiles_reproduce_the_chained_forward_for_a_fully_convolution
     model.segment_single_scale = ToyConvolutionalTrunk(model.config.num_labels).eval()
     pixel_values = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
-        untiled = model(pixel_values, scales=[0.5, 1.0, 2.0], output_attentions=True)
-        tiled = model(pixel_values, scales=[0.5, 1.0, 2.0], output_attentions=True,
+        untiled = model(pixel_values, scales=[0.5, 1.0, 2.0], output_attentions=True, output_auxiliary_logits=True)
+        tiled = model(pixel_values, scales=[0.5, 1.0, 2.0], output_attentions=True, output_auxiliary_logits=True,
                       tile_pixel_budget=64 * 64, tile_size=64, tile_overlap=32)
     torch.testing.assert_close(tiled.logits, untiled.logits, atol=1e-2, rtol=0)
     torch.testing.assert_close(tiled.auxiliary_logits, untiled.auxiliary_logits, atol=1e-2, rtol=0)
+    with torch.no_grad():  # without per-scale outputs the chain writes over the tiled maps: same result
+        in_place = model(pixel_values, scales=[0.5, 1.0, 2.0], tile_pixel_budget=64 * 64, tile_size=64, tile_overlap=32)
+    torch.testing.assert_close(in_place.logits, tiled.logits, atol=1e-6, rtol=0)
     # the tiled scale 2.0 answers at scale 1.0's size, where the chain consumes it: compare with the untiled map resized
     assert [tuple(a.shape[-2:]) for a in tiled.attentions] == [(48, 64), (96, 128), (96, 128)]
     for a, b in zip(tiled.attentions, untiled.attentions):
@@ -186,7 +189,7 @@ def test_a_tiled_scale_above_one_never_allocates_maps_of_its_own_size_and_matche
     model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).eval()
     model.segment_single_scale = ToyConvolutionalTrunk(model.config.num_labels).eval()
     pixel_values = torch.randn(1, 3, 96, 128)
-    tiling = {"tile_pixel_budget": 64 * 64, "tile_size": 64, "tile_overlap": 32}
+    tiling = {"tile_pixel_budget": 64 * 64, "tile_size": 64, "tile_overlap": 32, "output_auxiliary_logits": True}
 
     def maps_of_scale_two(shapes):
         # the resized input (3 channels) must exist at scale 2.0's size; no output map may
@@ -275,9 +278,9 @@ def _count_segment_calls(model: HMSForSemanticSegmentation) -> list[tuple[int, i
     sizes: list[tuple[int, int]] = []
     segment = type(model).segment_single_scale
 
-    def counting(pixel_values):
+    def counting(pixel_values, **kwargs):
         sizes.append(tuple(pixel_values.shape[-2:]))
-        return segment(model, pixel_values)
+        return segment(model, pixel_values, **kwargs)
 
     model.segment_single_scale = counting
     return sizes

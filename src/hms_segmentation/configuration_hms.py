@@ -155,6 +155,10 @@ class HMSConfig(PretrainedConfig):
             How per-scale predictions are fused: `"hierarchical"` (HMSA's attention chain), or the baselines HMSA is
             compared against, which fuse all scales at once and so train on all of them: `"explicit"` (a softmax over
             the scales of each scale's attention score, Chen et al. 2016), `"average"`, `"max"`.
+        output_auxiliary_logits (`bool`, *optional*, defaults to `False`):
+            Whether a call without `labels` also fuses and returns the OCR trunk's auxiliary logits. They only serve
+            the auxiliary loss, so by default inference skips their resizes and fusion (half of the chain's work on
+            the OCR trunk, and half of its full-resolution maps); calls with `labels` always fuse them.
         primary_loss (`str`, *optional*, defaults to `"rmi"`):
             `"rmi"` (sigmoid BCE + region mutual information, NVIDIA's variant) or `"cross_entropy"`.
         ocr_aux_weight (`float`, *optional*, defaults to 0.4):
@@ -213,6 +217,7 @@ class HMSConfig(PretrainedConfig):
         training_scales: list[float] | tuple[float, ...] = (0.5, 1.0),
         inference_scales: list[float] | tuple[float, ...] = (0.5, 1.0, 2.0),
         scale_fusion: str = "hierarchical",
+        output_auxiliary_logits: bool = False,
         primary_loss: str = "rmi",
         ocr_aux_weight: float = 0.4,
         ocr_aux_rmi: bool = False,
@@ -287,6 +292,7 @@ class HMSConfig(PretrainedConfig):
         if scale_fusion not in SCALE_FUSIONS:
             raise ValueError(f"scale_fusion must be one of {SCALE_FUSIONS}, got {scale_fusion!r}")
         self.scale_fusion = scale_fusion
+        self.output_auxiliary_logits = bool(output_auxiliary_logits)
         self.primary_loss = primary_loss
         self.ocr_aux_weight = _non_negative("ocr_aux_weight", ocr_aux_weight)
         self.ocr_aux_rmi = bool(ocr_aux_rmi)

@@ -8,6 +8,7 @@ running (higher-scale) one. Training uses two scales; inference chains any list.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def resize_as(tensor: torch.Tensor, reference: torch.Tensor, align_corners: bool
 
 
 def hierarchical_scale_fusion(
-    scale_outputs: Iterable[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]], align_corners: bool = False
+    scale_outputs: Iterable[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]],
+    align_corners: bool = False,
+    may_overwrite_inputs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """
     The attention chain of HMSA: fuse per-scale predictions, visiting scales from the highest to the lowest.
@@ -53,13 +56,16 @@ def hierarchical_scale_fusion(
 
     So the lowest scale has the last word where its attention is high, and higher scales fill in the rest, exactly
     as NVIDIA's reference defines it. `scale_outputs` may be a generator: only the running fusion and the current
-    scale are held in memory.
+    scale are held in memory, and each step writes its result over a map it no longer needs where autograd allows.
 
     Args:
         scale_outputs: `(scale, predictions, attention)` in descending scale order. `predictions` is a tuple of
             tensors (batch, channels, h_s, w_s) fused alike (e.g. class logits and auxiliary logits); `attention`
             is (batch, 1, h_s, w_s).
         align_corners: `align_corners` of the bilinear resizes.
+        may_overwrite_inputs: The caller keeps no reference to the predictions, so under `torch.no_grad()` a step
+            may write its result over the running fusion even where that is still the first scale's prediction
+            (one full-resolution map fewer at inference).
 
     Returns:
         The fused predictions, one tensor per entry of `predictions`.
@@ -73,20 +79,33 @@ def hierarchical_scale_fusion(
         if fused is None:
             fused = predictions
         elif scale >= 1.0:
-            # lerp(start, end, a) = a * end + (1 - a) * start, in one pass over the logits
             fused = tuple(
-                torch.lerp(resize_as(running, prediction, align_corners), prediction, attention)
+                _blend_towards(running, prediction, attention, align_corners, may_overwrite_inputs)
                 for prediction, running in zip(predictions, fused)
             )
         else:
             keep_running = 1 - resize_as(attention, fused[0], align_corners)
+            # the resized product is a new map: accumulate into it (autograd needs neither of its old values)
             fused = tuple(
-                torch.addcmul(resize_as(attention * prediction, running, align_corners), keep_running, running)
+                resize_as(attention * prediction, running, align_corners).addcmul_(keep_running, running)
                 for prediction, running in zip(predictions, fused)
             )
     if fused is None:
         raise ValueError("scale_outputs is empty: at least one scale is needed")
     return fused
+
+
+def _blend_towards(
+    running: torch.Tensor, prediction: torch.Tensor, attention: torch.Tensor, align_corners: bool, may_overwrite: bool
+) -> torch.Tensor:
+    """`attention * prediction + (1 - attention) * down(running)` in one pass (`torch.lerp`), written over
+    `down(running)` when that is a new map (or `may_overwrite`) and autograd will not need it (lerp saves it for the
+    attention's gradient)."""
+    start = resize_as(running, prediction, align_corners)
+    overwrite = may_overwrite or start is not running
+    if overwrite and not (torch.is_grad_enabled() and any(t.requires_grad for t in (start, prediction, attention))):
+        return start.lerp_(prediction, attention)
+    return torch.lerp(start, prediction, attention)
 
 
 def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -278,13 +297,14 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         return HMSTransformersBackbone(config.backbone_config)
 
     def segment_single_scale(
-        self, pixel_values: torch.Tensor
+        self, pixel_values: torch.Tensor, keep_auxiliary: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """
         One forward of trunk, decoder and attention head on `pixel_values` (batch, 3, h, w), with no scaling.
 
-        Returns `logits` (batch, num_labels, h, w), `auxiliary_logits` (same, or `None`), `attention`
-        (batch, 1, h, w) and the trunk's output features, all outputs resized to the input's (h, w).
+        Returns `logits` (batch, num_labels, h, w), `auxiliary_logits` (same; `None` for trunks without them or
+        with `keep_auxiliary=False`, which skips their resize), `attention` (batch, 1, h, w) and the trunk's output
+        features, all outputs resized to the input's (h, w).
         """
         if self.config.trunk == "hrnet_ocr":
             features = self.backbone(pixel_values)
@@ -296,7 +316,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         logits = resize_as(logits, pixel_values, self.config.align_corners)
         attention = resize_as(attention, pixel_values, self.config.align_corners)
         if auxiliary_logits is not None:
-            auxiliary_logits = resize_as(auxiliary_logits, pixel_values, self.config.align_corners)
+            auxiliary_logits = (
+                resize_as(auxiliary_logits, pixel_values, self.config.align_corners) if keep_auxiliary else None
+            )
         return logits, auxiliary_logits, attention, features
 
     def forward(
@@ -310,6 +332,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         tile_pixel_budget: int | None = None,
         tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int | None = None,
+        output_auxiliary_logits: bool | None = None,
         **kwargs,
     ) -> HMSSemanticSegmenterOutput | tuple:
         r"""
@@ -342,6 +365,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                 Tile side or (height, width) in pixels of the resized input; defaults to `config.tile_size`.
             tile_overlap (`int`, *optional*):
                 Pixels shared by neighbouring tiles; defaults to `config.tile_overlap`.
+            output_auxiliary_logits (`bool`, *optional*):
+                Fuse and return the OCR trunk's auxiliary logits without `labels` too (with `labels` they are always
+                fused: the auxiliary loss needs them). Defaults to `config.output_auxiliary_logits`.
         """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
@@ -357,6 +383,11 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
             _check_labels(labels, pixel_values)
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = self.config.output_auxiliary_logits
+        segment = functools.partial(
+            self.segment_single_scale, keep_auxiliary=output_auxiliary_logits or labels is not None
+        )
         keep_scale_logits = output_attentions or (labels is not None and self.config.supervised_scale_weight > 0)
         tiling = None if self.training else tiling_settings(
             self.config.tile_pixel_budget if tile_pixel_budget is None else tile_pixel_budget,
@@ -386,7 +417,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                 scaled_pixel_values = resize_to_scale(pixel_values, scale, self.config.align_corners)
                 if scale in tiled_scales:
                     logits, auxiliary_logits, attention = segment_in_tiles(
-                        self.segment_single_scale,
+                        segment,
                         scaled_pixel_values,
                         tiling.tile_size,
                         tiling.tile_overlap,
@@ -395,7 +426,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                     )
                     features = None
                 else:
-                    logits, auxiliary_logits, attention, features = self.segment_single_scale(scaled_pixel_values)
+                    logits, auxiliary_logits, attention, features = segment(scaled_pixel_values)
                 del scaled_pixel_values
                 if keep_scale_logits:
                     scale_logits[scale] = logits
@@ -407,7 +438,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
                 yield scale, predictions, attention
 
         if self.config.scale_fusion == "hierarchical":
-            fused = hierarchical_scale_fusion(run_scales(), self.config.align_corners)
+            fused = hierarchical_scale_fusion(
+                run_scales(), self.config.align_corners, may_overwrite_inputs=not keep_scale_logits
+            )
         elif self.config.scale_fusion == "explicit":
             fused = explicit_scale_attention_fusion(run_scales(), pixel_values.shape[-2:], self.config.align_corners)
         else:
