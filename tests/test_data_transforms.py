@@ -66,21 +66,32 @@ def test_labels_never_get_classes_that_were_not_in_the_file(scene):
         assert set(transform(image, label, sample_generator(0, 0, index))["labels"].unique().tolist()) <= allowed
 
 
-def test_scale_and_crop_equal_resizing_the_whole_image_then_cropping(scene):
-    """The crop only resamples what it keeps; the result is the same as the naive full resize."""
+@pytest.mark.parametrize("scale, resample", [(1.7, "bicubic"), (0.8, "bicubic"), (1.3, "bilinear")])
+def test_scale_and_crop_resample_only_the_crop_on_a_grid_from_a_whole_source_pixel(scene, scale, resample):
+    """The crop resamples only what it keeps, with PIL's filter, starting on a whole source pixel at most one pixel
+    before the reference's (resize the whole image, then crop); the label is sampled on exactly that grid."""
     image, label = scene
-    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(64, 96), scale_min=1.7, scale_max=1.7,
-                                                                    flip_probability=0.0, **NO_COLOR))
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(
+        crop_size=(64, 72), scale_min=scale, scale_max=scale, flip_probability=0.0, image_resample=resample, **NO_COLOR))
     sample = transform(image, label, np.random.default_rng(5))
     rng = np.random.default_rng(5)
-    scale = rng.uniform(1.7, 1.7)
+    rng.uniform(scale, scale)
     width, height = int(160 * scale), int(96 * scale)
-    left, top = int(rng.integers(0, width - 96 + 1)), int(rng.integers(0, height - 64 + 1))
-    full_label = np.asarray(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
-    np.testing.assert_array_equal(sample["labels"].numpy(), full_label[top:top + 64, left:left + 96])
-    full_image = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-    difference = np.abs(_denormalize(sample["pixel_values"]) - full_image[top:top + 64, left:left + 96])
-    assert difference.mean() < 1.0
+    left = int(rng.integers(min(0, width - 72), max(0, width - 72) + 1))
+    top = int(rng.integers(min(0, height - 64), max(0, height - 64) + 1))
+    ratio_x, ratio_y = 160 / width, 96 / height
+    source_left, source_top = int(np.floor(left * ratio_x)), int(np.floor(top * ratio_y))
+    assert 0 <= left * ratio_x - source_left < 1 and 0 <= top * ratio_y - source_top < 1
+    size = (min(72, width - left), min(64, height - top))
+    box = (source_left, source_top, min(160, source_left + size[0] * ratio_x), min(96, source_top + size[1] * ratio_y))
+    expected_label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST, box=box))
+    np.testing.assert_array_equal(sample["labels"].numpy()[: size[1], : size[0]], expected_label)
+    pil_filter = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.BILINEAR
+    expected_image = np.asarray(image.resize(size, pil_filter, box=box), dtype=np.float32)
+    difference = np.abs(_denormalize(sample["pixel_values"])[: size[1], : size[0]] - expected_image)
+    assert difference.max() < 4.5  # PIL reads the pixels before the region, torch clamps there: first rows/columns
+    assert difference[2:, 2:].max() < 2.5  # elsewhere rounding only
+    assert difference.mean() < 0.5
 
 
 def test_small_images_are_padded_with_ignore_labels_and_the_mean_colour(scene):
@@ -94,15 +105,28 @@ def test_small_images_are_padded_with_ignore_labels_and_the_mean_colour(scene):
     assert sample["pixel_values"][:, padding].abs().max() < 0.02  # the mean colour normalises to ~0
 
 
-def test_horizontal_flip_mirrors_image_and_label(scene):
+@pytest.mark.parametrize("output_dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("color", [NO_COLOR, {}], ids=["no colour jitter", "colour jitter"])
+def test_horizontal_flip_mirrors_image_and_label(scene, color, output_dtype):
+    """Exactly: the mirroring happens in the copy into the tensor, after the (per-pixel) colour jitter."""
     image, label = scene
-    options = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, **NO_COLOR)
+    options = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, output_dtype=output_dtype, **color)
     kept = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=0.0, **options))
     flipped = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=1.0, **options))
     a, b = kept(image, label, sample_generator(0, 0, 0)), flipped(image, label, sample_generator(0, 0, 0))
     assert torch.equal(b["labels"], a["labels"].flip(-1))
-    assert torch.allclose(b["pixel_values"], a["pixel_values"].flip(-1))
+    assert torch.equal(b["pixel_values"], a["pixel_values"].flip(-1))
     np.testing.assert_array_equal(a["labels"].numpy(), label)
+
+
+def test_flip_before_a_blur_mirrors_the_blurred_crop(scene):
+    image, label = scene
+    options = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, blur_probability=1.0, **NO_COLOR)
+    kept = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=0.0, **options))
+    flipped = SegmentationTrainTransform(TrainAugmentationOptions(flip_probability=1.0, **options))
+    a, b = kept(image, label, sample_generator(0, 0, 1)), flipped(image, label, sample_generator(0, 0, 1))
+    assert torch.equal(b["labels"], a["labels"].flip(-1))
+    torch.testing.assert_close(b["pixel_values"], a["pixel_values"].flip(-1), atol=0.05, rtol=0)  # blur rounding
 
 
 @pytest.mark.parametrize("name, enhancer", [("brightness", ImageEnhance.Brightness),
