@@ -217,10 +217,25 @@ def test_uint8_samples_normalised_on_the_device_equal_float32_samples(scene, set
     for float_sample, uint8_sample in zip(floats, bytes_):
         assert uint8_sample["pixel_values"].dtype == torch.uint8 and uint8_sample["labels"].dtype == torch.uint8
         assert uint8_sample["pixel_values"].shape == float_sample["pixel_values"].shape
-        assert torch.equal(normalize_pixel_values(uint8_sample["pixel_values"]), float_sample["pixel_values"])
+        assert torch.equal(normalize_pixel_values(uint8_sample["pixel_values"], color_jitter=uint8_sample["color_jitter"]),
+                           float_sample["pixel_values"])
         assert torch.equal(uint8_sample["labels"].long(), float_sample["labels"])
-    batch = torch.stack([sample["pixel_values"] for sample in bytes_])  # what the DataLoader hands to the device
-    assert torch.equal(normalize_pixel_values(batch), torch.stack([sample["pixel_values"] for sample in floats]))
+    batch = torch.utils.data.default_collate(bytes_)  # what the DataLoader hands to the device
+    assert torch.equal(normalize_pixel_values(batch["pixel_values"], color_jitter=batch["color_jitter"]),
+                       torch.stack([sample["pixel_values"] for sample in floats]))
+
+
+def test_color_jitter_plans_apply_per_image_in_a_batch_and_a_wrong_plan_is_named():
+    from hms_segmentation.data.transforms import apply_color_jitter_
+
+    pixels = torch.rand(2, 3, 8, 8) * 255
+    plans = torch.tensor([[[1.0, 1.3], [0.0, 0.8], [2.0, 0.5]], [[-1.0, 1.0], [-1.0, 1.0], [-1.0, 1.0]]])
+    one = apply_color_jitter_(pixels[0].clone(), plans[0])
+    both = apply_color_jitter_(pixels.clone(), plans)
+    assert torch.equal(both[0], one) and torch.equal(both[1], pixels[1])  # an all -1 plan leaves the image as it is
+    assert both.min() >= 0 and both.max() <= 255
+    with pytest.raises(ValueError, match=r"color_jitter must be \(batch, 3, 2\)"):
+        apply_color_jitter_(pixels.clone(), plans[:1])
 
 
 def test_uint8_samples_are_the_same_for_the_same_seed(scene):

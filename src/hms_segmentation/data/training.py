@@ -6,9 +6,9 @@
 - `split_stream_for_rank` gives every distributed rank a disjoint part of a stream, reshuffled each epoch.
 
 Both yield ``{"pixel_values": (3, H, W) float32, "labels": (H, W) int64}``, or, with
-``TrainAugmentationOptions(output_dtype="uint8")``, uint8 crops and labels to be normalised on the device (see
-`hms_segmentation.data.transforms.normalize_pixel_values`). Images are read with `hms_segmentation.data.io` (EXIF,
-modes, errors naming the file). With ``skip_bad_samples=True`` a sample that fails to read is skipped, logged with its
+``TrainAugmentationOptions(output_dtype="uint8")``, uint8 crops and labels (plus a ``color_jitter`` plan) to be
+colour-jittered and normalised on the device (see `hms_segmentation.data.transforms.normalize_pixel_values`). Images
+are read with `hms_segmentation.data.io` (EXIF, modes, errors naming the file). With ``skip_bad_samples=True`` a sample that fails to read is skipped, logged with its
 file name, and counted; a stream reports its count at the end of each epoch.
 Call ``set_epoch(epoch)`` before each epoch: it reseeds the augmentation, the class-uniform plan and the stream shuffle.
 """
