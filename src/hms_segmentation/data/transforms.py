@@ -103,6 +103,11 @@ COLOR_JITTER_STEPS = ("brightness", "contrast", "saturation")
 """Step ids of a colour-jitter plan: row `(step id, factor)`, id -1 = nothing."""
 
 
+def _empty_color_jitter_plan() -> torch.Tensor:
+    """A `(3, 2)` plan that changes nothing: every row `(-1, 1.0)`."""
+    return torch.tensor([[-1.0, 1.0]] * len(COLOR_JITTER_STEPS))
+
+
 def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     """In place on float32 pixels (0..255), `(batch, 3, H, W)` or `(3, H, W)`: brightness, contrast and saturation in
     the order and with the factors of `plan` (`(batch, 3, 2)` or `(3, 2)`, rows `(step id, factor)` of
@@ -118,23 +123,23 @@ def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tenso
     if plans.shape[0] != images.shape[0] or plans.shape[1:] != (len(COLOR_JITTER_STEPS), 2):
         raise ValueError(f"color_jitter must be (batch, {len(COLOR_JITTER_STEPS)}, 2) for pixels of shape "
                          f"{tuple(pixels.shape)}, got {tuple(plan.shape)}")
-    luma = np.asarray(LUMA)
     for image, steps in zip(images, plans.tolist()):
-        if all(step < 0 for step, _ in steps):
+        names = [COLOR_JITTER_STEPS[int(step)] if step >= 0 else None for step, _ in steps]
+        if not any(names):
             continue
         matrix, offset = np.eye(3), np.zeros(3)  # the colour after the steps so far: matrix @ rgb + offset
-        mean_rgb = image.mean(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
-        for step, factor in steps:
-            if step < 0:
+        # a pass over the image: only when a contrast step needs its mean
+        mean_rgb = image.mean(dim=(-2, -1), dtype=torch.float64).cpu().numpy() if "contrast" in names else None
+        for name, (_, factor) in zip(names, steps):
+            if name is None:
                 continue
-            name = COLOR_JITTER_STEPS[int(step)]
             if name == "brightness":
                 step_matrix, step_offset = factor * np.eye(3), np.zeros(3)
             elif name == "contrast":
-                mean_grey = luma @ (matrix @ mean_rgb + offset)
+                mean_grey = LUMA @ (matrix @ mean_rgb + offset)
                 step_matrix, step_offset = factor * np.eye(3), np.full(3, (1 - factor) * mean_grey)
             else:
-                step_matrix, step_offset = factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), luma), np.zeros(3)
+                step_matrix, step_offset = factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), LUMA), np.zeros(3)
             matrix, offset = step_matrix @ matrix, step_matrix @ offset + step_offset
         weights = torch.as_tensor(matrix, dtype=torch.float32, device=image.device)
         shift = torch.as_tensor(offset, dtype=torch.float32, device=image.device).view(3, 1, 1)
@@ -336,7 +341,7 @@ class SegmentationTrainTransform:
                 pixels = pixels.float()
                 if color_jitter is not None:
                     apply_color_jitter_(pixels, color_jitter)
-                    color_jitter = torch.tensor([[-1.0, 1.0]] * len(COLOR_JITTER_STEPS))  # done: nothing left
+                    color_jitter = _empty_color_jitter_plan()  # done: nothing left for the device
                 sample["pixel_values"] = self._add_noise_(pixels, noise_seed).to(torch.uint8)
             if color_jitter is not None:  # jittered on the device, by `normalize_pixel_values`
                 sample["color_jitter"] = color_jitter
@@ -393,7 +398,7 @@ class SegmentationTrainTransform:
         if not steps:
             return None
         factors = [rng.uniform(max(0.0, 1 - strength), 1 + strength) for _, strength in steps]
-        plan = torch.tensor([[-1.0, 1.0]] * len(COLOR_JITTER_STEPS))
+        plan = _empty_color_jitter_plan()
         for row, position in enumerate(rng.permutation(len(steps))):
             plan[row] = torch.tensor([float(steps[position][0]), factors[position]])
         return plan
