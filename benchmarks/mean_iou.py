@@ -2,16 +2,23 @@
 
     python benchmarks/mean_iou.py                      # 100 maps of 1024x2048, 19 classes, CPU, 1 torch thread
     python benchmarks/mean_iou.py --output miou.json   # also write every figure as JSON
+    python benchmarks/mean_iou.py --device cuda        # adds ours on the GPU, maps already in GPU memory
 
 Methods, all on the same uint8 maps (trainIds, 255 = ignore), all checked to give the same per-class IoU:
 
 - ``copy``: ``np.copyto`` of both maps into preallocated buffers, the memory-bandwidth limit of any method that
   reads them once;
-- ``ours``: ``ConfusionMatrixAccumulator.update`` image by image, then ``compute``; ``ours, batches``: the same fed
-  ``--batch-size`` maps at a time; ``ours, Trainer dtypes``: int16 predictions and int64 labels (what
+- ``ours``: ``ConfusionMatrixAccumulator.update`` image by image, then ``compute``, with its default CPU backend
+  (the compiled kernel of ``hms_segmentation.confusion_kernel``); ``ours, batches``: the same fed ``--batch-size``
+  maps at a time; ``ours, Trainer dtypes``: int16 predictions and int64 labels (what
   ``preprocess_logits_for_metrics`` and the data pipeline give), on the first ``--typed-images`` maps;
-- ``bincount_floor``: only the ``torch.bincount`` of ours, on keys computed beforehand (same 4-lane int16 layout),
-  on the first ``--typed-images`` maps: the part of our time that the other steps cannot reduce;
+- ``ours_torch``: the same accumulator with ``backend="torch"`` (``torch.bincount``, the way without numba);
+- ``bincount_floor``: only the ``torch.bincount`` of the torch backend, on keys computed beforehand (same 4-lane
+  int16 layout), on the first ``--typed-images`` maps: the part of its time that its other steps cannot reduce;
+- ``ours_device``, with ``--device cuda``: the accumulator on the GPU (``torch.bincount`` there), the maps already in
+  GPU memory; each round ends with ``compute``, which copies the matrix to the CPU and so waits for the GPU;
+- ``ours_noise`` and ``ours_torch_noise``: both backends on ``--typed-images`` maps of white noise (uniform random
+  classes, no pixel like its neighbours), the kernel's worst case: it counts where pixels differ from the pixel above;
 - ``numpy``: `evaluate`'s ``mean_iou`` algorithm (per-image ``np.histogram`` of intersection, prediction and label),
   the faithful copy kept in ``tests/test_evaluation.py``;
 - ``cityscapesscripts``: its ``evaluateImgLists`` / ``evaluatePair`` (pure-Python path: the pip wheel has no Cython
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,6 +61,10 @@ METHODS = {
     "ours": "ours: ConfusionMatrixAccumulator, per image",
     "ours_batches": "ours: ConfusionMatrixAccumulator, batches",
     "ours_trainer_dtypes": "ours: int16 predictions, int64 labels",
+    "ours_torch": "ours, backend='torch' (torch.bincount), per image",
+    "ours_device": "ours on the GPU (maps in GPU memory), per image",
+    "ours_noise": "ours on white-noise maps (worst case)",
+    "ours_torch_noise": "ours, backend='torch', on white-noise maps",
     "bincount_floor": "torch.bincount alone, on precomputed keys",
     "numpy": "numpy per-image histograms (evaluate's algorithm)",
     "cityscapesscripts": "cityscapesscripts evaluatePair (labelIds)",
@@ -138,10 +150,18 @@ def machine_description() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "numba": _version_of("numba"),
         "python": platform.python_version(),
         # other engineers share this machine's cores: the load says how busy it was
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _version_of(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cityscapes-images", type=int, default=5, help="maps for cityscapesscripts (default: 5)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument("--device", default="cpu", help="also time ours on this device, e.g. cuda (default: cpu only)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -169,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     predictions_np, references_np = predictions.numpy(), references.numpy()
     typed_predictions = predictions[: args.typed_images].to(torch.int16)
     typed_references = references[: args.typed_images].to(torch.int64)
+    noise = torch.Generator().manual_seed(1)
+    noise_predictions, noise_references = (
+        torch.randint(0, n, (args.typed_images, args.height, args.width), generator=noise, dtype=torch.uint8)
+        for _ in range(2)
+    )
     copy_buffers = (np.empty_like(predictions_np[0]), np.empty_like(references_np[0]))
     lane_bins = 256 * n  # the layout of ConfusionMatrixAccumulator._count for uint8 references, 4 lanes
     lanes = (torch.arange(args.height * args.width) % 4 * lane_bins).to(torch.int16).view(args.height, args.width)
@@ -180,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             np.copyto(copy_buffers[0], prediction)
             np.copyto(copy_buffers[1], reference)
 
-    def ours(preds: torch.Tensor, refs: torch.Tensor, batch_size: int) -> Callable[[], dict]:
-        accumulator = ConfusionMatrixAccumulator(n)
+    def ours(preds: torch.Tensor, refs: torch.Tensor, batch_size: int, backend: str = "auto") -> Callable[[], dict]:
+        accumulator = ConfusionMatrixAccumulator(n, backend=backend)
 
         def run() -> dict:
             accumulator.reset()
@@ -196,11 +222,18 @@ def main(argv: list[str] | None = None) -> None:
         "ours": ours(predictions, references, 1),
         "ours_batches": ours(predictions, references, args.batch_size),
         "ours_trainer_dtypes": ours(typed_predictions, typed_references, 1),
+        "ours_torch": ours(predictions, references, 1, backend="torch"),
+        "ours_noise": ours(noise_predictions, noise_references, 1),
+        "ours_torch_noise": ours(noise_predictions, noise_references, 1, backend="torch"),
         "bincount_floor": lambda: [torch.bincount(keys, minlength=4 * lane_bins) for keys in precomputed_keys],
         "numpy": lambda: evaluate_reference_mean_iou(predictions_np, references_np, n, IGNORE_INDEX),
     }
+    if torch.device(args.device).type != "cpu":
+        device_maps = (predictions.to(args.device), references.to(args.device))
+        functions["ours_device"] = ours(*device_maps, 1)
     images = {name: args.num_images for name in functions}
-    images["ours_trainer_dtypes"] = images["bincount_floor"] = len(typed_predictions)
+    for name in ("ours_trainer_dtypes", "bincount_floor", "ours_noise", "ours_torch_noise"):
+        images[name] = len(typed_predictions)
     cityscapes = cityscapes_evaluator(predictions_np[: args.cityscapes_images], references_np[: args.cityscapes_images])
     if cityscapes is not None and args.cityscapes_images > 0:
         functions["cityscapesscripts"] = cityscapes
@@ -245,6 +278,10 @@ def check_values(
     for key, value in ours.items():
         np.testing.assert_array_equal(value, numpy_metrics[key], err_msg=f"numpy {key}")
     np.testing.assert_array_equal(functions["ours_batches"]()["per_category_iou"], ours["per_category_iou"])
+    for key, value in functions["ours_torch"]().items():
+        np.testing.assert_array_equal(value, ours[key], err_msg=f"torch backend {key}")
+    for key, value in functions["ours_torch_noise"]().items():
+        np.testing.assert_array_equal(value, functions["ours_noise"]()[key], err_msg=f"noise maps {key}")
     typed = ConfusionMatrixAccumulator(n)
     typed.update(predictions[: args.typed_images], references[: args.typed_images])
     typed_iou = functions["ours_trainer_dtypes"]()["per_category_iou"]
@@ -252,7 +289,12 @@ def check_values(
     floor = sum(functions["bincount_floor"]()).view(4, 256, n).sum(0)[:n]
     np.testing.assert_array_equal(floor.numpy(), typed.confusion_matrix.numpy())
     checks = {"numpy": "all keys bit-identical", "ours_batches": "identical", "ours_trainer_dtypes": "identical",
+              "ours_torch": "all keys bit-identical", "ours_noise": "all keys bit-identical to backend='torch'",
               "bincount_floor": "same confusion matrix"}
+    if "ours_device" in functions:
+        for key, value in functions["ours_device"]().items():
+            np.testing.assert_array_equal(value, ours[key], err_msg=f"{args.device} {key}")
+        checks["ours_device"] = "all keys bit-identical"
     if "cityscapesscripts" in functions:
         subset = ConfusionMatrixAccumulator(n)
         subset.update(predictions[: args.cityscapes_images], references[: args.cityscapes_images])

@@ -193,6 +193,12 @@ def brute_force_confusion_matrix(predictions, references, num_labels, ignore_ind
     return expected
 
 
+@pytest.fixture(params=["numba", "torch"])
+def backend(request) -> str:
+    """Both ways of counting on CPU: the compiled kernel and ``torch.bincount`` must give the same numbers."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def cityscapes_sample(shared_data_dir: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """(labelIds file, labelIds map, a deterministic prediction in trainIds) of the shared Cityscapes sample."""
@@ -237,7 +243,7 @@ def test_documented_example_of_evaluate():
         (300, np.int32, 255, False, None),
     ],
 )
-def test_matches_evaluate_reference(num_labels, dtype, ignore_index, reduce_labels, nan_to_num):
+def test_matches_evaluate_reference(num_labels, dtype, ignore_index, reduce_labels, nan_to_num, backend):
     # references stay in [0, num_labels) or equal ignore_index: evaluate counts the prediction of any other value
     pairs = [blocky_maps(seed, shape, min(num_labels, 255), ignore_index=ignore_index)
              for seed, shape in enumerate([(33, 47), (64, 64), (5, 80)])]
@@ -247,7 +253,11 @@ def test_matches_evaluate_reference(num_labels, dtype, ignore_index, reduce_labe
         predictions = [np.clip(prediction, 0, num_labels - 1) for prediction in predictions]
     expected = evaluate_reference_mean_iou(predictions, references, num_labels, ignore_index, nan_to_num,
                                            reduce_labels=reduce_labels)
-    actual = mean_iou(predictions, references, num_labels, ignore_index, nan_to_num, reduce_labels)
+    if backend == "numba" and num_labels > 255:
+        with pytest.raises(ValueError, match=r"at most 255 classes, got num_labels=300"):
+            mean_iou(predictions, references, num_labels, ignore_index, nan_to_num, reduce_labels, backend=backend)
+        backend = "auto"  # falls back to torch
+    actual = mean_iou(predictions, references, num_labels, ignore_index, nan_to_num, reduce_labels, backend=backend)
     assert_metrics_identical(actual, expected)
     if num_labels > 255:  # classes 255.. never occur: NaN as in evaluate, or the nan_to_num value
         absent = actual["per_category_iou"][255:]
@@ -280,7 +290,7 @@ def test_input_forms_agree():
 
 @pytest.mark.parametrize("reference_dtype", [torch.uint8, torch.int16, torch.int64])
 @pytest.mark.parametrize("ignore_index", [255, 0, -100])
-def test_confusion_matrix_counts(reference_dtype, ignore_index):
+def test_confusion_matrix_counts(reference_dtype, ignore_index, backend):
     """Exact counts; references 255, negative or >= num_labels are skipped, ``ignore_index`` even inside the range."""
     generator = torch.Generator().manual_seed(1)
     num_labels = 6
@@ -289,7 +299,7 @@ def test_confusion_matrix_counts(reference_dtype, ignore_index):
     references = torch.randint(low, 256, (3, 17, 29), generator=generator)
     references[references > 40] %= num_labels  # mostly valid classes
     references = references.to(reference_dtype)
-    accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index)
+    accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, backend=backend)
     accumulator.update(predictions.to(torch.uint8), references)
     expected = brute_force_confusion_matrix(predictions.numpy(), references.numpy(), num_labels, ignore_index)
     assert accumulator.confusion_matrix.dtype == torch.int64
@@ -298,7 +308,7 @@ def test_confusion_matrix_counts(reference_dtype, ignore_index):
 
 @pytest.mark.parametrize("num_labels", [19, 40])  # 40: the keys no longer fit int16
 @pytest.mark.parametrize("chunk_pixels", [None, 100])  # 100: every map of a batch counted on its own
-def test_reused_buffers_follow_shape_and_dtype_changes(num_labels, chunk_pixels, monkeypatch):
+def test_reused_buffers_follow_shape_and_dtype_changes(num_labels, chunk_pixels, monkeypatch, backend):
     """One accumulator fed maps of changing sizes (odd pixel counts too) and dtypes: the cached keys stay right."""
     if chunk_pixels is not None:
         monkeypatch.setattr(evaluation, "_CPU_CHUNK_PIXELS", chunk_pixels)
@@ -311,7 +321,7 @@ def test_reused_buffers_follow_shape_and_dtype_changes(num_labels, chunk_pixels,
             prediction = np.stack([np.roll(prediction, shift, axis=1) for shift in range(shape[0])])
             reference = np.stack([np.roll(reference, 2 * shift, axis=0) for shift in range(shape[0])])
         updates.append((prediction.astype(np.uint8), reference.astype(reference_dtype)))
-    accumulator = ConfusionMatrixAccumulator(num_labels)
+    accumulator = ConfusionMatrixAccumulator(num_labels, backend=backend)
     for prediction, reference in updates:
         accumulator.update(prediction, reference)
     expected = brute_force_confusion_matrix([p for p, _ in updates], [r for _, r in updates], num_labels, IGNORE_INDEX)
@@ -335,8 +345,8 @@ def test_streaming_equals_one_shot_and_reset():
     assert_metrics_identical(accumulator.compute(), evaluate_reference_mean_iou([pairs[0][0]], [pairs[0][1]], 19, 255))
 
 
-def test_empty_and_degenerate():
-    accumulator = ConfusionMatrixAccumulator(4)
+def test_empty_and_degenerate(backend):
+    accumulator = ConfusionMatrixAccumulator(4, backend=backend)
     metrics = accumulator.compute()  # nothing seen: every class absent
     assert math.isnan(metrics["mean_iou"]) and math.isnan(metrics["overall_accuracy"])
     accumulator.update(torch.zeros(0, 5, 5, dtype=torch.long), torch.zeros(0, 5, 5, dtype=torch.long))
@@ -345,8 +355,8 @@ def test_empty_and_degenerate():
     assert metrics_from_confusion_matrix(torch.eye(3, dtype=torch.long) * 5, nan_to_num=0)["mean_iou"] == 1.0
 
 
-def test_errors_name_the_problem():
-    accumulator = ConfusionMatrixAccumulator(19)
+def test_errors_name_the_problem(backend):
+    accumulator = ConfusionMatrixAccumulator(19, backend=backend)
     labels = torch.zeros(2, 4, 4, dtype=torch.long)
     predictions = torch.zeros(2, 4, 4, dtype=torch.long)
     predictions.view(-1)[5] = 19
@@ -366,14 +376,16 @@ def test_errors_name_the_problem():
         mean_iou([labels[0], labels[1]], [labels[0]], num_labels=19)
     with pytest.raises(ValueError, match=r"`num_labels` must be a positive integer, got 0"):
         ConfusionMatrixAccumulator(0)
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'numba', 'torch', got 'cuda'"):
+        ConfusionMatrixAccumulator(19, backend="cuda")
     assert int(accumulator.confusion_matrix.sum()) == 0  # failed updates add nothing
 
 
-def test_out_of_range_predictions_on_skipped_pixels_are_ignored():
+def test_out_of_range_predictions_on_skipped_pixels_are_ignored(backend):
     """As in evaluate: predictions of ignored (or out-of-range) references are not looked at, whatever they hold."""
     references = torch.tensor([[0, 1, 255], [2, -100, 7]])
     predictions = torch.tensor([[0, 2, 255], [2, -5, 1000]])
-    accumulator = ConfusionMatrixAccumulator(3)
+    accumulator = ConfusionMatrixAccumulator(3, backend=backend)
     accumulator.update(predictions, references)
     assert accumulator.confusion_matrix.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
 

@@ -3,8 +3,9 @@
 The numbers are those of the `evaluate` ``mean_iou`` metric (same keys, same float64 arithmetic, NaN for a class absent
 from both predictions and references) and, per class, those of the Cityscapes pixel-level evaluator
 (``cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling``) once trainIds are mapped to labelIds, its mean up to
-the last bit (it sums the classes in another order); the tests check both. The counts are exact int64; only ``torch``
-and ``numpy`` are needed at run time.
+the last bit (it sums the classes in another order); the tests check both. The counts are exact int64. On CPU they
+come from a compiled kernel (:mod:`.confusion_kernel`, numba) that reads the two maps once and counts only where a
+pixel differs from the one above it; elsewhere (GPU, more than 255 classes, numba missing) from ``torch.bincount``.
 
 Standalone, on any device, with or without ``torch.distributed``::
 
@@ -57,6 +58,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -76,8 +78,18 @@ _LANES = 4
 """Interleaved sub-histograms in the confusion-matrix ``bincount`` (see ``ConfusionMatrixAccumulator._count``)."""
 _CPU_CHUNK_PIXELS = 1 << 21
 """Pixels counted per ``bincount`` on CPU (one Cityscapes map): its int16 scratch maps then fit in cache."""
+_BACKENDS = ("auto", "numba", "torch")
 _INT16_MAX = torch.iinfo(torch.int16).max
 _INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def _compiled_counter() -> ModuleType | None:
+    """:mod:`.confusion_kernel`, or None without numba (imported on first use: numba takes ~0.2 s to import)."""
+    try:
+        from . import confusion_kernel
+    except ImportError:  # numba is not installed, or has no build for this platform: torch.bincount counts
+        return None
+    return confusion_kernel
 
 
 def metrics_from_confusion_matrix(
@@ -175,6 +187,12 @@ class ConfusionMatrixAccumulator:
             Where the matrix lives and the counting runs; by default the device of the first :meth:`update`.
         reduce_labels (`bool`, *optional*, defaults to `False`):
             Apply `evaluate`'s ``reduce_labels`` to the references first (0 -> 255, others minus one).
+        backend (`str`, *optional*, defaults to `"auto"`):
+            How CPU maps are counted: ``"numba"``, the compiled kernel of :mod:`.confusion_kernel` (up to 255
+            classes; about 4x faster than ``bincount`` on Cityscapes-sized label maps, 1.2x on white noise; compiled on
+            first use, then cached on disk); ``"torch"``, ``torch.bincount``; ``"auto"``, the kernel when numba is
+            installed and ``num_labels <= 255``, else ``torch``. Maps on other devices are always counted with
+            ``torch.bincount``. All give the same counts.
 
     Example:
 
@@ -192,12 +210,26 @@ class ConfusionMatrixAccumulator:
         ignore_index: int = IGNORE_INDEX,
         device: torch.device | str | None = None,
         reduce_labels: bool = False,
+        backend: str = "auto",
     ) -> None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"`num_labels` must be a positive integer, got {num_labels!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+        kernel = _compiled_counter() if backend != "torch" else None
+        if backend == "numba" and kernel is None:
+            raise ImportError("`backend='numba'` needs numba (`pip install numba`); `backend='auto'` falls back to torch")
+        if backend == "numba" and num_labels > kernel.MAX_NUM_LABELS:
+            raise ValueError(
+                f"`backend='numba'` counts at most {kernel.MAX_NUM_LABELS} classes, got num_labels={num_labels}"
+                " (use backend='torch' or 'auto')"
+            )
         self.num_labels = num_labels
         self.ignore_index = int(ignore_index)
         self.reduce_labels = reduce_labels
+        use_kernel = kernel is not None and num_labels <= kernel.MAX_NUM_LABELS
+        self.backend = "numba" if use_kernel else "torch"
+        self._key_table = kernel.key_table(num_labels, self.ignore_index) if use_kernel else None
         self.device = torch.device(device) if device is not None else None
         self.confusion_matrix: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # scratch maps of _count, kept between updates
@@ -250,9 +282,12 @@ class ConfusionMatrixAccumulator:
             return
         if self.reduce_labels:
             references = _reduce_labels(references)
-        predictions = self._checked_predictions(predictions, references)
         if predictions.ndim == 2:
             predictions, references = predictions[None], references[None]
+        if self.backend == "numba" and self.device.type == "cpu":
+            self.confusion_matrix += self._count_compiled(predictions, references)
+            return
+        predictions = self._checked_predictions(predictions, references)
         # on CPU, a few maps at a time keep the scratch maps of _count in cache (a whole batch is ~20% slower)
         step = max(1, _CPU_CHUNK_PIXELS // predictions[0].numel()) if self.device.type == "cpu" else len(predictions)
         for start in range(0, len(predictions), step):
@@ -278,6 +313,18 @@ class ConfusionMatrixAccumulator:
                 f"evaluated, found {wrong.numel()} pixel(s) with values from {int(wrong.min())} to {int(wrong.max())}"
             )
         return predictions.masked_fill(invalid, 0)
+
+    def _count_compiled(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """`(num_labels, num_labels)` int64 counts of a CPU batch `(B, H, W)` by the compiled kernel.
+
+        The kernel also counts evaluated pixels whose prediction is outside ``[0, num_labels)``; when there are any,
+        :meth:`_checked_predictions` finds them again to raise its message (no range pass on the usual path).
+        """
+        n = self.num_labels
+        counts = _compiled_counter().count_keys(predictions.numpy(), references.numpy(), n, self._key_table)
+        if counts[n * n + 1]:
+            self._checked_predictions(predictions, references)  # raises
+        return torch.from_numpy(counts[: n * n].reshape(n, n))
 
     def _count(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """`(num_labels, num_labels)` int64 counts of one batch: one ``bincount`` of ``lane + row * n + prediction``.
@@ -384,6 +431,7 @@ def mean_iou(
     ignore_index: int = IGNORE_INDEX,
     nan_to_num: float | None = None,
     reduce_labels: bool = False,
+    backend: str = "auto",
 ) -> dict[str, float | np.ndarray]:
     """Mean IoU over label maps, with the keys and numbers of `evaluate`'s ``mean_iou`` metric.
 
@@ -401,12 +449,16 @@ def mean_iou(
             Replace NaN (a class absent from both predictions and references) by this value.
         reduce_labels (`bool`, *optional*, defaults to `False`):
             Reduce every reference by one and turn 0 into 255 (ADE20k-style background), as `evaluate` does.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            How the pixels are counted on CPU (see :class:`ConfusionMatrixAccumulator`); the numbers do not change.
 
     Returns:
         `dict`: ``mean_iou``, ``mean_accuracy``, ``overall_accuracy`` (floats), ``per_category_iou`` and
         ``per_category_accuracy`` (float64 arrays of shape `(num_labels,)`, NaN for a class absent from both).
     """
-    accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, reduce_labels=reduce_labels)
+    accumulator = ConfusionMatrixAccumulator(
+        num_labels, ignore_index=ignore_index, reduce_labels=reduce_labels, backend=backend
+    )
     for prediction, reference in _paired_items(predictions, references):
         accumulator.update(prediction, reference)
     return accumulator.compute(nan_to_num=nan_to_num)

@@ -1,0 +1,154 @@
+"""The compiled confusion-matrix counter (``hms_segmentation.confusion_kernel``): exact on every path it takes.
+
+Its two paths (``uint8`` maps of a width divisible by 8 read in place as words; anything else narrowed row by row into
+padded scratch rows) and its three per-word cases (unchanged from the row above, 8 equal pixels, mixed pixels) are
+checked against a brute-force count on maps built to reach each of them, and against ``torch.bincount``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from hms_segmentation import confusion_kernel, evaluation
+from hms_segmentation.evaluation import ConfusionMatrixAccumulator
+
+
+def brute_force(predictions: np.ndarray, references: np.ndarray, num_labels: int, ignore_index: int) -> np.ndarray:
+    predictions, references = predictions.astype(np.int64).ravel(), references.astype(np.int64).ravel()
+    evaluated = (references >= 0) & (references < num_labels) & (references != ignore_index)
+    assert ((predictions[evaluated] >= 0) & (predictions[evaluated] < num_labels)).all()
+    keys = references[evaluated] * num_labels + predictions[evaluated]
+    return np.bincount(keys, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def patterned_maps(rng: np.random.Generator, shape: tuple[int, ...], num_labels: int, pattern: str, dtype) -> tuple:
+    """(predictions, references) of `shape` whose rows and 8-pixel words take the kernel's different cases."""
+    high = num_labels + 3  # some references out of range (skipped)
+
+    def draw(block_rows: int, block_columns: int) -> np.ndarray:
+        grid = rng.integers(0, high, (*shape[:-2], shape[-2] // block_rows + 1, shape[-1] // block_columns + 1))
+        return np.repeat(np.repeat(grid, block_rows, -2), block_columns, -1)[..., : shape[-2], : shape[-1]]
+
+    if pattern == "noise":  # every word mixed, every row changed
+        references, predictions = draw(1, 1), draw(1, 1)
+    elif pattern == "stripes":  # identical rows: every word after the first row unchanged
+        references = np.broadcast_to(draw(shape[-2] + 1, 8)[..., :1, :], shape)
+        predictions = np.broadcast_to(draw(shape[-2] + 1, 3)[..., :1, :], shape)
+    elif pattern == "words":  # every row changes, every word is 8 equal pixels
+        references, predictions = draw(1, 8), draw(1, 8)
+    elif pattern == "bands":  # bands of noisy rows (counted once) between bands of blocks (carried down)
+        noisy = np.repeat(rng.random(shape[-2] // 3 + 1) < 0.5, 3)[: shape[-2], None]
+        references = np.where(noisy, draw(1, 1), draw(4, 8))
+        predictions = np.where(noisy, draw(1, 1), draw(3, 5))
+    else:  # blocks of random sizes, some words mixed, pairs that leave a column and come back
+        references, predictions = draw(*rng.integers(1, 6, 2)), draw(*rng.integers(1, 6, 2))
+    references = np.where(rng.random(shape) < 0.05, 255, references)
+    predictions = np.where((references >= 0) & (references < num_labels), np.minimum(predictions, num_labels - 1),
+                           predictions)
+    if np.dtype(dtype).kind == "i":  # negative references (e.g. the Trainer's -100) and predictions where skipped
+        negative = rng.random(shape) < 0.03
+        references = np.where(negative, -100 if np.iinfo(dtype).min <= -100 else -1, references)
+        predictions = np.where(negative, -7, predictions)
+    return np.ascontiguousarray(predictions.astype(dtype)), np.ascontiguousarray(references.astype(dtype))
+
+
+@pytest.mark.parametrize("pattern", ["noise", "stripes", "words", "bands", "blocks"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.int64])
+def test_exact_on_every_path(pattern, dtype):
+    """Widths divisible by 8 or not (1 to 70), one row or many, batches, class counts up to 255, every row mode."""
+    rng = np.random.default_rng([hash(pattern) % 1000, np.dtype(dtype).num])
+    for trial in range(12):
+        num_labels = int(rng.choice([1, 2, 5, 19, 65, 124, 255]))
+        if np.dtype(dtype) == np.int8:
+            num_labels = min(num_labels, 120)
+        ignore_index = int(rng.choice([255, 0, num_labels - 1, -100]))
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 20)), int(rng.choice([1, 7, 8, 16, 23, 64, 70])))
+        predictions, references = patterned_maps(rng, shape, num_labels, pattern, dtype)
+        accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, backend="numba")
+        accumulator.update(predictions, references)
+        expected = brute_force(predictions, references, num_labels, ignore_index)
+        np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected,
+                                      err_msg=f"trial {trial}: {num_labels=} {ignore_index=} {shape=}")
+
+
+def test_non_contiguous_and_strided_maps():
+    rng = np.random.default_rng(3)
+    predictions, references = patterned_maps(rng, (2, 24, 48), 19, "blocks", np.uint8)
+    views = [(predictions.transpose(0, 2, 1), references.transpose(0, 2, 1)),  # not C-contiguous
+             (predictions[:, ::2, 1::3], references[:, ::2, 1::3]),
+             (torch.from_numpy(predictions).transpose(1, 2), torch.from_numpy(references).transpose(1, 2))]
+    for prediction_view, reference_view in views:
+        accumulator = ConfusionMatrixAccumulator(19, backend="numba")
+        accumulator.update(prediction_view, reference_view)
+        expected = brute_force(np.asarray(prediction_view), np.asarray(reference_view), 19, 255)
+        np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected)
+
+
+def test_cityscapes_sized_maps_equal_bincount():
+    """The benchmark's 1024x2048 maps: the kernel and ``torch.bincount`` give the same matrix, uint8 and Trainer dtypes."""
+    rng = np.random.default_rng(0)
+    predictions, references = patterned_maps(rng, (1, 1024, 2048), 19, "blocks", np.uint8)
+    kernel = ConfusionMatrixAccumulator(19, backend="numba")
+    kernel.update(predictions, references)
+    kernel.update(predictions.astype(np.int16), references.astype(np.int64))
+    bincount = ConfusionMatrixAccumulator(19, backend="torch")
+    bincount.update(predictions, references)
+    assert torch.equal(kernel.confusion_matrix, 2 * bincount.confusion_matrix)
+
+
+def test_bad_predictions_raise_on_both_paths():
+    """A prediction outside [0, n) at an evaluated pixel, in an all-equal word, a mixed word, or a narrowed row."""
+    references = np.zeros((2, 16, 32), np.uint8)
+    for predictions in (np.full((2, 16, 32), 19, np.uint8), np.stack([np.eye(16, 32, dtype=np.uint8) * 200] * 2),
+                        np.full((2, 16, 30), 25, np.int16)):
+        accumulator = ConfusionMatrixAccumulator(19, backend="numba")
+        with pytest.raises(ValueError, match=r"must be class indices in \[0, 19\)"):
+            accumulator.update(predictions, references[..., : predictions.shape[-1]])
+        assert int(accumulator.confusion_matrix.sum()) == 0
+
+
+def test_backend_choice(monkeypatch):
+    assert ConfusionMatrixAccumulator(19).backend == "numba"
+    assert ConfusionMatrixAccumulator(255).backend == "numba"
+    assert ConfusionMatrixAccumulator(256).backend == "torch"  # keys of one byte per pixel: up to 255 classes
+    assert ConfusionMatrixAccumulator(19, backend="torch").backend == "torch"
+    with pytest.raises(ValueError, match=r"at most 255 classes, got num_labels=256 \(use backend='torch' or 'auto'\)"):
+        ConfusionMatrixAccumulator(256, backend="numba")
+    monkeypatch.setattr(evaluation, "_compiled_counter", lambda: None)  # numba not installed
+    assert ConfusionMatrixAccumulator(19).backend == "torch"
+    with pytest.raises(ImportError, match=r"`backend='numba'` needs numba"):
+        ConfusionMatrixAccumulator(19, backend="numba")
+
+
+def test_key_table():
+    table = confusion_kernel.key_table(3, ignore_index=1).reshape(256, 256)  # [reference, prediction]
+    assert table[2, 1] == 2 * 3 + 1 and table[0, 0] == 0
+    assert table[1, 2] == table[255, 0] == table[3, 7] == 9  # skipped: ignore_index, 255, >= n
+    assert table[0, 3] == table[2, 255] == 10  # evaluated, prediction out of range
+    with pytest.raises(ValueError, match=r"1 to 255 classes, got num_labels=256"):
+        confusion_kernel.key_table(256, 255)
+
+
+def test_threads_count_independently():
+    """The kernel releases the GIL and keeps no shared state: accumulators in threads count what they are given."""
+    rng = np.random.default_rng(5)
+    pairs = [patterned_maps(rng, (2, 64, 128), 19, "blocks", np.uint8) for _ in range(4)]
+    results = [None] * len(pairs)
+
+    def count(index: int) -> None:
+        accumulator = ConfusionMatrixAccumulator(19, backend="numba")
+        for _ in range(3):
+            accumulator.update(*pairs[index])
+        results[index] = accumulator.confusion_matrix.numpy()
+
+    threads = [threading.Thread(target=count, args=(index,)) for index in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (predictions, references), result in zip(pairs, results):
+        np.testing.assert_array_equal(result, 3 * brute_force(predictions, references, 19, 255))
