@@ -21,9 +21,10 @@ Methods, all on the same uint8 maps (trainIds, 255 = ignore), all checked to giv
   classes, no pixel like its neighbours), the kernel's worst case: it counts where pixels differ from the pixel above;
 - ``numpy``: `evaluate`'s ``mean_iou`` algorithm (per-image ``np.histogram`` of intersection, prediction and label),
   the faithful copy kept in ``tests/test_evaluation.py``;
-- ``cityscapesscripts``: its ``evaluateImgLists`` / ``evaluatePair`` (pure-Python path: the pip wheel has no Cython
-  module) on labelIds, on the first ``--cityscapes-images`` maps (it is slow) with PNG loading replaced by in-memory
-  images (``np.array`` of a PIL image is still paid, as in the original); skipped when the package is missing.
+- ``cityscapesscripts``: its ``evaluateImgLists`` / ``evaluatePair`` (its numpy path, ``np.unique`` of encoded pairs:
+  the pip wheel has no Cython module) on labelIds, on the first ``--cityscapes-images`` maps (default: all) with PNG
+  loading replaced by in-memory images (``np.array`` of a PIL image is still paid, as in the original); skipped when
+  the package is missing.
 
 Maps: 32x32-pixel blocks of random classes, ~8% of 16x16 blocks ignored; predictions are the references shifted by
 (3, 5) pixels with ~10% of 16x16 blocks replaced by a random class, a class on ignored pixels. Each method runs over
@@ -174,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-labels", type=int, default=19)
     parser.add_argument("--batch-size", type=int, default=4, help="maps per update for 'ours, batches' (default: 4)")
     parser.add_argument("--typed-images", type=int, default=10, help="maps for 'ours, Trainer dtypes' (default: 10)")
-    parser.add_argument("--cityscapes-images", type=int, default=5, help="maps for cityscapesscripts (default: 5)")
+    parser.add_argument("--cityscapes-images", type=int, default=100, help="maps for cityscapesscripts (default: 100)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--device", default="cpu", help="also time ours on this device, e.g. cuda (default: cpu only)")

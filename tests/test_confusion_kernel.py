@@ -152,3 +152,25 @@ def test_threads_count_independently():
         thread.join()
     for (predictions, references), result in zip(pairs, results):
         np.testing.assert_array_equal(result, 3 * brute_force(predictions, references, 19, 255))
+
+
+def test_unusable_numba_cache_falls_back_with_a_warning(monkeypatch):
+    """numba raises RuntimeError on import when no folder for its cache is writable: torch counts instead, said once."""
+    import sys
+
+    import numba
+
+    import hms_segmentation
+
+    def njit(*args, **kwargs):
+        raise RuntimeError("cannot cache function '_add_row': no locator available for file 'confusion_kernel.py'")
+
+    monkeypatch.delitem(sys.modules, "hms_segmentation.confusion_kernel")
+    monkeypatch.delattr(hms_segmentation, "confusion_kernel")
+    monkeypatch.setattr(numba, "njit", njit)
+    with pytest.warns(RuntimeWarning, match=r"no locator available .* counting with torch.bincount instead"):
+        accumulator = ConfusionMatrixAccumulator(19)
+    assert accumulator.backend == "torch"
+    predictions, references = patterned_maps(np.random.default_rng(6), (1, 16, 24), 19, "blocks", np.uint8)
+    accumulator.update(predictions, references)
+    np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), brute_force(predictions, references, 19, 255))

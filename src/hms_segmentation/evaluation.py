@@ -89,6 +89,10 @@ def _compiled_counter() -> ModuleType | None:
         from . import confusion_kernel
     except ImportError:  # numba is not installed, or has no build for this platform: torch.bincount counts
         return None
+    except RuntimeError as error:  # numba found no writable folder for its cache (package and home read-only)
+        warnings.warn(f"the compiled mean-IoU counter is unavailable ({error}); counting with torch.bincount "
+                      "instead (set NUMBA_CACHE_DIR to a writable folder to use it)", RuntimeWarning, stacklevel=3)
+        return None
     return confusion_kernel
 
 
