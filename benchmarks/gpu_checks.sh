@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU figures that BENCHMARKS.md still lacks, in one run sized for a lent GPU (about 6 minutes on one H200):
+#   1. mean IoU on the GPU: ConfusionMatrixAccumulator on 100 maps of 1024x2048 already in GPU memory (issue 6,
+#      point 4: "well under a millisecond per map"), beside the CPU methods of the same script;
+#   2. the training step of HRNet-W48 + OCR at 1024 crops, fp32 and fp16 autocast, RMI and cross-entropy (issue 6,
+#      point 8: samples/s and peak memory).
+# Each step has its own time limit, so one that hangs leaves the others their time; every JSON lands in OUTPUT_DIR.
+#
+#   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # on a machine with a CUDA GPU and the package installed
+#   bash benchmarks/gpu_checks.sh OUTPUT_DIR --smoke    # the same commands on CPU at toy sizes (checks the script)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+output_dir=${1:?usage: bash benchmarks/gpu_checks.sh OUTPUT_DIR [--smoke]}
+mkdir -p "$output_dir"
+export PYTHONUNBUFFERED=1
+if [ "${2:-}" = "--smoke" ]; then
+    device=cpu; maps="--num-images 3 --typed-images 2 --height 64 --width 128"; mean_iou_device=""
+    train="--preset hrnet_small_ocr --crop-size 128 --batch-size 2 --steps 1 --precision fp32"
+else
+    device=cuda; maps="--num-images 100 --typed-images 10"; mean_iou_device="--device cuda"
+    train="--preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --steps 5 --precision fp32 fp16"
+    python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
+fi
+status=0
+# cityscapesscripts (when installed) checks values on 5 maps only: its CPU time is not the point here
+timeout 240 python benchmarks/mean_iou.py $maps --cityscapes-images 5 --rounds 5 $mean_iou_device \
+    --output "$output_dir/mean_iou_$device.json" || status=1
+timeout 300 python benchmarks/train_step.py --device "$device" $train --losses rmi cross_entropy \
+    --output "$output_dir/train_step_$device.json" || status=1
+exit $status
