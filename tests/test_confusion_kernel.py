@@ -81,6 +81,13 @@ def test_non_contiguous_and_strided_maps():
     views = [(predictions.transpose(0, 2, 1), references.transpose(0, 2, 1)),  # not C-contiguous
              (predictions[:, ::2, 1::3], references[:, ::2, 1::3]),
              (torch.from_numpy(predictions).transpose(1, 2), torch.from_numpy(references).transpose(1, 2))]
+    # contiguous maps that start 1 and 3 bytes past an 8-byte boundary: read as (unaligned) 64-bit words
+    shifted = []
+    for array, offset in ((predictions, 1), (references, 3)):
+        buffer = np.zeros(offset + array.size, np.uint8)  # numpy aligns the buffer itself
+        buffer[offset:] = array.ravel()
+        shifted.append(buffer[offset:].reshape(array.shape))
+    views.append(tuple(shifted))
     for prediction_view, reference_view in views:
         accumulator = ConfusionMatrixAccumulator(19, backend="numba")
         accumulator.update(prediction_view, reference_view)
