@@ -36,8 +36,6 @@ _WORD_PIXELS = 8
 _BYTE = np.uint64(0xFF)
 _REPEATED_BYTE = np.uint64(0x0101010101010101)
 _SHIFT = np.uint64(8)
-_GROUP_WORDS = 4
-"""Words compared with the row above at once (vectorised) before looking at each: most groups are unchanged."""
 
 
 def key_table(num_labels: int, ignore_index: int) -> np.ndarray:
