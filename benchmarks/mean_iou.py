@@ -12,6 +12,7 @@ Methods, all on the same uint8 maps (trainIds, 255 = ignore), all checked to giv
   (the compiled kernel of ``hms_segmentation.confusion_kernel``); ``ours, batches``: the same fed ``--batch-size``
   maps at a time; ``ours, Trainer dtypes``: int16 predictions and int64 labels (what
   ``preprocess_logits_for_metrics`` and the data pipeline give), on the first ``--typed-images`` maps;
+- ``ours_threads``: ``ours`` with ``num_threads=--kernel-threads`` (bands of rows of each map counted side by side);
 - ``ours_torch``: the same accumulator with ``backend="torch"`` (``torch.bincount``, the way without numba);
 - ``bincount_floor``: only the ``torch.bincount`` of the torch backend, on keys computed beforehand (same 4-lane
   int16 layout), on the first ``--typed-images`` maps: the part of its time that its other steps cannot reduce;
@@ -62,6 +63,7 @@ METHODS = {
     "ours": "ours: ConfusionMatrixAccumulator, per image",
     "ours_batches": "ours: ConfusionMatrixAccumulator, batches",
     "ours_trainer_dtypes": "ours: int16 predictions, int64 labels",
+    "ours_threads": "ours: ConfusionMatrixAccumulator, per image, num_threads=--kernel-threads",
     "ours_torch": "ours, backend='torch' (torch.bincount), per image",
     "ours_device": "ours on the GPU (maps in GPU memory), per image",
     "ours_noise": "ours on white-noise maps (worst case)",
@@ -178,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cityscapes-images", type=int, default=100, help="maps for cityscapesscripts (default: 100)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument("--kernel-threads", type=int, default=2,
+                        help="num_threads of the compiled counter for 'ours, kernel threads' (default: 2)")
     parser.add_argument("--device", default="cpu", help="also time ours on this device, e.g. cuda (default: cpu only)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
@@ -207,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             np.copyto(copy_buffers[0], prediction)
             np.copyto(copy_buffers[1], reference)
 
-    def ours(preds: torch.Tensor, refs: torch.Tensor, batch_size: int, backend: str = "auto") -> Callable[[], dict]:
-        accumulator = ConfusionMatrixAccumulator(n, backend=backend)
+    def ours(
+        preds: torch.Tensor, refs: torch.Tensor, batch_size: int, backend: str = "auto", num_threads: int = 1
+    ) -> Callable[[], dict]:
+        accumulator = ConfusionMatrixAccumulator(n, backend=backend, num_threads=num_threads)
 
         def run() -> dict:
             accumulator.reset()
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         "ours": ours(predictions, references, 1),
         "ours_batches": ours(predictions, references, args.batch_size),
         "ours_trainer_dtypes": ours(typed_predictions, typed_references, 1),
+        "ours_threads": ours(predictions, references, 1, num_threads=args.kernel_threads),
         "ours_torch": ours(predictions, references, 1, backend="torch"),
         "ours_noise": ours(noise_predictions, noise_references, 1),
         "ours_torch_noise": ours(noise_predictions, noise_references, 1, backend="torch"),
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_description(),
         "shape": {"num_images": args.num_images, "height": args.height, "width": args.width, "num_labels": n},
         "rounds": args.rounds,
+        "kernel_threads": args.kernel_threads,
         "checks": checks,
         "methods": {
             name: {
@@ -279,8 +287,9 @@ def check_values(
     for key, value in ours.items():
         np.testing.assert_array_equal(value, numpy_metrics[key], err_msg=f"numpy {key}")
     np.testing.assert_array_equal(functions["ours_batches"]()["per_category_iou"], ours["per_category_iou"])
-    for key, value in functions["ours_torch"]().items():
-        np.testing.assert_array_equal(value, ours[key], err_msg=f"torch backend {key}")
+    for name in ("ours_threads", "ours_torch"):
+        for key, value in functions[name]().items():
+            np.testing.assert_array_equal(value, ours[key], err_msg=f"{name} {key}")
     for key, value in functions["ours_torch_noise"]().items():
         np.testing.assert_array_equal(value, functions["ours_noise"]()[key], err_msg=f"noise maps {key}")
     typed = ConfusionMatrixAccumulator(n)
@@ -290,8 +299,8 @@ def check_values(
     floor = sum(functions["bincount_floor"]()).view(4, 256, n).sum(0)[:n]
     np.testing.assert_array_equal(floor.numpy(), typed.confusion_matrix.numpy())
     checks = {"numpy": "all keys bit-identical", "ours_batches": "identical", "ours_trainer_dtypes": "identical",
-              "ours_torch": "all keys bit-identical", "ours_noise": "all keys bit-identical to backend='torch'",
-              "bincount_floor": "same confusion matrix"}
+              "ours_threads": "all keys bit-identical", "ours_torch": "all keys bit-identical",
+              "ours_noise": "all keys bit-identical to backend='torch'", "bincount_floor": "same confusion matrix"}
     if "ours_device" in functions:
         for key, value in functions["ours_device"]().items():
             np.testing.assert_array_equal(value, ours[key], err_msg=f"{args.device} {key}")

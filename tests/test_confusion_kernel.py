@@ -7,6 +7,7 @@ checked against a brute-force count on maps built to reach each of them, and aga
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import numpy as np
@@ -184,3 +185,35 @@ def test_unusable_numba_cache_falls_back_with_a_warning(monkeypatch):
     predictions, references = patterned_maps(np.random.default_rng(6), (1, 16, 24), 19, "blocks", np.uint8)
     accumulator.update(predictions, references)
     np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), brute_force(predictions, references, 19, 255))
+
+
+@pytest.mark.parametrize("batch, height, width, num_threads", [(1, 2048, 1024, 3), (5, 64, 4096, 2), (3, 256, 1024, 4),
+                                                             (1, 3, 1 << 18, 4), (2, 1, 1 << 18, 8)])
+def test_parts_cover_every_row_once(batch, height, width, num_threads):
+    parts = confusion_kernel._parts(batch, height, width, num_threads)
+    assert 1 < len(parts) <= num_threads  # enough pixels here for several threads
+    seen = np.zeros((batch, height), np.int64)
+    for part in parts:
+        for maps, rows in part:
+            seen[maps, rows] += 1
+    assert (seen == 1).all()
+    assert confusion_kernel._parts(batch, 8, 8, num_threads) == [[(slice(None), slice(None))]]  # too small to share
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1100, 512), np.uint8), ((3, 256, 1024), np.uint8),
+                                          ((1, 700, 803), np.int16)])
+def test_threads_share_a_batch_exactly(shape, dtype):
+    """Bands of rows (counted each as a map) or groups of maps on 3 threads: the single-threaded counts exactly."""
+    predictions, references = patterned_maps(np.random.default_rng(7), shape, 19, "bands", dtype)
+    threaded = ConfusionMatrixAccumulator(19, backend="numba", num_threads=3)
+    threaded.update(predictions, references)
+    threaded.update(predictions, references)  # the threads are kept between updates
+    single = ConfusionMatrixAccumulator(19, backend="numba", num_threads=1)
+    single.update(predictions, references)
+    assert torch.equal(threaded.confusion_matrix, 2 * single.confusion_matrix)
+    np.testing.assert_array_equal(single.confusion_matrix.numpy(), brute_force(predictions, references, 19, 255))
+    copied = pickle.loads(pickle.dumps(threaded))  # without its threads, which it makes again when it needs them
+    copied.update(predictions, references)
+    assert torch.equal(copied.confusion_matrix, 3 * single.confusion_matrix)
+    with pytest.raises(ValueError, match=r"`num_threads` must be a positive integer or None, got 0"):
+        ConfusionMatrixAccumulator(19, num_threads=0)

@@ -25,11 +25,15 @@ so ``num_labels`` must be at most 255 (:data:`MAX_NUM_LABELS`). Counts are exact
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 from numba import njit
 
 MAX_NUM_LABELS = 255
 """Largest class count the ``uint8`` pixel keys hold (255 is left as the out-of-range value)."""
+MIN_PIXELS_PER_THREAD = 1 << 18
+"""Below this many pixels per thread, more threads cost more (handing work to a thread) than they save."""
 _OUT_OF_RANGE = 255
 _LANES = 4
 _WORD_PIXELS = 8
@@ -171,7 +175,14 @@ def _count_narrowed(predictions, references, table, counts, last_prediction, las
                                scratch_reference_words[above], changed, changed_blocks, height - y, carried)
 
 
-def count_keys(predictions: np.ndarray, references: np.ndarray, num_labels: int, table: np.ndarray) -> np.ndarray:
+def count_keys(
+    predictions: np.ndarray,
+    references: np.ndarray,
+    num_labels: int,
+    table: np.ndarray,
+    num_threads: int = 1,
+    executor: Executor | None = None,
+) -> np.ndarray:
     """Per-key pixel counts of a batch of maps (see :func:`num_keys` for the layout).
 
     Args:
@@ -184,28 +195,71 @@ def count_keys(predictions: np.ndarray, references: np.ndarray, num_labels: int,
             Number of classes, at most :data:`MAX_NUM_LABELS`.
         table (`np.ndarray`):
             ``key_table(num_labels, ignore_index)``.
+        num_threads (`int`, *optional*, defaults to 1):
+            Threads to count with: whole maps, or bands of rows of each map, each counted on its own (the kernel
+            releases the GIL). Fewer when there are less than :data:`MIN_PIXELS_PER_THREAD` pixels per thread.
+        executor (`concurrent.futures.Executor`, *optional*):
+            Runs all parts but the first (which runs in the calling thread); needed when `num_threads` > 1.
 
     Returns:
         `np.ndarray` of shape `(num_labels * num_labels + 2,)`, ``int64``.
     """
+    if predictions.ndim != 3 or predictions.shape != references.shape:
+        raise ValueError(f"expected two batches of maps of one shape (batch, height, width), got {predictions.shape} "
+                         f"and {references.shape}")
+    parts = _parts(*predictions.shape, num_threads if executor is not None else 1)
+    futures = [executor.submit(_count_parts, predictions, references, num_labels, table, part) for part in parts[1:]]
+    counts = _count_parts(predictions, references, num_labels, table, parts[0])
+    for future in futures:
+        counts += future.result()
+    return counts
+
+
+def _parts(batch: int, height: int, width: int, num_threads: int) -> list[list[tuple[slice, slice]]]:
+    """Work for each thread: (maps, rows) slices, each selecting a C-contiguous block of a C-contiguous batch.
+
+    Whole maps when there are at least as many maps as threads, else a band of rows of every map per thread.
+    """
+    threads = max(1, min(num_threads, batch * height * width // MIN_PIXELS_PER_THREAD))
+    if threads == 1:
+        return [[(slice(None), slice(None))]]
+    if batch >= threads:
+        bounds = [batch * index // threads for index in range(threads + 1)]
+        return [[(slice(bounds[k], bounds[k + 1]), slice(None))] for k in range(threads)]
+    threads = min(threads, height)
+    bounds = [height * index // threads for index in range(threads + 1)]
+    return [[(slice(b, b + 1), slice(bounds[k], bounds[k + 1])) for b in range(batch)] for k in range(threads)]
+
+
+def _count_parts(predictions: np.ndarray, references: np.ndarray, num_labels: int, table: np.ndarray,
+                 parts: list[tuple[slice, slice]]) -> np.ndarray:
+    """:func:`count_keys` of the blocks ``predictions[maps, rows]`` listed in `parts`, summed, in this thread."""
     counts = np.zeros((2 * _LANES, num_keys(num_labels)), dtype=np.int64)  # added, subtracted
-    batch, height, width = predictions.shape
-    if batch and height and width:
-        words = -(-width // _WORD_PIXELS)
-        changed_blocks = np.zeros(-(-words // _WORD_PIXELS), dtype=np.uint64)  # a flag byte per word, 8 per block
-        changed = changed_blocks.view(np.uint8)
-        if _readable_as_words(predictions) and _readable_as_words(references):
-            _count_words(predictions, references, predictions.view(np.uint64).reshape(batch, height, words),
-                         references.view(np.uint64).reshape(batch, height, words), table, counts, changed,
-                         changed_blocks)
-        else:
-            prediction_words = np.zeros((2, words), dtype=np.uint64)
-            reference_words = np.full_like(prediction_words, _REPEATED_BYTE * _OUT_OF_RANGE)  # padding: skipped
-            _count_narrowed(np.ascontiguousarray(predictions), np.ascontiguousarray(references), table, counts,
-                            _last_class(num_labels, predictions.dtype), _last_class(num_labels, references.dtype),
-                            prediction_words.view(np.uint8), reference_words.view(np.uint8), prediction_words,
-                            reference_words, changed, changed_blocks)
+    for maps, rows in parts:
+        _count_block(predictions[maps, rows], references[maps, rows], num_labels, table, counts)
     return counts.sum(axis=0)
+
+
+def _count_block(predictions: np.ndarray, references: np.ndarray, num_labels: int, table: np.ndarray,
+                 counts: np.ndarray) -> None:
+    """Add the counts of a batch of maps (or of a band of rows of one map, counted as a map) to `counts`."""
+    batch, height, width = predictions.shape
+    if not (batch and height and width):
+        return
+    words = -(-width // _WORD_PIXELS)
+    changed_blocks = np.zeros(-(-words // _WORD_PIXELS), dtype=np.uint64)  # a flag byte per word, 8 per block
+    changed = changed_blocks.view(np.uint8)
+    if _readable_as_words(predictions) and _readable_as_words(references):
+        _count_words(predictions, references, predictions.view(np.uint64).reshape(batch, height, words),
+                     references.view(np.uint64).reshape(batch, height, words), table, counts, changed,
+                     changed_blocks)
+    else:
+        prediction_words = np.zeros((2, words), dtype=np.uint64)
+        reference_words = np.full_like(prediction_words, _REPEATED_BYTE * _OUT_OF_RANGE)  # padding: skipped
+        _count_narrowed(np.ascontiguousarray(predictions), np.ascontiguousarray(references), table, counts,
+                        _last_class(num_labels, predictions.dtype), _last_class(num_labels, references.dtype),
+                        prediction_words.view(np.uint8), reference_words.view(np.uint8), prediction_words,
+                        reference_words, changed, changed_blocks)
 
 
 def _last_class(num_labels: int, dtype: np.dtype) -> np.generic:

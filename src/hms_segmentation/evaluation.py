@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -197,6 +198,9 @@ class ConfusionMatrixAccumulator:
             first use, then cached on disk); ``"torch"``, ``torch.bincount``; ``"auto"``, the kernel when numba is
             installed and ``num_labels <= 255``, else ``torch``. Maps on other devices are always counted with
             ``torch.bincount``. All give the same counts.
+        num_threads (`int`, *optional*):
+            Threads of the compiled counter (bands of rows, or maps, counted side by side; at least 2^18 pixels per
+            thread); by default ``torch.get_num_threads()`` when the accumulator is made.
 
     Example:
 
@@ -215,9 +219,13 @@ class ConfusionMatrixAccumulator:
         device: torch.device | str | None = None,
         reduce_labels: bool = False,
         backend: str = "auto",
+        num_threads: int | None = None,
     ) -> None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"`num_labels` must be a positive integer, got {num_labels!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"`num_threads` must be a positive integer or None, got {num_threads!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         kernel = _compiled_counter() if backend != "torch" else None
@@ -234,6 +242,8 @@ class ConfusionMatrixAccumulator:
         use_kernel = kernel is not None and num_labels <= kernel.MAX_NUM_LABELS
         self.backend = "numba" if use_kernel else "torch"
         self._key_table = kernel.key_table(num_labels, self.ignore_index) if use_kernel else None
+        self.num_threads = num_threads or torch.get_num_threads()
+        self._executor: ThreadPoolExecutor | None = None  # the compiled counter's extra threads, made when first needed
         self.device = torch.device(device) if device is not None else None
         self.confusion_matrix: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # scratch maps of _count, kept between updates
@@ -325,10 +335,18 @@ class ConfusionMatrixAccumulator:
         :meth:`_checked_predictions` finds them again to raise its message (no range pass on the usual path).
         """
         n = self.num_labels
-        counts = _compiled_counter().count_keys(predictions.numpy(), references.numpy(), n, self._key_table)
+        if self.num_threads > 1 and self._executor is None:
+            self._executor = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="mean-iou")
+        counts = _compiled_counter().count_keys(predictions.numpy(), references.numpy(), n, self._key_table,
+                                                num_threads=self.num_threads, executor=self._executor)
         if counts[n * n + 1]:
             self._checked_predictions(predictions, references)  # raises
         return torch.from_numpy(counts[: n * n].reshape(n, n))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_executor"] = None  # threads cannot be pickled or copied; a copy makes its own when it needs them
+        return state
 
     def _count(self, predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """`(num_labels, num_labels)` int64 counts of one batch: one ``bincount`` of ``lane + row * n + prediction``.
