@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from confusion_references import brute_force_confusion_matrix
+
 from hms_segmentation import confusion_kernel, evaluation
 from hms_segmentation.evaluation import ConfusionMatrixAccumulator
-
-
-def brute_force(predictions: np.ndarray, references: np.ndarray, num_labels: int, ignore_index: int) -> np.ndarray:
-    predictions, references = predictions.astype(np.int64).ravel(), references.astype(np.int64).ravel()
-    evaluated = (references >= 0) & (references < num_labels) & (references != ignore_index)
-    assert ((predictions[evaluated] >= 0) & (predictions[evaluated] < num_labels)).all()
-    keys = references[evaluated] * num_labels + predictions[evaluated]
-    return np.bincount(keys, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
 PATTERNS = ("noise", "stripes", "words", "bands", "blocks")
@@ -74,7 +68,7 @@ def test_exact_on_every_path(pattern, dtype):
         predictions, references = patterned_maps(rng, shape, num_labels, pattern, dtype)
         accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index, backend="numba")
         accumulator.update(predictions, references)
-        expected = brute_force(predictions, references, num_labels, ignore_index)
+        expected = brute_force_confusion_matrix(predictions, references, num_labels, ignore_index)
         np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected,
                                       err_msg=f"trial {trial}: {num_labels=} {ignore_index=} {shape=}")
 
@@ -95,12 +89,12 @@ def test_non_contiguous_and_strided_maps():
     for prediction_view, reference_view in views:
         accumulator = ConfusionMatrixAccumulator(19, backend="numba")
         accumulator.update(prediction_view, reference_view)
-        expected = brute_force(np.asarray(prediction_view), np.asarray(reference_view), 19, 255)
+        expected = brute_force_confusion_matrix(np.asarray(prediction_view), np.asarray(reference_view), 19, 255)
         np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected)
 
 
 def test_cityscapes_sized_maps_equal_bincount():
-    """The benchmark's 1024x2048 maps: the kernel and ``torch.bincount`` give the same matrix, uint8 and Trainer dtypes."""
+    """The benchmark's 1024x2048 maps: the kernel and ``torch.bincount`` give one matrix, uint8 and Trainer dtypes."""
     rng = np.random.default_rng(0)
     predictions, references = patterned_maps(rng, (1, 1024, 2048), 19, "blocks", np.uint8)
     kernel = ConfusionMatrixAccumulator(19, backend="numba")
@@ -162,7 +156,7 @@ def test_threads_count_independently():
     for thread in threads:
         thread.join()
     for (predictions, references), result in zip(pairs, results):
-        np.testing.assert_array_equal(result, 3 * brute_force(predictions, references, 19, 255))
+        np.testing.assert_array_equal(result, 3 * brute_force_confusion_matrix(predictions, references, 19, 255))
 
 
 def test_unusable_numba_cache_falls_back_with_a_warning(monkeypatch):
@@ -184,7 +178,8 @@ def test_unusable_numba_cache_falls_back_with_a_warning(monkeypatch):
     assert accumulator.backend == "torch"
     predictions, references = patterned_maps(np.random.default_rng(6), (1, 16, 24), 19, "blocks", np.uint8)
     accumulator.update(predictions, references)
-    np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), brute_force(predictions, references, 19, 255))
+    expected = brute_force_confusion_matrix(predictions, references, 19, 255)
+    np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected)
 
 
 @pytest.mark.parametrize("batch, height, width, num_threads", [(1, 2048, 1024, 3), (5, 64, 4096, 2), (3, 256, 1024, 4),
@@ -211,7 +206,8 @@ def test_threads_share_a_batch_exactly(shape, dtype):
     single = ConfusionMatrixAccumulator(19, backend="numba", num_threads=1)
     single.update(predictions, references)
     assert torch.equal(threaded.confusion_matrix, 2 * single.confusion_matrix)
-    np.testing.assert_array_equal(single.confusion_matrix.numpy(), brute_force(predictions, references, 19, 255))
+    expected = brute_force_confusion_matrix(predictions, references, 19, 255)
+    np.testing.assert_array_equal(single.confusion_matrix.numpy(), expected)
     copied = pickle.loads(pickle.dumps(threaded))  # without its threads, which it makes again when it needs them
     copied.update(predictions, references)
     assert torch.equal(copied.confusion_matrix, 3 * single.confusion_matrix)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from confusion_references import brute_force_confusion_matrix
 from PIL import Image
 from transformers import EvalPrediction
 
@@ -182,15 +183,6 @@ def assert_metrics_identical(actual: dict, expected: dict) -> None:
         assert isinstance(actual[key], float), key
     for key in METRIC_KEYS[3:]:
         assert isinstance(actual[key], np.ndarray) and actual[key].dtype == np.float64, key
-
-
-def brute_force_confusion_matrix(predictions, references, num_labels, ignore_index) -> np.ndarray:
-    expected = np.zeros((num_labels, num_labels), dtype=np.int64)
-    for prediction, reference in zip(predictions, references):
-        prediction, reference = np.asarray(prediction).ravel(), np.asarray(reference).ravel().astype(np.int64)
-        keep = (reference >= 0) & (reference < num_labels) & (reference != ignore_index)
-        np.add.at(expected, (reference[keep], prediction[keep].astype(np.int64)), 1)
-    return expected
 
 
 @pytest.fixture(params=["numba", "torch"])
