@@ -1,7 +1,8 @@
 """Started by `torchrun` / `accelerate launch` in tests: trains with one of our scripts, then writes what this rank saw.
 
-`rank<R>.json` holds the parameter checksum of this process's model after training and the sample ids it read, so
-the test can check that gradients were all-reduced (identical parameters) and that ranks read disjoint shards.
+`rank<R>.json` holds the parameter checksum of this process's model after training, the training sample ids it read
+and the evaluation images it read, so the test can check that gradients were all-reduced (identical parameters), that
+ranks read disjoint shards and that evaluation covered every image.
 """
 
 from __future__ import annotations
@@ -24,46 +25,57 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_report(report_dir: Path, model: torch.nn.Module, extra: dict) -> None:
+def write_report(report_dir: Path, model: torch.nn.Module, is_distributed: bool, extra: dict) -> None:
     rank = int(os.environ.get("RANK", 0))
-    is_distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     report = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)), "distributed": is_distributed,
               "parameters": parameter_digest(model), "sync_batch_norm": sync_bn, **extra}
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
+def record(dataset_class: type, indices: list[int]) -> None:
+    """Make `dataset_class.__getitem__` note each index it is asked for in `indices`."""
+    original_getitem = dataset_class.__getitem__
+
+    def recording_getitem(self, index):
+        indices.append(int(index))
+        return original_getitem(self, index)
+
+    dataset_class.__getitem__ = recording_getitem
+
+
 def main() -> int:
     script, report_dir, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     from hms_segmentation.data.training import SegmentationTrainingDataset
     from hms_segmentation.training.arguments import parse_arguments
+    from hms_segmentation.training.datasets import SegmentationEvalDataset
 
     read_indices: list[int] = []
-    original_getitem = SegmentationTrainingDataset.__getitem__
+    evaluated_indices: list[int] = []
+    record(SegmentationTrainingDataset, read_indices)
+    record(SegmentationEvalDataset, evaluated_indices)
+    trained = {}  # this process's model after the last step, before any evaluation, and whether it ran distributed
 
-    def recording_getitem(self, index):
-        read_indices.append(int(index))
-        return original_getitem(self, index)
-
-    SegmentationTrainingDataset.__getitem__ = recording_getitem
+    def keep(model: torch.nn.Module) -> None:
+        trained.update(model=model, distributed=torch.distributed.is_available() and torch.distributed.is_initialized())
 
     arguments = parse_arguments(argv)
     if script == "accelerate":
         from hms_segmentation.training import train_accelerate
 
-        train_accelerate.run_training(
-            *arguments, on_train_end=lambda model, accelerator: write_report(report_dir, model, {"script": script, "indices": read_indices})
-        )
+        train_accelerate.run_training(*arguments, on_train_end=lambda model, accelerator: keep(model))
     else:
         from transformers import TrainerCallback
 
         from hms_segmentation.training.train import run_training
 
-        class Report(TrainerCallback):
+        class KeepModel(TrainerCallback):
             def on_train_end(self, args, state, control, model=None, **kwargs):
-                write_report(report_dir, model, {"script": script, "indices": read_indices})
+                keep(model)
 
-        run_training(*arguments, callbacks=[Report()])
+        run_training(*arguments, callbacks=[KeepModel()])
+    write_report(report_dir, trained["model"], trained["distributed"],
+                 {"script": script, "indices": read_indices, "evaluated": evaluated_indices})
     return 0
 
 

@@ -527,7 +527,7 @@ def _logits_and_labels(seed: int, batch_size: int = 2, num_labels: int = 5) -> t
 def test_preprocess_logits_for_metrics():
     logits, labels = _logits_and_labels(0)
     predictions = preprocess_logits_for_metrics((logits, torch.zeros(1)), labels)
-    assert predictions.shape == labels.shape and predictions.dtype == torch.int16
+    assert predictions.shape == labels.shape and predictions.dtype == torch.int32
     upsampled = torch.nn.functional.interpolate(logits, size=(12, 16), mode="bilinear", align_corners=False)
     assert torch.equal(predictions.long(), upsampled.argmax(1))
     assert torch.equal(preprocess_logits_for_metrics(upsampled, labels).long(), upsampled.argmax(1))  # no resize

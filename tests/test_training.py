@@ -138,6 +138,7 @@ def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, 
     trainer_losses = [e["loss"] for e in json.loads((trainer_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     accelerate_losses = [e["loss"] for e in json.loads((accelerate_dir / "log_history.json").read_text())]
     assert trainer_losses == pytest.approx(accelerate_losses, rel=1e-4)
+    assert logged_learning_rates(accelerate_dir, "accelerate") == pytest.approx(logged_learning_rates(trainer_dir, "trainer"))
 
 
 def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str]) -> None:
@@ -153,11 +154,14 @@ def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str])
 
 
 @pytest.mark.parametrize("launcher, script", [("torchrun", "trainer"), ("accelerate", "accelerate")])
-def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_dir, synthetic_dir, tmp_path, launcher, script):
+def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_dir, tmp_path, launcher, script):
     import sys
 
+    # three evaluation images on two processes: one process has one more to evaluate
+    data_dir, data_settings = tmp_path / "data", ("--synthetic_val_frames", "3")
     # the synthetic set must exist before two processes race to create it
-    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "warmup", "--max_steps", "1",
+                                                     *data_settings)))
     report_dir = tmp_path / "reports"
     report_dir.mkdir()
     command = {
@@ -166,16 +170,36 @@ def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                        "--main_process_port", "29532"],
     }[launcher]
-    # one step of one batch per rank: the ranks' batches must be disjoint and their updated parameters equal
-    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--max_steps", "1",
-                              "--per_device_train_batch_size", "2", "--class_uniform_fraction", "0", "--sync_bn")
+    # three steps of one batch per rank: each step's batches must be disjoint, the updated parameters equal, and the
+    # LR schedule where a single process would have it (one scheduler step per optimizer step, whatever the world size)
+    argv = tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "run", "--do_train", "--do_eval", "--max_steps", "3",
+                              "--per_device_train_batch_size", "2", "--class_uniform_fraction", "0", "--sync_bn",
+                              *data_settings)
     _launch(command, script, report_dir, argv)
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["distributed"] and r["world_size"] == 2 for r in reports)
     assert all(r["sync_batch_norm"] == torch.cuda.is_available() for r in reports)  # SyncBatchNorm is CUDA-only
     assert reports[0]["parameters"] == reports[1]["parameters"], "ranks diverged: gradients were not all-reduced"
-    assert reports[0]["indices"] and not set(reports[0]["indices"]) & set(reports[1]["indices"])
+    first_batches = [set(r["indices"][:2]) for r in reports]
+    assert all(len(batch) == 2 for batch in first_batches) and not first_batches[0] & first_batches[1]
     assert (tmp_path / "run" / "model.safetensors").exists()
+    assert logged_learning_rates(tmp_path / "run", script) == pytest.approx([0.01 * (1 - step / 3) ** 2 for step in (0, 1, 2)])
+    evaluated = reports[0]["evaluated"] + reports[1]["evaluated"]
+    if script == "accelerate":
+        assert sorted(evaluated) == [0, 1, 2], "each evaluation image must be counted exactly once"
+    else:  # the Trainer pads the last batch with a repeated image and drops it again in `gather_for_metrics`
+        assert set(evaluated) == {0, 1, 2}
+    results = json.loads((tmp_path / "run" / ("all_results.json" if script == "accelerate" else "eval_results.json")).read_text())
+    assert 0 <= results["eval_mean_iou"] <= 1
+
+
+def logged_learning_rates(output_dir: Path, script: str) -> list[float]:
+    """The LR each logged step used, from the Trainer's `trainer_state.json` or the Accelerate script's log."""
+    if script == "trainer":
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    else:
+        history = json.loads((output_dir / "log_history.json").read_text())
+    return [entry["learning_rate"] for entry in history if "learning_rate" in entry]
 
 
 def test_sync_bn_converts_every_batch_norm_when_distributed_on_gpus(tiny_model_dir, monkeypatch):

@@ -500,8 +500,8 @@ def preprocess_logits_for_metrics(
             ``align_corners`` of the resize (``HMSConfig.align_corners``).
 
     Returns:
-        `torch.Tensor` of shape `(batch_size, height, width)`, dtype ``int16`` (``int64`` beyond 32767 classes): small
-        enough to gather across processes, and signed so that the Trainer can pad it with -100.
+        `torch.Tensor` of shape `(batch_size, height, width)`, dtype ``int32``: signed, so that the Trainer can pad it
+        with -100, and a type that both gloo and NCCL gather across processes (neither takes ``int16``).
     """
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
@@ -509,8 +509,7 @@ def preprocess_logits_for_metrics(
         raise ValueError(f"`logits` must have shape (batch_size, num_labels, height, width), got {tuple(logits.shape)}")
     if labels is not None and tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
         logits = F.interpolate(logits, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=align_corners)
-    dtype = torch.int16 if logits.shape[1] <= _INT16_MAX else torch.int64
-    return logits.argmax(dim=1).to(dtype)
+    return logits.argmax(dim=1).to(torch.int32)
 
 
 def make_compute_metrics(

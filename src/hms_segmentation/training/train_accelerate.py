@@ -53,18 +53,32 @@ def _step_of(checkpoint: str) -> int:
     return int(match.group(1))
 
 
-def evaluate(model, eval_loader, accelerator: Accelerator, id2label: dict[int, str]) -> dict[str, float]:
-    """Chained multi-scale evaluation (`config.inference_scales`), the confusion matrix summed over processes."""
-    accumulator = ConfusionMatrixAccumulator(len(id2label), ignore_index=accelerator.unwrap_model(model).config.ignore_index,
+def evaluate(
+    model: torch.nn.Module, eval_dataset: torch.utils.data.Dataset, accelerator: Accelerator, id2label: dict[int, str],
+    batch_size: int = 1,
+) -> dict[str, float]:
+    """Chained multi-scale evaluation (`config.inference_scales`), the confusion matrix summed over processes.
+
+    Each process evaluates every `num_processes`-th image, so every image counts exactly once: a loader from
+    `accelerator.prepare` would pad the last batches with repeated images to even them out, and repeated images
+    would be counted twice in the summed confusion matrix.
+    """
+    network = accelerator.unwrap_model(model)  # no DDP: ranks may see different numbers of batches here
+    accumulator = ConfusionMatrixAccumulator(len(id2label), ignore_index=network.config.ignore_index,
                                              device=accelerator.device)
-    model.eval()
+    shard = torch.utils.data.Subset(eval_dataset, range(accelerator.process_index, len(eval_dataset),
+                                                        accelerator.num_processes))
+    network.eval()
     with torch.inference_mode():
-        for batch in tqdm(eval_loader, desc="evaluating", disable=not accelerator.is_local_main_process):
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            accumulator.update(preprocess_logits_for_metrics(logits, batch["labels"]), batch["labels"])
+        for batch in tqdm(torch.utils.data.DataLoader(shard, batch_size=batch_size), desc="evaluating",
+                          disable=not accelerator.is_local_main_process):
+            labels = batch["labels"].to(accelerator.device)
+            with accelerator.autocast():
+                logits = network(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
+            accumulator.update(preprocess_logits_for_metrics(logits, labels), labels)
     accumulator.all_reduce()
     results = accumulator.compute()
-    model.train()
+    network.train()
     metrics = {f"eval_{key}": float(value) for key, value in results.items() if not hasattr(value, "__len__")}
     for index, iou in enumerate(results["per_category_iou"].tolist()):
         metrics[f"eval_iou_{id2label[index]}"] = iou
@@ -112,7 +126,11 @@ def run_training(
         num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
     )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
+    # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
+    # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    accelerator.register_for_checkpointing(scheduler)
 
     global_step, epoch = 0, 0
     if resume_from:
@@ -154,15 +172,17 @@ def run_training(
                 if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            learning_rate = scheduler.get_last_lr()[0]  # the LR this step used, as the Trainer logs it
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the Trainer keeps the schedule in place too
+                scheduler.step()
             global_step += 1
             progress.update(1)
             if args.logging_steps and global_step % args.logging_steps == 0 and metric_count:
                 logs = {("loss" if k == "loss" else f"loss_{k}"): v / metric_count for k, v in metric_sums.items()}
-                logs.update(step=global_step, learning_rate=scheduler.get_last_lr()[0], skipped_nonfinite_steps=skipped_nonfinite)
+                logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
                 history.append(logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 metric_sums, metric_count = {}, 0
@@ -181,8 +201,7 @@ def run_training(
                               save_function=accelerator.save)
     metrics: dict[str, float] = {"train_steps": global_step}
     if args.do_eval and data.eval is not None:
-        eval_loader = accelerator.prepare(torch.utils.data.DataLoader(data.eval, batch_size=args.per_device_eval_batch_size))
-        metrics.update(evaluate(model, eval_loader, accelerator, data.id2label))
+        metrics.update(evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "log_history.json").write_text(json.dumps(history, indent=2))
         (Path(args.output_dir) / "all_results.json").write_text(json.dumps(metrics, indent=2))
