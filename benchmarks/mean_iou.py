@@ -10,7 +10,7 @@ Methods, all on the same uint8 maps (trainIds, 255 = ignore), all checked to giv
   reads them once;
 - ``ours``: ``ConfusionMatrixAccumulator.update`` image by image, then ``compute``, with its default CPU backend
   (the compiled kernel of ``hms_segmentation.confusion_kernel``); ``ours, batches``: the same fed ``--batch-size``
-  maps at a time; ``ours, Trainer dtypes``: int16 predictions and int64 labels (what
+  maps at a time; ``ours, Trainer dtypes``: int32 predictions and int64 labels (what
   ``preprocess_logits_for_metrics`` and the data pipeline give), on the first ``--typed-images`` maps;
 - ``ours_threads``: ``ours`` with ``num_threads=--kernel-threads`` (bands of rows of each map counted side by side);
 - ``ours_torch``: the same accumulator with ``backend="torch"`` (``torch.bincount``, the way without numba);
@@ -62,7 +62,7 @@ METHODS = {
     "copy": "np.copyto of both maps (bandwidth limit)",
     "ours": "ours: ConfusionMatrixAccumulator, per image",
     "ours_batches": "ours: ConfusionMatrixAccumulator, batches",
-    "ours_trainer_dtypes": "ours: int16 predictions, int64 labels",
+    "ours_trainer_dtypes": "ours: int32 predictions, int64 labels",
     "ours_threads": "ours: ConfusionMatrixAccumulator, per image, num_threads=--kernel-threads",
     "ours_torch": "ours, backend='torch' (torch.bincount), per image",
     "ours_device": "ours on the GPU (maps in GPU memory), per image",
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     n = args.num_labels
     predictions, references = make_maps(args.num_images, args.height, args.width, n)
     predictions_np, references_np = predictions.numpy(), references.numpy()
-    typed_predictions = predictions[: args.typed_images].to(torch.int16)
+    typed_predictions = predictions[: args.typed_images].to(torch.int32)
     typed_references = references[: args.typed_images].to(torch.int64)
     noise = torch.Generator().manual_seed(1)
     noise_predictions, noise_references = (

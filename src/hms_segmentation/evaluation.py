@@ -194,7 +194,7 @@ class ConfusionMatrixAccumulator:
             Apply `evaluate`'s ``reduce_labels`` to the references first (0 -> 255, others minus one).
         backend (`str`, *optional*, defaults to `"auto"`):
             How CPU maps are counted: ``"numba"``, the compiled kernel of :mod:`.confusion_kernel` (up to 255
-            classes; about 4x faster than ``bincount`` on Cityscapes-sized label maps, 1.1x on white noise; compiled on
+            classes; about 4x faster than ``bincount`` on Cityscapes-sized label maps, 1.1-1.2x on white noise; compiled on
             first use, then cached on disk); ``"torch"``, ``torch.bincount``; ``"auto"``, the kernel when numba is
             installed and ``num_labels <= 255``, else ``torch``. Maps on other devices are always counted with
             ``torch.bincount``. All give the same counts.
