@@ -174,7 +174,7 @@ def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_
     # LR schedule where a single process would have it (one scheduler step per optimizer step, whatever the world size)
     argv = tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "run", "--do_train", "--do_eval", "--max_steps", "3",
                               "--per_device_train_batch_size", "2", "--class_uniform_fraction", "0", "--sync_bn",
-                              *data_settings)
+                              "--save_strategy", "steps", "--save_steps", "3", *data_settings)
     _launch(command, script, report_dir, argv)
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["distributed"] and r["world_size"] == 2 for r in reports)
@@ -183,6 +183,11 @@ def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_
     first_batches = [set(r["indices"][:2]) for r in reports]
     assert all(len(batch) == 2 for batch in first_batches) and not first_batches[0] & first_batches[1]
     assert (tmp_path / "run" / "model.safetensors").exists()
+    # one checkpoint, complete: model and optimizer from rank 0, the RNG state of each rank
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    rng_states = {"trainer": "rng_state_{}.pth", "accelerate": "random_states_{}.pkl"}[script]
+    assert all((checkpoint / rng_states.format(rank)).is_file() for rank in (0, 1)), sorted(p.name for p in checkpoint.iterdir())
+    assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint-*")) == ["checkpoint-3"]
     assert logged_learning_rates(tmp_path / "run", script) == pytest.approx([0.01 * (1 - step / 3) ** 2 for step in (0, 1, 2)])
     evaluated = reports[0]["evaluated"] + reports[1]["evaluated"]
     if script == "accelerate":

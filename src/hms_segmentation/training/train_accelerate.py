@@ -199,9 +199,14 @@ def run_training(
         on_train_end(unwrapped, accelerator)
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save)
+    # Drop the DDP wrapper now. Left alive, its C++ reducer holds the last reference to the process group once
+    # `end_training` has destroyed it, and frees it later while holding the GIL: with gloo that deadlocks whenever a
+    # worker thread is still releasing the tensors of the last collective (seen once in ~8 two-process runs).
+    del model
+    accelerator.free_memory()
     metrics: dict[str, float] = {"train_steps": global_step}
     if args.do_eval and data.eval is not None:
-        metrics.update(evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size))
+        metrics.update(evaluate(unwrapped, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "log_history.json").write_text(json.dumps(history, indent=2))
         (Path(args.output_dir) / "all_results.json").write_text(json.dumps(metrics, indent=2))
@@ -214,6 +219,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> Pa
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"tmp-checkpoint-{step}"
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process writes its own RNG state into the folder before it is renamed
     if accelerator.is_main_process:
         (staging / "hms_checkpoint.json").write_text(json.dumps({"step": step}))
         if final.exists():
