@@ -318,6 +318,8 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-4").mkdir()  # the run died while writing this one
     (tmp_path / "checkpoint-4" / "model.safetensors").write_text("partial")
+    (tmp_path / "checkpoint-6").mkdir()  # ... or while writing its last file
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hist')
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
 

@@ -13,6 +13,7 @@ confusion matrix for mIoU.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -212,11 +213,20 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     for folder in Path(output_dir).glob("checkpoint-*"):
         suffix = folder.name.split("-", 1)[1]
         if folder.is_dir() and suffix.isdigit():
-            if any((folder / name).is_file() for name in COMPLETE_CHECKPOINT_FILES):
+            if any(_is_complete_json(folder / name) for name in COMPLETE_CHECKPOINT_FILES):
                 candidates.append((int(suffix), folder))
             else:
                 logger.warning("ignoring %s: it was not written completely (the run stopped while saving)", folder)
     return str(max(candidates)[1]) if candidates else None
+
+
+def _is_complete_json(path: Path) -> bool:
+    """`path` exists and parses: a marker cut short by a kill while it was being written does not count."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def check_output_dir(training_args: HMSTrainingArguments) -> str | None:
