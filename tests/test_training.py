@@ -249,6 +249,17 @@ def test_evaluate_cli_compares_scale_lists_and_writes_tables(tiny_model_dir, syn
     assert "given twice" in capsys.readouterr().err
 
 
+def test_evaluation_timing_waits_for_the_gpu(monkeypatch):
+    from hms_segmentation.training.evaluate import wait_for_device
+
+    waited = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", waited.append)
+    wait_for_device(torch.device("cpu"))
+    assert waited == []
+    wait_for_device(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
+
+
 def test_flip_averages_with_the_mirrored_prediction(tiny_model_dir):
     from hms_segmentation.training.evaluate import predict
 

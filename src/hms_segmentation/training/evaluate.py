@@ -51,6 +51,13 @@ def predict(
     return logits
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Wait for the kernels queued on `device`: on a GPU they run after the call returns, so a timer stopped without
+    waiting would miss them."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def evaluate_scales(
     model: HMSForSemanticSegmentation,
     dataset,
@@ -75,6 +82,7 @@ def evaluate_scales(
             start = time.perf_counter()
             logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
             predictions = preprocess_logits_for_metrics(logits, labels, model.config.align_corners)
+            wait_for_device(predictions.device)
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
     metrics = accumulator.compute()
