@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU figures that BENCHMARKS.md still lacks, in one run sized for a lent GPU (about 6 minutes on one H200):
+# The GPU figures that BENCHMARKS.md still lacks, in one run sized for a lent GPU (about 7 minutes on one H200):
 #   1. mean IoU on the GPU: ConfusionMatrixAccumulator on 100 maps of 1024x2048 already in GPU memory (issue 6,
 #      point 4: "well under a millisecond per map"), beside the CPU methods of the same script;
 #   2. the training step of HRNet-W48 + OCR at 1024 crops, fp32 and fp16 autocast, RMI and cross-entropy (issue 6,
-#      point 8: samples/s and peak memory).
+#      point 8: samples/s and peak memory);
+#   3. the README's quickstart at a toy budget with the model on the GPU (where the Trainer puts it), down to the
+#      prediction figure, which is drawn on the CPU.
 # Each step has its own time limit, so one that hangs leaves the others their time; every JSON lands in OUTPUT_DIR.
 #
 #   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # on a machine with a CUDA GPU and the package installed
@@ -27,4 +29,7 @@ timeout 240 python benchmarks/mean_iou.py $maps --cityscapes-images 5 --rounds 5
     --output "$output_dir/mean_iou_$device.json" || status=1
 timeout 300 python benchmarks/train_step.py --device "$device" $train --losses rmi cross_entropy \
     --output "$output_dir/train_step_$device.json" || status=1
+timeout 180 python -m hms_segmentation.training.quickstart --output-dir "$output_dir/quickstart_$device" --overwrite \
+    --max-steps 4 --batch-size 2 --crop-size 64 --train-frames 4 --val-frames 2 --frame-height 64 --frame-width 128 \
+    || status=1
 exit $status

@@ -56,16 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
 def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -> None:
     """Input, ground truth, single-scale and multi-scale predictions, and each scale's attention map, side by side."""
     pixel_values = sample["pixel_values"].unsqueeze(0)
-    with torch.inference_mode():
-        single = model(pixel_values, scales=SINGLE_SCALE).logits.argmax(1)[0]
-        multi = model(pixel_values, scales=MULTI_SCALE, output_attentions=True)
+    with torch.inference_mode():  # the model may sit on a GPU (where the Trainer put it); the figure is made on CPU
+        single = model(pixel_values.to(model.device), scales=SINGLE_SCALE).logits.argmax(1)[0].cpu()
+        multi = model(pixel_values.to(model.device), scales=MULTI_SCALE, output_attentions=True)
+        multi_prediction = multi.logits.argmax(1)[0].cpu()
+        attentions = [attention.float().cpu() for attention in multi.attentions]
     height, width = pixel_values.shape[-2:]
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     image = ((pixel_values[0].permute(1, 2, 0).numpy() * std + mean) * 255).clip(0, 255).astype(np.uint8)
-    panels = [image, palette[sample["labels"].numpy()], palette[single.numpy()], palette[multi.logits.argmax(1)[0].numpy()]]
-    for attention in multi.attentions:
+    panels = [image, palette[sample["labels"].numpy()], palette[single.numpy()], palette[multi_prediction.numpy()]]
+    for attention in attentions:
         grey = (attention[0, 0].numpy() * 255).astype(np.uint8)
         grey = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))
         panels.append(np.repeat(grey[:, :, None], 3, axis=2))
