@@ -216,6 +216,14 @@ def test_sync_bn_converts_every_batch_norm_when_distributed_on_gpus(tiny_model_d
     model = build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), sync_bn=True), {i: str(i) for i in range(19)})
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    # a frozen trunk keeps its (converted) norms in eval mode, statistics fixed, while the rest trains
+    model = build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), sync_bn=True, freeze_trunk=True),
+                        {i: str(i) for i in range(19)}).train()
+    trunk_norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    head_norms = [m for m in model.decode_head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert trunk_norms and all(isinstance(m, torch.nn.SyncBatchNorm) and not m.training for m in trunk_norms)
+    assert head_norms and all(isinstance(m, torch.nn.SyncBatchNorm) and m.training for m in head_norms)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
 def test_evaluate_cli_compares_scale_lists_and_writes_tables(tiny_model_dir, synthetic_dir, tmp_path, capsys):
