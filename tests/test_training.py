@@ -198,6 +198,23 @@ def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_
     assert 0 <= results["eval_mean_iou"] <= 1
 
 
+def test_two_processes_train_on_a_stream(tiny_model_dir, synthetic_dir, tmp_path):
+    import sys
+
+    # a streamed split is read by rank 0 and dispatched batch by batch (accelerate's default for iterable datasets)
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    report_dir = tmp_path / "reports"
+    report_dir.mkdir()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "29533"]
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--streaming",
+                              "--max_steps", "2", "--class_uniform_fraction", "0")
+    _launch(command, "accelerate", report_dir, argv)
+    reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["distributed"] for r in reports) and reports[0]["parameters"] == reports[1]["parameters"]
+    assert logged_learning_rates(tmp_path / "run", "accelerate") == pytest.approx([0.01, 0.01 * 0.5 ** 2])
+
+
 def logged_learning_rates(output_dir: Path, script: str) -> list[float]:
     """The LR each logged step used, from the Trainer's `trainer_state.json` or the Accelerate script's log."""
     if script == "trainer":
