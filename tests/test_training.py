@@ -141,6 +141,34 @@ def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, 
     assert logged_learning_rates(accelerate_dir, "accelerate") == pytest.approx(logged_learning_rates(trainer_dir, "trainer"))
 
 
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_bf16_mixed_precision_trains_both_scripts(tiny_model_dir, synthetic_dir, tmp_path, script):
+    from hms_segmentation.training import train_accelerate
+
+    output_dir = tmp_path / script
+    arguments = parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, "--do_train", "--bf16", "true",
+                                                   "--max_steps", "2", "--class_uniform_fraction", "0"))
+    autocast_dtypes = []  # of every training forward of the trunk (the model's own forward is what gets wrapped)
+    initial = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    trunk_class = type(initial.backbone)
+
+    def record_autocast(module, inputs):
+        if isinstance(module, trunk_class) and module.training:
+            autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record_autocast)
+    try:
+        (run_training if script == "trainer" else train_accelerate.run_training)(*arguments)
+    finally:
+        handle.remove()
+    assert autocast_dtypes == [torch.bfloat16] * 4  # 2 steps x 2 training scales
+    trained = HMSForSemanticSegmentation.from_pretrained(output_dir).state_dict()
+    initial = initial.state_dict()
+    assert trained["decode_head.classifier.weight"].dtype == torch.float32  # master weights stay float32
+    assert not torch.equal(trained["decode_head.classifier.weight"], initial["decode_head.classifier.weight"])
+    assert all(torch.isfinite(value).all() for value in trained.values() if value.is_floating_point())
+
+
 def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str]) -> None:
     import os
     import subprocess
