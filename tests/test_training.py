@@ -122,10 +122,12 @@ def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_d
         assert torch.equal(state[key], original[key]), key
 
 
-def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path, accumulation):
     from hms_segmentation.training import train_accelerate
 
-    common = ("--do_train", "--train_sampling_strategy", "sequential", "--primary_loss", "cross_entropy")
+    common = ("--do_train", "--train_sampling_strategy", "sequential", "--primary_loss", "cross_entropy",
+              "--gradient_accumulation_steps", str(accumulation))
     trainer_dir, accelerate_dir = tmp_path / "trainer", tmp_path / "accelerate"
     run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, trainer_dir, *common)))
     train_accelerate.run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, accelerate_dir, *common)))
@@ -167,6 +169,16 @@ def test_bf16_mixed_precision_trains_both_scripts(tiny_model_dir, synthetic_dir,
     assert trained["decode_head.classifier.weight"].dtype == torch.float32  # master weights stay float32
     assert not torch.equal(trained["decode_head.classifier.weight"], initial["decode_head.classifier.weight"])
     assert all(torch.isfinite(value).all() for value in trained.values() if value.is_floating_point())
+
+
+def test_any_trainer_averages_accumulated_gradients(tiny_model_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    # HMS losses are means over pixels: a plain Trainer must divide them by the accumulation steps, not take them as
+    # normalised by `num_items_in_batch` (what it assumes of a model whose forward takes **kwargs)
+    trainer = Trainer(model=HMSForSemanticSegmentation.from_pretrained(tiny_model_dir),
+                      args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    assert trainer.model_accepts_loss_kwargs is False
 
 
 def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str]) -> None:

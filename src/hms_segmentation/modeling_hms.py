@@ -241,6 +241,11 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
     input's resolution.
     """
 
+    # The loss is a mean over the batch's pixels (RMI is no sum over items that `num_items_in_batch` could normalise):
+    # `Trainer` must divide it by the gradient-accumulation steps. Left to its default, it would see `**kwargs` in
+    # `forward`, take the loss as normalised by `num_items_in_batch`, and sum the micro-batches' gradients instead.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: HMSConfig):
         super().__init__(config)
         eps = config.batch_norm_eps
