@@ -122,12 +122,16 @@ def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_d
         assert torch.equal(state[key], original[key]), key
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path, accumulation):
+@pytest.mark.parametrize("schedule", [
+    (),
+    ("--gradient_accumulation_steps", "2"),
+    # by epochs: 4 frames in batches of 2 are 2 batches, less than the 3 accumulated: 1 (short) step per epoch
+    ("--max_steps", "-1", "--num_train_epochs", "3", "--gradient_accumulation_steps", "3"),
+], ids=["steps", "accumulated", "epochs"])
+def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path, schedule):
     from hms_segmentation.training import train_accelerate
 
-    common = ("--do_train", "--train_sampling_strategy", "sequential", "--primary_loss", "cross_entropy",
-              "--gradient_accumulation_steps", str(accumulation))
+    common = ("--do_train", "--train_sampling_strategy", "sequential", "--primary_loss", "cross_entropy", *schedule)
     trainer_dir, accelerate_dir = tmp_path / "trainer", tmp_path / "accelerate"
     run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, trainer_dir, *common)))
     train_accelerate.run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, accelerate_dir, *common)))

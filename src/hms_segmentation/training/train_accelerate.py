@@ -106,17 +106,9 @@ def run_training(
     if args.poly_power is None:
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
-    optimizer = torch.optim.SGD(
+    sgd = torch.optim.SGD(
         sgd_parameter_groups(model, args.learning_rate, model_args.trunk_learning_rate_multiplier),
         lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
-    )
-    if args.max_steps <= 0:
-        if not hasattr(data.train, "__len__"):
-            raise ValueError("a streaming training set needs --max_steps")
-        batches_per_epoch = len(data.train) // (args.per_device_train_batch_size * accelerator.num_processes)
-        args.max_steps = math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_schedule(args.max_steps, args.get_warmup_steps(args.max_steps), args.poly_power)
     )
     is_map_style = hasattr(data.train, "__len__")
     train_loader = torch.utils.data.DataLoader(
@@ -126,19 +118,30 @@ def run_training(
         num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
     )
+    model, optimizer, train_loader = accelerator.prepare(model, sgd, train_loader)
+    # Counted as the Trainer counts them: batches of this process per epoch, and optimizer steps per epoch, the last
+    # one on what is left when the batches do not divide by the accumulation steps (`accumulate` syncs at the end
+    # of the loader)
+    batches_per_epoch = len(train_loader) if is_map_style else None
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps)) if is_map_style else None
+    if args.max_steps <= 0:
+        if steps_per_epoch is None:
+            raise ValueError("a streaming training set needs --max_steps")
+        args.max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        sgd, poly_schedule(args.max_steps, args.get_warmup_steps(args.max_steps), args.poly_power)
+    )
     # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
     # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
     # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accelerator.register_for_checkpointing(scheduler)
 
     global_step, epoch = 0, 0
     if resume_from:
         accelerator.load_state(resume_from)
         global_step = _step_of(resume_from)
-    batches_per_epoch = len(train_loader) if is_map_style else None
-    if batches_per_epoch:
-        epoch = global_step * args.gradient_accumulation_steps // batches_per_epoch
+    if steps_per_epoch:
+        epoch = global_step // steps_per_epoch
     metric_sums: dict[str, float] = {}
     metric_count, skipped_nonfinite = 0, 0
     history: list[dict[str, float]] = []
@@ -149,12 +152,12 @@ def run_training(
             data.train.set_epoch(epoch)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        loader = train_loader
-        if batches_per_epoch and global_step:
-            done_in_epoch = global_step * args.gradient_accumulation_steps - epoch * batches_per_epoch
+        loader, done_in_epoch = train_loader, 0  # batches
+        if steps_per_epoch and global_step:
+            done_in_epoch = max(0, (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps)
             if done_in_epoch > 0:
                 loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
-        for batch in loader:
+        for batch_index, batch in enumerate(loader, start=done_in_epoch):
             with accelerator.accumulate(model):
                 outputs = model(**normalize_uint8_pixel_values(batch))
                 loss = outputs.loss
@@ -168,7 +171,7 @@ def run_training(
                         metric_sums[name] = metric_sums.get(name, 0.0) + float(value.detach())
                     metric_sums["loss"] = metric_sums.get("loss", 0.0) + float(loss.detach())
                     metric_count += 1
-                accelerator.backward(loss)
+                accelerator.backward(loss * window_scale(batch_index, batches_per_epoch, args.gradient_accumulation_steps))
                 if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -212,6 +215,18 @@ def run_training(
         (Path(args.output_dir) / "all_results.json").write_text(json.dumps(metrics, indent=2))
     accelerator.end_training()
     return metrics
+
+
+def window_scale(batch_index: int, batches_per_epoch: int | None, accumulation_steps: int) -> float:
+    """Factor on the loss of batch `batch_index` of an epoch so that each optimizer step averages its own batches.
+
+    `accelerator.backward` divides every loss by `accumulation_steps`; an epoch whose batches do not divide by it
+    ends on a shorter window, whose batches then need `accumulation_steps / window` (what the Trainer does).
+    """
+    if batches_per_epoch is None:
+        return 1.0
+    window_start = batch_index - batch_index % accumulation_steps
+    return accumulation_steps / min(accumulation_steps, batches_per_epoch - window_start)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
