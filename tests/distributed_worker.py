@@ -1,8 +1,9 @@
 """Started by `torchrun` / `accelerate launch` in tests: trains with one of our scripts, then writes what this rank saw.
 
-`rank<R>.json` holds the parameter checksum of this process's model after training, the training sample ids it read
-and the evaluation images it read, so the test can check that gradients were all-reduced (identical parameters), that
-ranks read disjoint shards and that evaluation covered every image.
+`rank<R>.json` holds the parameter checksum of this process's model after training, the training sample ids it read,
+the evaluation images it read and the loss terms of each of its training steps, so the test can check that gradients
+were all-reduced (identical parameters), that ranks read disjoint shards, that evaluation covered every image and
+that the logged loss terms are means over the processes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def main() -> int:
     evaluated_indices: list[int] = []
     record(SegmentationTrainingDataset, read_indices)
     record(SegmentationEvalDataset, evaluated_indices)
+    loss_terms: list[dict[str, float]] = []  # of each training forward of this process
+
+    def record_loss_terms(module, inputs, output):
+        if module.training and getattr(output, "loss_terms", None):
+            loss_terms.append({name: float(value) for name, value in output.loss_terms.items()})
+
+    from hms_segmentation import HMSForSemanticSegmentation
+
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: record_loss_terms(module, inputs, output)
+        if isinstance(module, HMSForSemanticSegmentation) else None
+    )
     trained = {}  # this process's model after the last step, before any evaluation, and whether it ran distributed
 
     def keep(model: torch.nn.Module) -> None:
@@ -74,8 +87,9 @@ def main() -> int:
                 keep(model)
 
         run_training(*arguments, callbacks=[KeepModel()])
+    hook.remove()
     write_report(report_dir, trained["model"], trained["distributed"],
-                 {"script": script, "indices": read_indices, "evaluated": evaluated_indices})
+                 {"script": script, "indices": read_indices, "evaluated": evaluated_indices, "loss_terms": loss_terms})
     return 0
 
 

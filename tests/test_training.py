@@ -233,6 +233,10 @@ def test_two_processes_all_reduce_gradients_and_read_disjoint_shards(tiny_model_
     assert all((checkpoint / rng_states.format(rank)).is_file() for rank in (0, 1)), sorted(p.name for p in checkpoint.iterdir())
     assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint-*")) == ["checkpoint-3"]
     assert logged_learning_rates(tmp_path / "run", script) == pytest.approx([0.01 * (1 - step / 3) ** 2 for step in (0, 1, 2)])
+    logged = [entry for entry in logged_history(tmp_path / "run", script) if "loss_main" in entry]
+    assert [entry["loss_main"] for entry in logged] == pytest.approx(
+        [(r0["main"] + r1["main"]) / 2 for r0, r1 in zip(reports[0]["loss_terms"], reports[1]["loss_terms"])], abs=1e-4
+    ), "the logged loss terms must be means over both processes"
     evaluated = reports[0]["evaluated"] + reports[1]["evaluated"]
     if script == "accelerate":
         assert sorted(evaluated) == [0, 1, 2], "each evaluation image must be counted exactly once"
@@ -259,13 +263,16 @@ def test_two_processes_train_on_a_stream(tiny_model_dir, synthetic_dir, tmp_path
     assert logged_learning_rates(tmp_path / "run", "accelerate") == pytest.approx([0.01, 0.01 * 0.5 ** 2])
 
 
-def logged_learning_rates(output_dir: Path, script: str) -> list[float]:
-    """The LR each logged step used, from the Trainer's `trainer_state.json` or the Accelerate script's log."""
+def logged_history(output_dir: Path, script: str) -> list[dict]:
+    """The training log, from the Trainer's `trainer_state.json` or the Accelerate script's `log_history.json`."""
     if script == "trainer":
-        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    else:
-        history = json.loads((output_dir / "log_history.json").read_text())
-    return [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+        return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return json.loads((output_dir / "log_history.json").read_text())
+
+
+def logged_learning_rates(output_dir: Path, script: str) -> list[float]:
+    """The LR each logged step used."""
+    return [entry["learning_rate"] for entry in logged_history(output_dir, script) if "learning_rate" in entry]
 
 
 def test_sync_bn_converts_every_batch_norm_when_distributed_on_gpus(tiny_model_dir, monkeypatch):

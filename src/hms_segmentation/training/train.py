@@ -194,13 +194,30 @@ class HMSTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_term_count:
-            for name, total in self._loss_term_sums.items():
-                logs[f"loss_{name}"] = round(total / self._loss_term_count, 4)
+        if "loss" in logs:  # a training log: every process is here (the Trainer gathers the loss for it)
+            for name, mean in pooled_means(self._loss_term_sums, self._loss_term_count).items():
+                logs[f"loss_{name}"] = round(mean, 4)
             self._loss_term_sums, self._loss_term_count = {}, 0
         if self.skipped_nonfinite_steps:
             logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
         super().log(logs, start_time)
+
+
+def pooled_means(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Per-name means of `sums`, totals over `count` steps, pooled over all processes when several run.
+
+    Every process must call it at the same point (it gathers); one that saw no finite step contributes nothing.
+    """
+    pooled = [(sums, count)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pooled = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(pooled, (sums, count))
+    total_count = sum(n for _, n in pooled)
+    totals: dict[str, float] = {}
+    for part, _ in pooled:
+        for name, value in part.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: value / total_count for name, value in totals.items()} if total_count else {}
 
 
 COMPLETE_CHECKPOINT_FILES = ("trainer_state.json", "hms_checkpoint.json")

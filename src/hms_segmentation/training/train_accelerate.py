@@ -35,6 +35,7 @@ from .train import (
     check_output_dir,
     normalize_uint8_pixel_values,
     poly_schedule,
+    pooled_means,
     sgd_parameter_groups,
 )
 
@@ -183,11 +184,13 @@ def run_training(
                 scheduler.step()
             global_step += 1
             progress.update(1)
-            if args.logging_steps and global_step % args.logging_steps == 0 and metric_count:
-                logs = {("loss" if k == "loss" else f"loss_{k}"): v / metric_count for k, v in metric_sums.items()}
+            if args.logging_steps and global_step % args.logging_steps == 0:
+                means = pooled_means(metric_sums, metric_count)  # over all processes, as the Trainer logs
+                logs = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in means.items()}
                 logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
                 history.append(logs)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                if "loss" in logs:  # absent when every step since the last log was skipped as non-finite
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 metric_sums, metric_count = {}, 0
             if args.save_strategy == "steps" and args.save_steps and global_step % args.save_steps == 0:
                 save_checkpoint(accelerator, Path(args.output_dir), global_step)
