@@ -54,6 +54,19 @@ def _step_of(checkpoint: str) -> int:
     return int(match.group(1))
 
 
+def _legacy_scheduler_state(checkpoint: str | None) -> Path | None:
+    """The scheduler file of a checkpoint written when the scheduler went through `accelerator.prepare`, if it is one.
+
+    Those checkpoints keep it as `scheduler.bin`, where a registered scheduler is `custom_checkpoint_0.pkl`; they
+    resume with the state read from there.
+    """
+    if not checkpoint:
+        return None
+    folder = Path(checkpoint)
+    legacy = folder / "scheduler.bin"
+    return legacy if legacy.is_file() and not (folder / "custom_checkpoint_0.pkl").is_file() else None
+
+
 def evaluate(
     model: torch.nn.Module, eval_dataset: torch.utils.data.Dataset, accelerator: Accelerator, id2label: dict[int, str],
     batch_size: int = 1,
@@ -135,12 +148,17 @@ def run_training(
     # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
     # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
     # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
-    accelerator.register_for_checkpointing(scheduler)
+    legacy_scheduler = _legacy_scheduler_state(resume_from)
+    if legacy_scheduler is None:
+        accelerator.register_for_checkpointing(scheduler)
 
     global_step, epoch = 0, 0
     if resume_from:
         accelerator.load_state(resume_from)
         global_step = _step_of(resume_from)
+    if legacy_scheduler is not None:
+        scheduler.load_state_dict(torch.load(legacy_scheduler, weights_only=False))
+        accelerator.register_for_checkpointing(scheduler)
     if steps_per_epoch:
         epoch = global_step // steps_per_epoch
     metric_sums: dict[str, float] = {}
