@@ -336,6 +336,31 @@ def test_evaluation_timing_waits_for_the_gpu(monkeypatch):
     assert waited == [torch.device("cuda", 1)]
 
 
+def test_a_batch_of_images_of_different_sizes_names_the_argument_to_change():
+    from hms_segmentation.training.train import collate_samples
+
+    def sample(height: int, width: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.zeros(3, height, width), "labels": torch.zeros(height, width, dtype=torch.long)}
+
+    batch = collate_samples([sample(4, 6), sample(4, 6)])
+    assert batch["pixel_values"].shape == (2, 3, 4, 6) and batch["labels"].shape == (2, 4, 6)
+    with pytest.raises(ValueError, match=r"different sizes \(4x6, 5x6\).*--per_device_eval_batch_size 1"):
+        collate_samples([sample(5, 6), sample(4, 6)])
+
+
+def test_accelerate_evaluation_refuses_batches_of_images_of_different_sizes(tiny_model_dir):
+    from accelerate import Accelerator
+
+    from hms_segmentation.training.train_accelerate import evaluate
+
+    samples = [{"pixel_values": torch.zeros(3, size, 32), "labels": torch.zeros(size, 32, dtype=torch.long)} for size in (32, 48)]
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    id2label = {i: str(i) for i in range(19)}
+    with pytest.raises(ValueError, match=r"different sizes \(32x32, 48x32\).*--per_device_eval_batch_size 1"):
+        evaluate(model, samples, Accelerator(cpu=True), id2label, batch_size=2)
+    assert 0 <= evaluate(model, samples, Accelerator(cpu=True), id2label, batch_size=1)["eval_mean_iou"] <= 1
+
+
 def test_flip_averages_with_the_mirrored_prediction(tiny_model_dir):
     from hms_segmentation.training.evaluate import predict
 

@@ -59,6 +59,19 @@ class SegmentationEvalDataset(torch.utils.data.Dataset):
         return self.transform(row["image"].convert("RGB"), np.asarray(row["label"], dtype=np.uint8))
 
 
+def check_same_size(samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """`samples` as they are, or a clear error when their images differ in size and so cannot form one batch.
+
+    Evaluation reads images at full resolution, and those of Mapillary Vistas (or of a Hub dataset) differ in size.
+    """
+    sizes = sorted({tuple(sample["pixel_values"].shape[-2:]) for sample in samples})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{height}x{width}" for height, width in sizes)
+        raise ValueError(f"one batch would hold images of different sizes ({shown}): images of varying size (e.g. "
+                         "Mapillary Vistas at full resolution) need --per_device_eval_batch_size 1")
+    return samples
+
+
 def ensure_synthetic_dataset(args: DataArguments) -> Path:
     """Generate the embedded dataset in `args.data_dir` unless one is already there (then it is used as it is)."""
     root = Path(args.data_dir) if args.data_dir else DEFAULT_SYNTHETIC_DIR

@@ -24,7 +24,7 @@ from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
-from .train import HMSTrainer, SetEpochCallback, build_model
+from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
 from .datasets import build_datasets
 
 SINGLE_SCALE = [1.0]
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
+        data_collator=collate_samples,
         compute_metrics=make_compute_metrics(len(data.id2label), model.config.ignore_index, data.id2label),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[SetEpochCallback()],

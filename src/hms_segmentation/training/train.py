@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, default_data_collator, set_seed
 
 from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
@@ -26,7 +26,7 @@ from ..data.transforms import normalize_pixel_values
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
-from .datasets import build_datasets
+from .datasets import build_datasets, check_same_size
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,11 @@ def poly_schedule(total_steps: int, warmup_steps: int, power: float):
         return (1.0 - progress) ** power
 
     return factor
+
+
+def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """The Trainer's `default_data_collator`, after :func:`check_same_size` (a clear error instead of torch's)."""
+    return default_data_collator(check_same_size(samples))
 
 
 def normalize_uint8_pixel_values(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -283,6 +288,7 @@ def run_training(
         args=training_args,
         train_dataset=data.train if training_args.do_train else None,
         eval_dataset=data.eval,
+        data_collator=collate_samples,
         compute_metrics=make_compute_metrics(len(data.id2label), model.config.ignore_index, data.id2label),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[SetEpochCallback(), *(callbacks or [])],

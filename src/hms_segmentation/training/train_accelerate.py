@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
-from .datasets import build_datasets
+from .datasets import build_datasets, check_same_size
 from .train import (
     NonFiniteLossError,
     build_model,
@@ -84,8 +85,9 @@ def evaluate(
                                                         accelerator.num_processes))
     network.eval()
     with torch.inference_mode():
-        for batch in tqdm(torch.utils.data.DataLoader(shard, batch_size=batch_size), desc="evaluating",
-                          disable=not accelerator.is_local_main_process):
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size,
+                                             collate_fn=lambda samples: default_collate(check_same_size(samples)))
+        for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
             labels = batch["labels"].to(accelerator.device)
             with accelerator.autocast():
                 logits = network(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
