@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
-from .datasets import build_datasets, check_same_size
+from .datasets import build_datasets
 from .train import (
     NonFiniteLossError,
     build_model,
     check_output_dir,
+    collate_samples,
     normalize_uint8_pixel_values,
     poly_schedule,
     pooled_means,
@@ -85,8 +85,7 @@ def evaluate(
                                                         accelerator.num_processes))
     network.eval()
     with torch.inference_mode():
-        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size,
-                                             collate_fn=lambda samples: default_collate(check_same_size(samples)))
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate_samples)
         for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
             labels = batch["labels"].to(accelerator.device)
             with accelerator.autocast():
