@@ -243,6 +243,26 @@ def test_labels_of_another_size_get_resized_logits(tiny_hrnet):
     assert torch.isfinite(outputs.loss)
 
 
+@pytest.mark.parametrize("primary_loss", ["rmi", "cross_entropy"])
+def test_labels_all_ignored_give_a_finite_loss_and_gradients(primary_loss):
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, primary_loss=primary_loss)).train()
+    outputs = model(images(), labels=torch.full((2, 48, 64), 255))
+    assert torch.isfinite(outputs.loss) and all(torch.isfinite(t) for t in outputs.loss_terms.values())
+    outputs.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cross_entropy_is_the_mean_over_labelled_pixels(tiny_hrnet):
+    config = HMSConfig(**TINY_HRNET, primary_loss="cross_entropy", ocr_aux_weight=0.0, supervised_scale_weight=0.0)
+    model = HMSForSemanticSegmentation(config).eval()
+    model.load_state_dict(tiny_hrnet.state_dict())
+    labels = labels_for()
+    with torch.no_grad():
+        outputs = model(images(), labels=labels, scales=[1.0])
+    assert torch.equal(outputs.loss, F.cross_entropy(outputs.logits, labels, ignore_index=255))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     config = HMSConfig(**TINY_HRNET, primary_loss="cross_entropy", ocr_dropout=0.0)
@@ -262,6 +282,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(loss, reference)
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item() + 1e-12)
+
+
+def checkpointed_training_step(config: HMSConfig, checkpointing: bool) -> tuple[dict, dict, int]:
+    """One training step (BatchNorm in training mode); returns the state dict, the gradients and how often the
+    first residual block's first convolution ran."""
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(config).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    block = next(m for m in model.modules() if type(m).__name__ in ("HMSBottleneck", "HMSBasicBlock"))
+    calls = []
+    block.conv1.register_forward_hook(lambda *_: calls.append(1))
+    model(images(), labels=labels_for()).loss.backward()
+    return model.state_dict(), {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+
+@pytest.mark.parametrize("tiny_config", [TINY_HRNET, TINY_RESNET], ids=["hrnet_ocr", "resnet50_deeplabv3plus"])
+def test_gradient_checkpointing_recomputes_blocks_but_updates_batch_norm_statistics_once(tiny_config):
+    config = HMSConfig(**tiny_config, primary_loss="cross_entropy", ocr_dropout=0.0)
+    plain_state, plain_gradients, plain_calls = checkpointed_training_step(config, checkpointing=False)
+    state, gradients, calls = checkpointed_training_step(config, checkpointing=True)
+    assert calls == 2 * plain_calls  # each block runs again in the backward pass: it really checkpoints
+    for key, value in plain_state.items():  # running_mean / running_var / num_batches_tracked as without it
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    for name, want in plain_gradients.items():
+        torch.testing.assert_close(gradients[name], want, rtol=1e-3, atol=1e-3 * want.abs().max().item() + 1e-12)
 
 
 def test_bf16_autocast_on_cpu_gives_finite_close_outputs(tiny_hrnet):

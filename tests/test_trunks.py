@@ -90,6 +90,19 @@ def test_pretrained_backbone_from_a_local_folder_keeps_its_weights(tmp_path):
                        pretrained.state_dict()["embedder.embedder.convolution.weight"])
 
 
+def test_the_readme_convnext_example_builds_with_the_config_defaults():
+    # ConvNextConfig's default hidden_sizes is a tuple, which ConvNextBackbone concatenates to a list
+    backbone_config = ConvNextConfig(depths=[1, 1, 1, 1], out_features=["stage1", "stage4"])
+    assert isinstance(backbone_config.hidden_sizes, tuple)
+    model = HMSForSemanticSegmentation(HMSConfig(backbone_config=backbone_config, **SLIM_DECODER)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64), scales=[1.0]).logits.shape[-2:] == (64, 64)
+    assert backbone_config.out_features == ["stage1", "stage4"]
+    untouched = ConvNextConfig(depths=[1, 1, 1, 1])
+    HMSConfig(backbone_config=untouched)  # asks for two stages in its own copy, not in the caller's config
+    assert untouched.out_features == ["stage4"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -198,6 +211,33 @@ def test_mobilenet_v2_trains_and_chains_scales():
     with torch.no_grad():
         outputs = model.eval()(torch.randn(1, 3, 96, 128), scales=[0.25, 0.5, 1.0, 2.0], output_attentions=True)
     assert outputs.logits.shape == (1, 5, 96, 128) and len(outputs.attentions) == 4
+
+
+def test_mobilenet_v2_supports_gradient_checkpointing():
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_MOBILENET)).train()
+    reference = HMSForSemanticSegmentation(HMSConfig(**TINY_MOBILENET)).train()
+    reference.load_state_dict(model.state_dict())
+    model.activation_checkpointing_enable()
+    assert model.backbone.features[1].gradient_checkpointing
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 5, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    for network in (model, reference):
+        network(pixel_values, labels=labels).loss.backward()
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-3, atol=1e-6, msg=name)
+    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=0, atol=0)  # statistics updated once
+
+
+def test_deeplab_training_with_batch_size_one_says_what_is_needed():
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_MOBILENET)).train()
+    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.randint(0, 5, (1, 64, 64))
+    with pytest.raises(ValueError, match=r"batch_size >= 2 in training mode.*got batch_size 1"):
+        model(pixel_values, labels=labels)
+    for module in model.modules():  # frozen BatchNorm statistics (the staged recipe's stage 2) need no batch
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    assert torch.isfinite(model(pixel_values, labels=labels).loss)
 
 
 def test_mobilenet_preset_is_small():

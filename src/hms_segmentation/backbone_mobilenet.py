@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .residual_blocks import HMSCheckpointedBlock
+
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2's inverted-residual stages
 MOBILENET_V2_STAGES: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -44,7 +46,7 @@ class HMSConvBNReLU6(nn.Sequential):
         )
 
 
-class HMSInvertedResidual(nn.Module):
+class HMSInvertedResidual(HMSCheckpointedBlock):
     """
     Expand (1x1, unless the expansion is 1), depthwise 3x3 (carrying the stride or dilation), project (1x1, linear);
     residual when the input and output shapes agree. Input (batch, in_channels, h, w), output (batch,

@@ -351,6 +351,10 @@ def _resolve_backbone_config(
         if "model_type" not in backbone_config:
             raise ValueError(f"backbone_config as a dict needs a 'model_type', got keys {sorted(backbone_config)}")
         backbone_config = AutoConfig.for_model(**backbone_config)
+    else:
+        # a copy in its saved (JSON) form: the caller's object is left as it was, and tuple-valued defaults such as
+        # ConvNextConfig's hidden_sizes become the lists that the backbone classes concatenate to
+        backbone_config = type(backbone_config).from_dict(backbone_config.to_dict())
     stage_names = getattr(backbone_config, "stage_names", None)
     if not stage_names:
         raise ValueError(

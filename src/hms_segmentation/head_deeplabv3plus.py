@@ -27,6 +27,13 @@ class HMSAtrousSpatialPyramidPooling(nn.Module):
         self.out_channels = (2 + len(dilations)) * channels
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[0] == 1 and self.image_pooling.norm.training:
+            # BatchNorm over the pooled (batch, channels, 1, 1) map has one value per channel: no batch statistics
+            raise ValueError(
+                "the DeepLabV3+ decoder needs batch_size >= 2 in training mode (its image-pooling branch normalises "
+                "one pooled value per image with BatchNorm), got batch_size 1; train with a batch of at least 2, "
+                "or put the BatchNorm layers in eval mode (frozen statistics)"
+            )
         pooled = self.image_pooling(features.mean(dim=(2, 3), keepdim=True))
         pooled = F.interpolate(pooled, size=features.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return torch.cat([pooled] + [branch(features) for branch in self.branches], dim=1)

@@ -189,7 +189,7 @@ class HMSPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HMSHRNetModule", "HMSBottleneck", "HMSBasicBlock"]
+    _no_split_modules = ["HMSHRNetModule", "HMSBottleneck", "HMSBasicBlock", "HMSInvertedResidual"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -496,13 +496,17 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         config = self.config
         criterion = self._criterion()
         labels = labels.long()  # cross-entropy wants int64; uint8/int32 label maps are common
+        # The sum over the labelled pixels divided by their count is the mean (bit for bit on CPU), except that a
+        # batch whose pixels are all ignored gives 0 instead of 0 / 0 = NaN, which would stop or skip the step.
+        labelled_pixels = (labels != config.ignore_index).sum().clamp(min=1) if criterion is None else None
 
         def term(prediction: torch.Tensor, use_rmi: bool) -> torch.Tensor:
             prediction = prediction if prediction.shape[-2:] == labels.shape[-2:] else F.interpolate(
                 prediction, size=labels.shape[-2:], mode="bilinear", align_corners=config.align_corners
             )
             if criterion is None:
-                return F.cross_entropy(prediction.float(), labels, ignore_index=config.ignore_index)
+                total = F.cross_entropy(prediction.float(), labels, ignore_index=config.ignore_index, reduction="sum")
+                return total / labelled_pixels
             return criterion(prediction, labels, do_rmi=use_rmi)
 
         terms = {"main": term(logits, use_rmi=True)}

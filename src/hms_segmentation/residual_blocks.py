@@ -1,13 +1,77 @@
-"""Residual blocks shared by the HRNet and ResNet trunks (ResNet v1.5 layout: any stride sits on the 3x3 conv)."""
+"""Residual blocks shared by the HRNet and ResNet trunks (ResNet v1.5 layout: any stride sits on the 3x3 conv), and
+the gradient-checkpointing base of every trunk block."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
-class HMSBasicBlock(GradientCheckpointingLayer):
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """
+    Inside the block, every normalisation layer of `module` that tracks running statistics (`running_mean`,
+    `running_var`, `num_batches_tracked`) updates copies of them; the originals come back untouched on exit. Copies
+    rather than a restore afterwards: autograd saves the statistics a BatchNorm used and refuses a backward through
+    them once they are modified in place.
+    """
+    originals = []
+    for norm in module.modules():
+        if getattr(norm, "track_running_stats", False):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buffer = getattr(norm, name, None)
+                if buffer is not None:
+                    originals.append((norm, name, buffer))
+                    setattr(norm, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for norm, name, buffer in originals:
+            setattr(norm, name, buffer)
+
+
+class HMSCheckpointedBlock(GradientCheckpointingLayer):
+    """
+    A trunk block that `model.gradient_checkpointing_enable()` recomputes in the backward pass instead of keeping its
+    activations. The recomputation runs the block's BatchNorm layers in training mode a second time, which would
+    update their running statistics twice per step (the momentum applied twice, `num_batches_tracked` counted twice,
+    so the statistics used at evaluation drift from those of a plain run); the recomputation updates throw-away
+    copies instead (`running_statistics_kept`), so a checkpointed step leaves the same statistics as a plain one.
+    The first call of the checkpointed function is the forward pass, every later one a recomputation.
+    """
+
+    @property
+    def _gradient_checkpointing_func(self) -> Callable[..., Any]:
+        checkpoint_function = self.__dict__.get("_checkpoint_function")
+        if checkpoint_function is None:
+            raise AttributeError("gradient checkpointing was never enabled on this block")
+
+        def checkpoint_keeping_statistics(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            calls = 0
+
+            def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:  # the forward pass itself
+                    return function(*inner_args, **inner_kwargs)
+                with running_statistics_kept(self):  # a recomputation in the backward pass
+                    return function(*inner_args, **inner_kwargs)
+
+            return checkpoint_function(run, *args, **kwargs)
+
+        return checkpoint_keeping_statistics
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint_function: Callable[..., Any]) -> None:
+        self.__dict__["_checkpoint_function"] = checkpoint_function
+
+
+class HMSBasicBlock(HMSCheckpointedBlock):
     """Two 3x3 convolutions with a residual connection. Keeps the channel count (`expansion = 1`)."""
 
     expansion = 1
@@ -28,7 +92,7 @@ class HMSBasicBlock(GradientCheckpointingLayer):
         return self.relu(out + residual)
 
 
-class HMSBottleneck(GradientCheckpointingLayer):
+class HMSBottleneck(HMSCheckpointedBlock):
     """1x1 -> 3x3 -> 1x1 bottleneck with a residual connection; outputs `4 * channels` (`expansion = 4`)."""
 
     expansion = 4
