@@ -116,6 +116,38 @@ def test_pil_numpy_and_torch_inputs_agree(processor, odd_inputs, layout):
     torch.testing.assert_close(pixels(processor, inputs), pixels(processor, image))
 
 
+@pytest.mark.parametrize("height, width", [(1, 4000), (1, 5), (4, 3), (5, 3), (7, 1)])
+def test_rgb_arrays_one_row_high_or_three_pixels_wide_keep_their_layout(height, width):
+    processor = HMSImageProcessor(**RAW)
+    array = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = pixels(processor, Image.fromarray(array))
+    assert expected.shape == (1, 3, height, width)
+    channels_first = np.moveaxis(array, -1, 0).copy()
+    for layout in (array, torch.from_numpy(array), channels_first, torch.from_numpy(channels_first)):
+        torch.testing.assert_close(pixels(processor, layout), expected)
+
+
+def test_rgba_array_drops_its_alpha_like_an_rgba_file(processor, odd_inputs):
+    rgba = np.asarray(Image.open(odd_inputs / "rgba.png"))
+    assert rgba.shape[-1] == 4
+    torch.testing.assert_close(pixels(processor, rgba), pixels(processor, odd_inputs / "rgba.png"))
+
+
+def test_float_images_already_in_zero_one_are_flagged(processor, odd_inputs):
+    array = np.array(Image.open(odd_inputs / "rgb_ok.png"))
+    with pytest.warns(UserWarning, match=r"\[0, 1\].*do_rescale=False"):
+        pixels(processor, torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+    torch.testing.assert_close(  # the advice works: the same pixel values as the uint8 image
+        pixels(processor, array / 255.0, do_rescale=False), pixels(processor, array), rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_float_tensors_of_any_precision_are_read(processor, dtype):
+    values = torch.arange(256, dtype=torch.float32).reshape(16, 16).expand(3, 16, 16)
+    torch.testing.assert_close(pixels(processor, values.to(dtype)), pixels(processor, values.to(torch.uint8)))
+
+
 def test_grayscale_array_becomes_three_channels(processor):
     values = pixels(processor, np.full((64, 64), 100, np.uint8), **RAW)
     assert values.shape == (1, 3, 64, 64) and bool((values == 100).all())
@@ -148,6 +180,19 @@ def test_resize_policy_is_applied_by_the_processor(odd_inputs):
     resized = HMSImageProcessor(do_resize=True, size={"shortest_edge": 256})
     assert pixels(resized, odd_inputs / "rgb_ok.png").shape[-2:] == (256, 448)
     assert pixels(resized, odd_inputs / "rgb_ok.png", size={"height": 64, "width": 64}).shape[-2:] == (64, 64)
+
+
+def test_a_size_alone_turns_resizing_on_unless_do_resize_says_otherwise(odd_inputs, tmp_path):
+    image = odd_inputs / "rgb_ok.png"  # 96x160
+    by_constructor = HMSImageProcessor(size={"shortest_edge": 256})
+    assert by_constructor.do_resize and pixels(by_constructor, image).shape[-2:] == (256, 448)
+    by_constructor.save_pretrained(tmp_path)
+    assert pixels(HMSImageProcessor.from_pretrained(tmp_path), image).shape[-2:] == (256, 448)
+    assert pixels(HMSImageProcessor(), image, size={"shortest_edge": 256}).shape[-2:] == (256, 448)
+    kept = (128, 192)  # the size_divisor rounding only
+    assert pixels(HMSImageProcessor(), image).shape[-2:] == kept
+    assert pixels(HMSImageProcessor(), image, size={"shortest_edge": 256}, do_resize=False).shape[-2:] == kept
+    assert pixels(HMSImageProcessor(size={"shortest_edge": 256}, do_resize=False), image).shape[-2:] == kept
 
 
 def test_size_without_a_known_policy_is_refused():

@@ -92,10 +92,11 @@ class HMSImageProcessor(PilBackend):
     image's orientation and resizing with nearest-neighbour sampling, so `ignore_index` (255) stays 255.
 
     Args:
-        do_resize (`bool`, *optional*, defaults to `False`):
+        do_resize (`bool`, *optional*, defaults to `False`, or `True` when `size` is given):
             Whether to resize to `size`; without, only the `size_divisor` rounding applies.
         size (`dict[str, int]`, *optional*):
-            `{"shortest_edge": n}` (optionally with `"longest_edge"`), or `{"height": h, "width": w}`.
+            `{"shortest_edge": n}` (optionally with `"longest_edge"`), or `{"height": h, "width": w}`. Giving it
+            (to the constructor or to a call) turns `do_resize` on unless `do_resize` is given too.
         size_divisor (`int`, *optional*, defaults to 64):
             Output sides are rounded to the nearest multiple of this.
         resample (`PILImageResampling`, *optional*, defaults to `BILINEAR`):
@@ -137,7 +138,7 @@ class HMSImageProcessor(PilBackend):
     max_long_side = None
 
     def __init__(self, **kwargs: Unpack[HMSImageProcessorKwargs]) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_size_turns_on_resizing(kwargs))
         _positive_int("size_divisor", self.size_divisor)
         _positive_int("max_image_pixels", self.max_image_pixels)
         if self.max_long_side is not None:
@@ -162,7 +163,7 @@ class HMSImageProcessor(PilBackend):
             when `segmentation_maps` are given; `pixel_mask` `(batch, height, width)` when `do_pad`; `scales` when
             `inference_scales` is set.
         """
-        return super().preprocess(images, segmentation_maps, **kwargs)
+        return super().preprocess(images, segmentation_maps, **_size_turns_on_resizing(kwargs))
 
     def fetch_images(self, image_url_or_urls: Any, max_image_pixels: int | None = None) -> Any:
         """Open paths (str or `os.PathLike`) with the checks of this processor; URLs go through transformers."""
@@ -193,9 +194,14 @@ class HMSImageProcessor(PilBackend):
         input_data_format: str | ChannelDimension | None = None,
         max_image_pixels: int | None = None,
         name: str | None = None,
+        do_rescale: bool = False,
         **kwargs: Any,
     ) -> np.ndarray:
-        """One image as a `(channels, height, width)` array: upright, RGB, refused beyond `max_image_pixels`."""
+        """
+        One image as a `(channels, height, width)` array: upright, RGB, refused beyond `max_image_pixels`. A 3-D array
+        without `input_data_format` has its channel axis found by `infer_channel_layout`; with `do_rescale`, float
+        values all in [0, 1] (already rescaled, so about to be divided by 255 again) raise a warning naming the image.
+        """
         max_image_pixels = self.max_image_pixels if max_image_pixels is None else max_image_pixels
         name = name or _describe(image, "image")
         if isinstance(image, Image.Image):
@@ -205,10 +211,21 @@ class HMSImageProcessor(PilBackend):
                 image = convert_pil_to_rgb(image, name)
         else:
             if hasattr(image, "detach"):  # a torch tensor, possibly on an accelerator
-                image = image.detach().cpu().numpy()
+                image = image.detach().cpu()
+                # numpy has no bfloat16; float32 holds every 8- or 16-bit pixel value exactly
+                image = (image.float() if image.dtype.is_floating_point else image).numpy()
             image = np.asarray(image)
             if image.ndim == 2 and do_convert_rgb:  # grayscale; transformers' conversion expects a channel axis
                 image, input_data_format = np.repeat(image[..., None], 3, axis=-1), ChannelDimension.LAST
+            elif image.ndim == 3 and input_data_format is None:
+                input_data_format = infer_channel_layout(image.shape)
+            is_float = np.issubdtype(image.dtype, np.floating) and image.size > 0
+            if do_rescale and is_float and 0 <= image.min() <= image.max() <= 1:
+                warnings.warn(
+                    f"{name}: float pixel values all in [0, 1] look already rescaled, and do_rescale=True rescales "
+                    "them again (by 1/255 by default); pass do_rescale=False, or values in 0..255 (uint8)",
+                    stacklevel=2,
+                )
             height, width = get_image_size(image, channel_dim=input_data_format)
             check_pixel_limit((width, height), max_image_pixels, name)
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
@@ -230,7 +247,10 @@ class HMSImageProcessor(PilBackend):
         raw_images = self._prepare_images_structure(images, max_image_pixels=max_image_pixels)
         names = [_describe(image, f"images[{index}]") for index, image in enumerate(raw_images)]
         arrays = [
-            self.process_image(image, do_convert_rgb, input_data_format, max_image_pixels=max_image_pixels, name=name)
+            self.process_image(
+                image, do_convert_rgb, input_data_format, max_image_pixels=max_image_pixels, name=name,
+                do_rescale=kwargs["do_rescale"],
+            )
             for image, name in zip(raw_images, names)
         ]
         original_sizes = [array.shape[-2:] for array in arrays]
@@ -415,6 +435,33 @@ def shrink_to_long_side(pixel_values: Any, max_long_side: int | None, size_divis
 
     size = get_output_size(height, width, None, size_divisor, max_long_side)
     return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+
+
+def _size_turns_on_resizing(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with `do_resize=True` added when they give a `size` but no `do_resize`: resizing is off by default
+    (the reference evaluates at full resolution), and a `size` that silently did nothing would surprise everyone."""
+    if kwargs.get("size") is not None and "do_resize" not in kwargs:
+        return {**kwargs, "do_resize": True}
+    return kwargs
+
+
+def infer_channel_layout(shape: tuple[int, ...]) -> ChannelDimension | None:
+    """
+    Where the channel axis of a 3-D image array of `shape` is, reading it as RGB whenever only one axis holds 3.
+
+    transformers' own rule takes the first axis whenever it could be a channel axis (1, 3 or 4 values), so it reads a
+    1-pixel-high `(1, width, 3)` or a 3-pixel-wide `(4, 3, 3)` RGB array as channels-first and returns a transposed or
+    cropped image without a word. Here: channels-last when the last axis has 3 and the first does not (channels-first
+    the other way round); otherwise the axis that alone can be a channel axis (1, 3 or 4: grayscale, RGB, RGBA);
+    `None` when both can (e.g. `(3, width, 3)`), left to transformers, which warns and takes the first.
+    """
+    first, last = shape[0], shape[-1]
+    if (first == 3) != (last == 3):
+        return ChannelDimension.LAST if last == 3 else ChannelDimension.FIRST
+    channel_counts = (1, 3, 4)
+    if (first in channel_counts) != (last in channel_counts):
+        return ChannelDimension.LAST if last in channel_counts else ChannelDimension.FIRST
+    return None
 
 
 def open_image_file(path: str | os.PathLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
