@@ -131,6 +131,32 @@ def test_cli_reports_missing_and_unreadable_files(tmp_path, capsys):
     assert "junk.pth" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("corrupt.safetensors", b"not safetensors", "not a readable safetensors file"),
+        ("empty.pth", b"", "found an empty file"),
+        ("empty.safetensors", b"", "found an empty file"),
+    ],
+)
+def test_unreadable_checkpoint_is_named_without_a_traceback(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    assert main([str(tmp_path / name), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert name in error and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_path_that_is_a_file_is_refused_and_kept(reference_hrnet_state, tmp_path, capsys):
+    checkpoint = write_nvidia_checkpoint(reference_hrnet_state, tmp_path / "ckpt.pth")
+    output = tmp_path / "out"
+    output.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main([str(checkpoint), str(output), *extra]) == 1
+        assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert output.read_text() == "mine"
+
+
 def test_class_count_must_match_the_dataset(reference_hrnet_state):
     with pytest.raises(CheckpointConversionError, match="[Mm]apillary"):
         convert_nvidia_state_dict(reference_hrnet_state, dataset="mapillary")

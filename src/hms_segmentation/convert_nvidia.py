@@ -101,10 +101,16 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointConversionError(f"{path}: expected a checkpoint (.pth or .safetensors), found an empty file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        checkpoint: object = load_file(str(path))
+        try:
+            checkpoint: object = load_file(str(path))
+        except SafetensorError as error:
+            raise CheckpointConversionError(f"{path}: not a readable safetensors file ({error})") from None
     else:
         checkpoint = _torch_load_weights_only(path)
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
@@ -305,6 +311,8 @@ def convert_nvidia_checkpoint(
     from `evaluation` (a `hms-segmentation evaluate` results.json of this converted model), if given.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output folder {output_dir} is an existing file, not a folder; choose another path")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {output_dir} is not empty; choose another or pass overwrite=True (--overwrite)")
     model = convert_nvidia_state_dict(load_checkpoint_state_dict(checkpoint), dataset=dataset, source=str(checkpoint))
