@@ -261,6 +261,19 @@ def test_card_without_evaluation_claims_no_miou(tiny_model):
     assert f'model="{LOCAL_MODEL_ID}"' in card.text
 
 
+@pytest.mark.parametrize("config_kwargs, tags, name", [
+    ({"trunk": "hrnet_ocr"}, ["hrnet", "ocr"], "hms-hrnet-ocr"),
+    ({"trunk": "resnet50_deeplabv3plus"}, ["resnet", "deeplabv3plus"], "hms-resnet50-deeplabv3plus"),
+    ({"trunk": "mobilenetv2_deeplabv3plus"}, ["mobilenet-v2", "deeplabv3plus"], "hms-mobilenetv2-deeplabv3plus"),
+    ({"backbone_config": {"model_type": "convnext"}}, ["convnext", "deeplabv3plus"], "hms-backbone-deeplabv3plus"),
+], ids=["hrnet", "resnet", "mobilenet", "transformers-backbone"])
+def test_card_tags_and_names_the_trunk_it_describes(config_kwargs, tags, name):
+    card = build_model_card(HMSConfig(**config_kwargs))  # configs only: no weights are built
+    assert card.data.tags[-2:] == tags and "resnet" not in card.data.tags[:-2]
+    assert "# folder" not in card.text and f"# {name}" in card.text
+    assert build_model_card(HMSConfig(**config_kwargs), repo_id="user/my-model").data.model_name == "my-model"
+
+
 def test_card_from_trainer_metrics_has_a_model_index(tiny_model):
     metrics = {"multi_scale_mean_iou": 0.3, "multi_scale_overall_accuracy": 0.6, "multi_scale_iou_road": 0.5,
                "multi_scale_loss": 1.2}

@@ -203,6 +203,16 @@ def describe_trunk(config: HMSConfig) -> str:
     return "dilated ResNet-50 (output stride 8) + DeepLabV3+"
 
 
+def trunk_tags(config: HMSConfig) -> list[str]:
+    """Hub tags of the architecture: trunk and decoder (a transformers backbone is tagged by its model type)."""
+    if config.trunk == "hrnet_ocr":
+        return ["hrnet", "ocr"]
+    trunk = {"resnet50_deeplabv3plus": "resnet", "mobilenetv2_deeplabv3plus": "mobilenet-v2"}.get(config.trunk)
+    if trunk is None:
+        trunk = config.backbone_config.model_type.replace("_", "-")
+    return [trunk, "deeplabv3plus"]
+
+
 def build_model_card(
     config: HMSConfig,
     *,
@@ -229,7 +239,7 @@ def build_model_card(
         license: License identifier of the weights.
         training_details: Extra lines for the training recipe (e.g. steps, batch size, learning rate).
         provenance: One paragraph on where the weights come from (e.g. a converted NVIDIA checkpoint).
-        model_name: Title and `model-index` name; defaults to the last part of `repo_id`.
+        model_name: Title and `model-index` name; defaults to the last part of `repo_id`, else ``hms-<trunk>``.
     """
     evaluation = load_evaluation_results(evaluation) if evaluation is not None else None
     dataset = dataset or (evaluation or {}).get("dataset")
@@ -241,9 +251,9 @@ def build_model_card(
     if dataset and described is None:
         described = DatasetDescription(dataset, re.sub(r"[^a-z0-9_.-]+", "-", dataset.lower()).strip("-"))
     model_id = repo_id or LOCAL_MODEL_ID
-    model_name = model_name or model_id.rstrip("/").split("/")[-1]
-    tags = ["hms-segmentation", "semantic-segmentation", "multi-scale-attention", "vision"]
-    tags += ["hrnet", "ocr"] if config.trunk == "hrnet_ocr" else ["resnet", "deeplabv3plus"]
+    # without a repository, the trunk names the model (the placeholder's last part would read "folder")
+    model_name = model_name or (repo_id.rstrip("/").split("/")[-1] if repo_id else f"hms-{config.trunk.replace('_', '-')}")
+    tags = ["hms-segmentation", "semantic-segmentation", "multi-scale-attention", "vision", *trunk_tags(config)]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
