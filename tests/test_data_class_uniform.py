@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -131,3 +132,15 @@ def test_epoch_plan_mixes_random_and_class_uniform_crops(train_set):
     random_rows = [row for row, centroid in plan if centroid is None]
     assert len(set(random_rows)) == len(random_rows)  # the random half has no repeats
     assert plan != index.plan_epoch(ids, 0.5, np.random.default_rng(1))
+
+
+def test_an_unreadable_centroid_cache_is_rebuilt_not_fatal(train_set, tmp_path, caplog):
+    options = ClassUniformOptions(tile_size=32, cache_dir=tmp_path / "centroids")
+    built = ClassCentroidIndex.build(train_set, NUM_LABELS, options)
+    (cache_file,) = (tmp_path / "centroids").glob("class_uniform_centroids_*.json")
+    cache_file.write_text(cache_file.read_text()[:100])  # cut short (a full disk, a copy interrupted)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = ClassCentroidIndex.build(train_set, NUM_LABELS, options)
+    assert rebuilt.centroids == built.centroids and "is unreadable" in caplog.text
+    assert json.loads(cache_file.read_text())["version"] == class_uniform_module.CENTROIDS_VERSION
+    assert [path.name for path in (tmp_path / "centroids").iterdir()] == [cache_file.name]  # no temporary left

@@ -99,3 +99,32 @@ def test_mapillary_loader_accepts_parquet_shards(shared_data_dir, tmp_path):
 def test_a_folder_without_layout_or_parquet_is_explained(tmp_path):
     with pytest.raises(ValueError, match="expected a dataset folder in its official layout or parquet shards"):
         load_cityscapes(tmp_path, "train")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_split_loads_only_its_own_shards_or_its_hub_alias(synthetic_cityscapes, hf_cache, tmp_path, streaming):
+    train = load_cityscapes(synthetic_cityscapes, "train", options=CityscapesOptions(cache_dir=hf_cache))
+    val = load_cityscapes(synthetic_cityscapes, "val", options=CityscapesOptions(cache_dir=hf_cache))
+    write_parquet_shards(train, tmp_path / "both", split="train", num_shards=2)
+    write_parquet_shards(val, tmp_path / "both", split="validation", num_shards=1)
+    options = CityscapesOptions(cache_dir=hf_cache)
+    loaded = load_cityscapes(tmp_path / "both", "val", streaming=streaming, options=options)  # Hub name: validation
+    assert sorted(row["id"] for row in loaded) == sorted(val["id"])
+    with pytest.raises(ValueError, match=r"expected parquet shards of split 'test'.*found shards of split\(s\) "
+                                         r"\['train', 'validation'\] only"):
+        load_cityscapes(tmp_path / "both", "test", streaming=streaming, options=options)
+
+
+def test_a_refused_write_keeps_the_earlier_shards(synthetic_cityscapes, hf_cache, tmp_path):
+    val = load_cityscapes(synthetic_cityscapes, "val", options=CityscapesOptions(cache_dir=hf_cache))
+    paths = write_parquet_shards(val, tmp_path / "out", split="validation", num_shards=2)
+    with pytest.raises(ValueError, match=r"num_shards \(99\) must not exceed the number of rows"):
+        write_parquet_shards(val, tmp_path / "out", split="validation", num_shards=99)
+    assert all(path.is_file() for path in paths)
+
+
+def test_a_missing_local_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'typo'} not found: expected a dataset folder"):
+        load_cityscapes(tmp_path / "typo", "val")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'typo'} not found"):
+        load_mapillary(tmp_path / "typo", "validation")

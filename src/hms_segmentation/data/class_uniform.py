@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,21 @@ def _label_signature(value: dict) -> str:
     return f"{value['path']}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _read_cache(path: Path) -> dict[str, dict[int, list[Centroid]]] | None:
+    """The centroids of a cache file, or `None` when it is absent, of another version or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("version") != CENTROIDS_VERSION:
+            return None
+        return {sample_id: {int(k): [tuple(p) for p in v] for k, v in per_class.items()}
+                for sample_id, per_class in cached["centroids"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("class centroid cache %s is unreadable (%r); computing the centroids again", path, error)
+        return None
+
+
 class ClassCentroidIndex:
     """Class centroids of every training image, keyed by sample id.
 
@@ -139,17 +155,16 @@ class ClassCentroidIndex:
                 [CENTROIDS_VERSION, options.tile_size, num_labels,
                  [[row["id"], _label_signature(row["label"])] for row in rows]]).encode()).hexdigest()
             cache_path = Path(options.cache_dir) / f"class_uniform_centroids_{key[:20]}.json"
-            if cache_path.is_file():
-                cached = json.loads(cache_path.read_text())
-                if cached.get("version") == CENTROIDS_VERSION:
-                    logger.info("loaded class centroids from %s", cache_path)
-                    return cls({sample_id: {int(k): [tuple(p) for p in v] for k, v in per_class.items()}
-                                for sample_id, per_class in cached["centroids"].items()}, num_labels)
+            cached = _read_cache(cache_path)
+            if cached is not None:
+                logger.info("loaded class centroids from %s", cache_path)
+                return cls(cached, num_labels)
         centroids = {row["id"]: class_uniform_centroids(load_label(row["label"]), num_labels, options.tile_size)
                      for row in rows}
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cache_path.with_suffix(".tmp")
+            # one temporary file per process: ranks that build at the same time must not write into one file
+            temporary = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             temporary.write_text(json.dumps({"version": CENTROIDS_VERSION, "tile_size": options.tile_size,
                                              "num_labels": num_labels, "centroids": centroids}))
             temporary.replace(cache_path)  # atomic: a concurrent reader never sees half a file

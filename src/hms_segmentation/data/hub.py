@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,22 @@ def is_official_layout(source: str | os.PathLike, marker: str) -> bool:
     return path.is_dir() and (path / marker).is_dir()
 
 
+SPLIT_ALIASES = {"val": "validation", "validation": "val", "train": "training", "training": "train"}
+"""Other names of a split in shard names (Cityscapes says ``val``, the Hub ``validation``; Mapillary ``training``)."""
+
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}\.parquet$")
+"""Hub shard naming, ``<split>-NNNNN-of-MMMMM.parquet`` (what `write_parquet_shards` writes)."""
+
+
 def _parquet_files(source: str | os.PathLike, split: str) -> list[str] | None:
-    """Local parquet shards of `split` in a folder (Hub naming ``<split>-*.parquet`` first), a glob, or `None`."""
+    """Local parquet shards of `split` in a folder, a glob, or `None` when `source` is no local path.
+
+    In a folder, shards named after the split (Hub naming ``<split>-NNNNN-of-MMMMM.parquet``, or its alias, e.g.
+    ``validation`` for ``val``) are used; every ``*.parquet`` only when no file is named after any split.
+
+    Raises:
+        ValueError: The folder holds shards of other splits only (the message lists them).
+    """
     text = os.fspath(source)
     if any(character in text for character in "*?["):
         return sorted(glob.glob(text, recursive=True))
@@ -62,8 +77,19 @@ def _parquet_files(source: str | os.PathLike, split: str) -> list[str] | None:
     if path.is_file() and path.suffix == ".parquet":
         return [str(path)]
     if path.is_dir():
-        files = sorted(path.rglob(f"{split}-*.parquet")) or sorted(path.rglob("*.parquet"))
+        for name in (split, SPLIT_ALIASES.get(split)):
+            files = sorted(path.rglob(f"{name}-*.parquet")) if name else []
+            if files:
+                return [str(file) for file in files]
+        files = sorted(path.rglob("*.parquet"))
+        splits = sorted({match["split"] for file in files if (match := _SHARD_NAME.match(file.name))})
+        if splits:
+            raise ValueError(f"{source}: expected parquet shards of split {split!r} ({split}-NNNNN-of-MMMMM.parquet), "
+                             f"found shards of split(s) {splits} only")
         return [str(file) for file in files]
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
+        raise ValueError(f"{source} not found: expected a dataset folder in its official layout, parquet shards or a "
+                         "Hub dataset id (owner/name)")
     return None
 
 
@@ -78,7 +104,8 @@ def load_hub_dataset(
     """Load a Hub dataset id, a folder of parquet shards or a glob of them, as columns ``image``, ``label``, ``id``.
 
     Raises:
-        ValueError: A local path without parquet files, or missing columns (the message lists the columns found).
+        ValueError: A local path without parquet files (or with shards of other splits only), a local path that
+            does not exist, or missing columns (the message lists the columns found).
     """
     column_mapping = column_mapping or ColumnMapping()
     parquet_files = _parquet_files(source, split)
@@ -146,15 +173,16 @@ def write_parquet_shards(
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    length = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    if length is not None and length < num_shards:
+        raise ValueError(f"num_shards ({num_shards}) must not exceed the number of rows ({length})")
+    dataset = dataset.select_columns(["image", "label", "id"]).cast(RAW_IMAGE_FEATURES)
+    # only once the arguments are known to be good: a refused call leaves the earlier shards in place
     output = Path(output_dir) / "data"
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(f"{split}-*-of-*.parquet"):
         stale.unlink()
     paths = [output / f"{split}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
-    dataset = dataset.select_columns(["image", "label", "id"]).cast(RAW_IMAGE_FEATURES)
-    length = len(dataset) if isinstance(dataset, datasets.Dataset) else None
-    if length is not None and length < num_shards:
-        raise ValueError(f"num_shards ({num_shards}) must not exceed the number of rows ({length})")
     schema = SEGMENTATION_FEATURES.arrow_schema
     writers: dict[int, pq.ParquetWriter] = {}
     buffers: dict[int, list[dict]] = {index: [] for index in range(num_shards)}
