@@ -387,3 +387,48 @@ def test_two_processes_label_disjoint_halves_like_one(teacher_dir, extra_root, t
     assert _digests(tmp_path / "double") == _digests(single) and len(_digests(single)) == 4
     report = _report(tmp_path / "double")
     assert report["processes"] == 2 and report["images"]["labelled"] == 4
+
+
+def test_an_output_folder_report_file_of_the_user_is_never_replaced(teacher_dir, shared_data_dir, tmp_path, capsys):
+    images = tmp_path / "photos"
+    images.mkdir()
+    shutil.copy(shared_data_dir / "odd_inputs" / "rgb_ok.png", images / "street.png")
+    output = tmp_path / "labels"
+    output.mkdir()
+    (output / REPORT_FILE).write_text("my own notes")
+    argv = ["--model", str(teacher_dir), "--input", str(images), "--output-dir", str(output), *FAST]
+    assert main(argv) == 2
+    assert f"{output / REPORT_FILE} exists and is not an auto-labelling report" in capsys.readouterr().err
+    assert (output / REPORT_FILE).read_text() == "my own notes" and not list(output.rglob(f"*{LABEL_SUFFIX}"))
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(argv) == 0 and _report(output)["images"]["finished_before"] == 1  # its own report: replaced
+
+
+def test_an_input_folder_without_images_is_an_error(teacher_dir, tmp_path, capsys):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    output = tmp_path / "labels"
+    assert main(["--model", str(teacher_dir), "--input", str(tmp_path / "photos"), "--output-dir", str(output),
+                 *FAST]) == 2
+    assert "holds no images to label: expected images (.png, .jpg" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_two_images_that_would_share_a_label_name_are_named_not_overwritten(teacher_dir, shared_data_dir, tmp_path):
+    odd = shared_data_dir / "odd_inputs"
+    images = tmp_path / "photos"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(odd / "cmyk.jpg", images / "street.jpg")
+    shutil.copy(odd / "rgb_ok.png", images / "street.png")
+    shutil.copy(odd / "grayscale.png", images / "sub" / "street.png")  # another folder: another label
+    output = tmp_path / "labels"
+    argv = ["--model", str(teacher_dir), "--input", str(images), "--output-dir", str(output), *FAST]
+    for overwrite in ([], ["--overwrite"]):
+        assert main(argv + overwrite) == 0
+        report = _report(output)
+        assert report["images"]["failed"] == 1 and report["images"]["kept_existing"] == 0
+        assert "street.png: not labelled, its label street_gtAuto_labelTrainIds.png is that of street.jpg" in \
+            report["failed_files"][0]
+        assert label_marker(output / f"street{LABEL_SUFFIX}")["source"] == "street.jpg"
+    assert sorted(sample.image_path for sample in find_auto_labelled_folder(images, output)) == [
+        str((images / "street.jpg").resolve()), str((images / "sub" / "street.png").resolve())]

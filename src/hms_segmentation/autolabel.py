@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +122,8 @@ class AutoLabelJob:
         preview_path: The coloured preview, or `None`.
         coarse_path: The human coarse label of the frame (Cityscapes layout), or `None`.
         coarse_stored_ids: ``"train_ids"`` or ``"dataset_ids"`` (Cityscapes labelIds) for `coarse_path`.
+        label_taken_by: Another input of the same folder whose label has the same name (``photo.jpg`` and
+            ``photo.png``), found first; this image is then not labelled but reported as failed.
     """
 
     image_path: Path
@@ -130,6 +132,7 @@ class AutoLabelJob:
     preview_path: Path | None = None
     coarse_path: Path | None = None
     coarse_stored_ids: str = "train_ids"
+    label_taken_by: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -177,10 +180,16 @@ class AutoLabelLayout:
 
     def jobs(self, rank: int = 0, world_size: int = 1) -> Iterator[AutoLabelJob]:
         """The images of process `rank` of `world_size` (every `world_size`-th, so ranks are disjoint), in a fixed
-        order, found lazily: the folder is never listed into memory."""
+        order, found lazily: the folder is never listed into memory (only the label names of the current folder, to
+        find two images that would share a label)."""
+        folder, labels_of_folder = None, {}
         for index, image_path in enumerate(self._image_paths()):
+            if image_path.parent != folder:
+                folder, labels_of_folder = image_path.parent, {}
+            job = self._job(image_path)
+            taken_by = labels_of_folder.setdefault(job.label_path, image_path)
             if index % world_size == rank:
-                yield self._job(image_path)
+                yield job if taken_by == image_path else replace(job, label_taken_by=taken_by)
 
     def _image_paths(self) -> Iterator[Path]:
         for folder, subfolders, files in os.walk(self.input_dir):
@@ -220,7 +229,7 @@ def find_auto_labelled_folder(input_dir: str | os.PathLike, output_dir: str | os
     `hms_segmentation.data.builder.build_dataset` (labels hold trainIds: ``stored_ids="train_ids"``)."""
     layout = AutoLabelLayout("folder", Path(input_dir).resolve(), Path(output_dir).resolve())
     return [SampleFiles(job.source, str(job.image_path), str(job.label_path), "train_ids")
-            for job in layout.jobs() if job.label_path.is_file()]
+            for job in layout.jobs() if job.label_taken_by is None and job.label_path.is_file()]
 
 
 def label_marker(label_path: Path) -> dict | None:
@@ -293,6 +302,10 @@ class AutoLabelInputs(torch.utils.data.IterableDataset):
                 yield self.read(job)
 
     def read(self, job: AutoLabelJob) -> dict:
+        if job.label_taken_by is not None:
+            return {"job": job, "status": "failed", "error": (
+                f"{job.image_path}: not labelled, its label {job.label_path.name} is that of {job.label_taken_by.name} "
+                "(same name, another extension); rename one of them")}
         state = existing_output(job, self.fingerprint)
         if state != "missing" and not (self.overwrite and state == "other"):
             return {"job": job, "status": state}
@@ -580,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int,
                         default=DEFAULT_MAX_PIXELS, help="larger images are refused (decompression bombs)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing label files this model and settings did not write")
+                        help="replace existing label files this model and settings did not write (and an "
+                             f"{REPORT_FILE} that is not a report)")
     add_large_input_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -601,6 +615,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         layout = AutoLabelLayout.detect(args.input, args.output_dir, args.layout, preview=args.preview,
                                         merge_coarse=args.merge_coarse)
+        if next(layout.jobs(), None) is None:
+            expected = (f"<city>/*{IMAGE_SUFFIX}" if layout.kind == "cityscapes"
+                        else f"images ({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders")
+            raise ValueError(f"--input {layout.input_dir} holds no images to label: expected {expected}")
+        report_path = layout.output_dir / REPORT_FILE
+        if report_path.exists() and not args.overwrite and not _is_report(report_path):
+            raise ValueError(f"{report_path} exists and is not an auto-labelling report; pass --overwrite to replace "
+                             "it or choose another --output-dir")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -633,11 +655,19 @@ def main(argv: list[str] | None = None) -> int:
             "layout": layout.kind, "processes": state.num_processes, "fingerprint": fingerprint, **settings})
         print(format_report(report))
         layout.output_dir.mkdir(parents=True, exist_ok=True)
-        report_path = layout.output_dir / REPORT_FILE
         write_text_atomically(report_path, json.dumps(report, indent=2))
         print(f"wrote {report_path}")
     state.wait_for_everyone()
     return 0
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds a report this command wrote (a re-run replaces it; any other file is the user's)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(report, dict) and {"fingerprint", "images", "per_class"} <= set(report)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
