@@ -95,3 +95,36 @@ def test_missing_label_and_bad_arguments_are_explained(shared_data_dir, tmp_path
         mapillary_label_set(root, "v3.0")
     with pytest.raises(ValueError, match=r"validation/images not found: expected the Mapillary Vistas layout"):
         load_mapillary(root, "validation")
+
+
+def test_training_data_arguments_skip_bad_mapillary_samples(shared_data_dir, tmp_path, hf_cache):
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import load_split
+
+    root = _link_release(shared_data_dir / "mapillary_sample_crop100", tmp_path / "vistas", "v1.2")
+    (root / "training/images/orphan.jpg").symlink_to(shared_data_dir / "mapillary_sample_crop100/training/images" /
+                                                     f"{KEY}.jpg")
+    rows, id2label, _ = load_split(DataArguments(dataset="mapillary", data_dir=str(root), skip_bad_samples=True),
+                                   "train")
+    assert list(rows["id"]) == [KEY] and len(id2label) == 65
+    with pytest.raises(BadSampleError, match=r"orphan\.jpg has no label"):
+        load_split(DataArguments(dataset="mapillary", data_dir=str(root)), "train")
+
+
+def test_training_and_evaluation_arguments_choose_the_v20_labels(shared_data_dir, tmp_path, hf_cache):
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import load_split
+    from hms_segmentation.training.evaluate import build_parser
+
+    root = _link_release(shared_data_dir / "mapillary_sample_crop100", tmp_path / "vistas", "v2.0")
+    transcription = json.loads((shared_data_dir / "label_tables/mapillary_v2.0_labels_mmseg.json").read_text())
+    labels = [{"name": entry["readable"], "readable": entry["readable"], "color": entry["color"],
+               "evaluate": entry["readable"] != "Unlabeled"} for entry in transcription["labels"]]
+    (root / "config_v2.0.json").write_text(json.dumps({"labels": labels}))
+    rows, id2label, poly_power = load_split(
+        DataArguments(dataset="mapillary", data_dir=str(root), mapillary_version="v2.0"), "train")
+    assert len(id2label) == 123 and poly_power == 1.0
+    assert set(np.unique(np.array(rows[0]["label"])).tolist()) == {27, 84, 85}
+    with pytest.raises(ValueError, match=r"--mapillary_version must be one of \('v1\.2', 'v2\.0'\), got 'v2'"):
+        DataArguments(dataset="mapillary", data_dir=str(root), mapillary_version="v2")
+    assert build_parser().parse_args(["--model", "m", "--mapillary-version", "v2.0"]).mapillary_version == "v2.0"

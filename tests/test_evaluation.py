@@ -617,3 +617,72 @@ def test_inference_mode_and_normal_mode_mix():
     accumulator.update(prediction, reference)
     expected = 2 * brute_force_confusion_matrix([prediction], [reference], 19, IGNORE_INDEX)
     np.testing.assert_array_equal(accumulator.confusion_matrix.numpy(), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 19-class tiny model: the `evaluate` command's argument checks do not depend on its weights."""
+    from tiny_configs import TINY_HRNET
+
+    from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    HMSForSemanticSegmentation(HMSConfig(**{**TINY_HRNET, "num_labels": 19})).save_pretrained(folder)
+    return folder
+
+
+def _odd_cityscapes(shared_data_dir: Path, root: Path, image: str) -> Path:
+    """A one-frame Cityscapes val split in the official layout, whose image is the given file of odd_inputs."""
+    odd = shared_data_dir / "odd_inputs"
+    (root / "leftImg8bit/val/city").mkdir(parents=True)
+    (root / "gtFine/val/city").mkdir(parents=True)
+    (root / "leftImg8bit/val/city/city_000000_000001_leftImg8bit.png").write_bytes((odd / image).read_bytes())
+    (root / "gtFine/val/city/city_000000_000001_gtFine_labelIds.png").write_bytes(
+        (odd / "label_ok_labelIds.png").read_bytes())
+    return root
+
+
+def test_evaluate_command_refuses_bad_scales_and_datasets_naming_them(tiny_model_dir, shared_data_dir, tmp_path,
+                                                                      capsys):
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    good = _odd_cityscapes(shared_data_dir, tmp_path / "good", "rgb_ok.png")
+    argv = ["--model", str(tiny_model_dir), "--dataset", "cityscapes", "--device", "cpu"]
+    for scales in ("0", "-1", "0.5,0"):
+        assert evaluate_main(argv + ["--data-dir", str(good), "--scales", "1.0", scales]) == 2
+        assert f"--scales {scales} must be a non-empty list of positive, finite numbers" in capsys.readouterr().err
+    broken = _odd_cityscapes(shared_data_dir, tmp_path / "broken", "truncated.png")
+    assert evaluate_main(argv + ["--data-dir", str(broken), "--scales", "1.0"]) == 2
+    assert "city_000000_000001_leftImg8bit.png: the file is truncated or corrupt" in capsys.readouterr().err
+    (tmp_path / "empty/leftImg8bit/val").mkdir(parents=True)
+    assert evaluate_main(argv + ["--data-dir", str(tmp_path / "empty"), "--scales", "1.0"]) == 2
+    assert "leftImg8bit/val holds no images" in capsys.readouterr().err
+    assert evaluate_main(argv + ["--data-dir", str(tmp_path / "typo"), "--scales", "1.0"]) == 2
+    assert f"{tmp_path / 'typo'} not found" in capsys.readouterr().err
+
+
+def test_evaluate_command_never_replaces_a_results_file_without_overwrite(tiny_model_dir, shared_data_dir, tmp_path,
+                                                                          capsys):
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    data = _odd_cityscapes(shared_data_dir, tmp_path / "data", "rgb_ok.png")
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "results.md").write_text("my notes")
+    argv = ["--model", str(tiny_model_dir), "--dataset", "cityscapes", "--data-dir", str(data), "--scales", "1.0",
+            "--device", "cpu", "--output-dir", str(output)]
+    assert evaluate_main(argv) == 2
+    assert "results.md exists; pass --overwrite" in capsys.readouterr().err
+    assert (output / "results.md").read_text() == "my notes" and not (output / "results.json").exists()
+    assert evaluate_main(argv + ["--overwrite"]) == 0
+    assert json.loads((output / "results.json").read_text())["results"][0]["images"] == 1
+
+
+def test_maps_given_as_nested_lists_may_be_empty(backend):
+    """``np.asarray`` makes float64 of an empty list: a map of zero width given as lists is still a label map."""
+    maps = [[[0, 1], [1, 1]], [[], [], []]]  # 2x2, then 3x0
+    metrics = mean_iou(maps, maps, num_labels=2, backend=backend)
+    np.testing.assert_array_equal(metrics["per_category_iou"], [1.0, 1.0])
+    with pytest.raises(TypeError, match="must hold integer class indices, got a numpy array of dtype float64"):
+        mean_iou([[[0.5, 1.0]]], [[[0, 1]]], num_labels=2, backend=backend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
 from hms_segmentation.training.arguments import parse_arguments
 from hms_segmentation.training.train import HMSTrainer, NonFiniteLossError, run_training
-from tiny_configs import TINY_HRNET
+from tiny_configs import TINY_HRNET, TINY_RESNET
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,55 @@ def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, 
     accelerate_losses = [e["loss"] for e in json.loads((accelerate_dir / "log_history.json").read_text())]
     assert trainer_losses == pytest.approx(accelerate_losses, rel=1e-4)
     assert logged_learning_rates(accelerate_dir, "accelerate") == pytest.approx(logged_learning_rates(trainer_dir, "trainer"))
+
+
+@pytest.fixture(scope="module")
+def tiny_deeplab_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_deeplab")
+    torch.manual_seed(0)
+    HMSForSemanticSegmentation(HMSConfig(**{**TINY_RESNET, "num_labels": 19})).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_an_epoch_ending_in_a_batch_of_one_trains_deeplab_and_evaluation_keeps_every_image(
+        tiny_deeplab_dir, synthetic_dir, tmp_path, script):
+    # 4 frames in batches of 3 end each epoch with a batch of one, which DeepLabV3+'s image-pooling BatchNorm cannot
+    # train on (Cityscapes' 2975 frames in batches of 2 do that too): the reference drops it, and so do we
+    from hms_segmentation.training import train_accelerate
+
+    output_dir = tmp_path / script
+    arguments = parse_arguments(tiny_run_arguments(
+        tiny_deeplab_dir, synthetic_dir, output_dir, "--do_train", "--do_eval", "--max_steps", "-1",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "3", "--per_device_eval_batch_size", "3"))
+    assert arguments[2].dataloader_drop_last
+    evaluated_batches = []
+    original_forward = HMSForSemanticSegmentation.forward
+
+    @functools.wraps(original_forward)  # the Trainer finds `labels` in the signature
+    def recording_forward(model, pixel_values, *args, **kwargs):
+        if not model.training:
+            evaluated_batches.append(len(pixel_values))
+        return original_forward(model, pixel_values, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HMSForSemanticSegmentation, "forward", recording_forward)
+        metrics = (run_training if script == "trainer" else train_accelerate.run_training)(*arguments)
+    assert 0 <= metrics["eval_mean_iou"] <= 1
+    assert evaluated_batches == [2]  # both val frames, in the one (incomplete) batch evaluation must keep
+    if script == "trainer":
+        assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2  # one step per epoch
+    else:
+        assert len(logged_learning_rates(output_dir, "accelerate")) == 2
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(tiny_model_dir, synthetic_dir, tmp_path):
+    arguments = parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train",
+                                                   "--per_device_train_batch_size", "5"))
+    with pytest.raises(ValueError, match=r"4 sample\(s\), fewer than one full batch .*"
+                                         r"--per_device_train_batch_size 5 x 1 process.*--dataloader_drop_last false"):
+        run_training(*arguments)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script", ["trainer", "accelerate"])

@@ -148,6 +148,8 @@ def _as_label_tensor(labels: Any, name: str) -> torch.Tensor:
     """A torch view (no copy where possible) of an integer label map; rejects floats with a message for humans."""
     if not isinstance(labels, torch.Tensor):
         array = np.asarray(labels)
+        if array.size == 0 and not isinstance(labels, np.ndarray):
+            array = array.astype(np.int64)  # numpy makes float64 of an empty list: there is no value to reject
         if array.dtype.kind == "u" and array.dtype.itemsize > 1:
             array = array.astype(np.int64)  # torch has few kernels for uint16/32/64
         elif array.dtype == np.bool_:

@@ -603,7 +603,7 @@ def synthesize_cityscapes(options: SyntheticDatasetOptions) -> Path:
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hms_segmentation.data.synthesize",
+        prog="hms-segmentation synthesize",
         description="Write a procedural street-scene dataset in the official Cityscapes layout "
         "(leftImg8bit/ + gtFine/ with labelIds and labelTrainIds).",
     )

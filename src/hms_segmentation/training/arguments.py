@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_hms import MODEL_PRESETS, validate_scales
+from ..data.mapillary import MAPILLARY_VERSIONS
 
 DATASETS = ("synthetic", "cityscapes", "mapillary")
 TRAINING_STAGES = (0, 1, 2, 3)
@@ -75,6 +76,11 @@ class DataArguments:
         default=None,
         metadata={"help": "dataset root (official layout), parquet shards or Hub id; synthetic: where it is generated"},
     )
+    mapillary_version: str = field(
+        default="v1.2",
+        metadata={"help": "Mapillary: which labels, v1.2 (65 classes, built-in table) or v2.0 (124 classes, needs the "
+                          "dataset's config_v2.0.json)", "choices": list(MAPILLARY_VERSIONS)},
+    )
     train_split: str = field(default="train")
     eval_split: str = field(default="val")
     streaming: bool = field(default=False, metadata={"help": "stream the training split (IterableDataset; needs max_steps)"})
@@ -107,6 +113,8 @@ class DataArguments:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(f"--data_dir is required for --dataset {self.dataset}")
+        if self.mapillary_version not in MAPILLARY_VERSIONS:  # a YAML/JSON file bypasses argparse's choices
+            raise ValueError(f"--mapillary_version must be one of {MAPILLARY_VERSIONS}, got {self.mapillary_version!r}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:
@@ -129,6 +137,11 @@ class HMSTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as the reference)"})
     remove_unused_columns: bool = field(default=False)
     per_device_eval_batch_size: int = field(default=1)
+    dataloader_drop_last: bool = field(
+        default=True,
+        metadata={"help": "training: drop each epoch's last, incomplete batch, as the reference does (a batch of one "
+                          "image cannot train the DeepLabV3+ image-pooling BatchNorm); evaluation never drops images"},
+    )
     batch_eval_metrics: bool = field(default=True, metadata={"help": "stream the confusion matrix over eval batches"})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "allow writing into a non-empty output folder that holds no checkpoint"}

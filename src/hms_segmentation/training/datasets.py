@@ -14,6 +14,7 @@ import torch
 from ..data import (
     CityscapesOptions,
     ClassCentroidIndex,
+    LoaderOptions,
     SegmentationEvalTransform,
     SegmentationTrainingDataset,
     SegmentationTrainingStream,
@@ -102,10 +103,11 @@ def load_split(args: DataArguments, split: str, streaming: bool = False) -> tupl
         root = ensure_synthetic_dataset(args) if args.dataset == "synthetic" else args.data_dir
         rows = load_cityscapes(root, split, streaming=streaming, options=CityscapesOptions(skip_bad_samples=args.skip_bad_samples))
         return rows, dict(CITYSCAPES_ID2LABEL), 2.0
-    label_set = mapillary_label_set(args.data_dir)
+    label_set = mapillary_label_set(args.data_dir, args.mapillary_version)
     # Mapillary names its splits training/validation
     split = {"train": "training", "val": "validation"}.get(split, split)
-    rows = load_mapillary(args.data_dir, split, streaming=streaming)
+    rows = load_mapillary(args.data_dir, split, version=args.mapillary_version, streaming=streaming,
+                          options=LoaderOptions(skip_bad_samples=args.skip_bad_samples))
     return rows, dict(label_set.id2label), 1.0
 
 

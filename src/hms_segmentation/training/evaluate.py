@@ -22,12 +22,17 @@ from typing import Any
 
 import torch
 
+from ..configuration_hms import validate_scales
+from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset
+
+RESULT_FILES = ("results.json", "results.md")
+"""What `--output-dir` receives; neither is replaced without `--overwrite`."""
 
 
 def predict(
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--mapillary-version", "--mapillary_version", dest="mapillary_version", default="v1.2",
+                        choices=MAPILLARY_VERSIONS, help="Mapillary labels: v1.2 or v2.0 (needs config_v2.0.json)")
     parser.add_argument("--scales", nargs="+", default=["1.0", "0.5,1.0,2.0"], help="one or more comma-separated scale lists")
     parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
     parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None)
@@ -163,22 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        scale_lists = [parse_scales(text) for text in args.scales]
+        # checked before the model and the dataset are loaded, which can take minutes
+        scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
+                                  mapillary_version=args.mapillary_version,
                                   max_eval_samples=args.max_samples)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.output_dir is not None and (args.output_dir / "results.json").exists() and not args.overwrite:
-        print(f"error: {args.output_dir / 'results.json'} exists; pass --overwrite or choose another --output-dir",
-              file=sys.stderr)
-        return 2
+    if args.output_dir is not None and not args.overwrite:
+        existing = [args.output_dir / name for name in RESULT_FILES if (args.output_dir / name).exists()]
+        if existing:
+            print(f"error: {existing[0]} exists; pass --overwrite or choose another --output-dir", file=sys.stderr)
+            return 2
     try:
         model_paths = parse_model_arguments(args.model)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    dataset, id2label = build_eval_dataset(data_args)
+    try:
+        dataset, id2label = build_eval_dataset(data_args)
+    except (ValueError, FileNotFoundError) as error:  # missing or empty folders, bad samples (naming the file)
+        print(f"error: --dataset {args.dataset} --data-dir {args.data_dir} --split {args.split}: {error}",
+              file=sys.stderr)
+        return 2
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
         model = HMSForSemanticSegmentation.from_pretrained(path).to(args.device).eval()
@@ -211,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             record["results"] = next(iter(results_by_model.values()))
         else:
             record["results_by_model"] = results_by_model
-        (args.output_dir / "results.json").write_text(json.dumps(record, indent=2))
-        (args.output_dir / "results.md").write_text(table)
-        print(f"wrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.md'}")
+        results_json, results_md = (args.output_dir / name for name in RESULT_FILES)
+        results_json.write_text(json.dumps(record, indent=2))
+        results_md.write_text(table)
+        print(f"wrote {results_json} and {results_md}")
     return 0
 
 

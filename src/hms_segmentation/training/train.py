@@ -12,6 +12,7 @@ confusion matrix for mIoU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -163,6 +164,25 @@ class HMSTrainer(Trainer):
         self._loss_term_count = 0
         self.skipped_nonfinite_steps = 0
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._every_batch_kept():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._every_batch_kept():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _every_batch_kept(self):
+        # `Trainer` applies --dataloader_drop_last (ours defaults to true, for training) to evaluation and prediction
+        # too, where a metric must count every image
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            yield
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = sgd_parameter_groups(model or self.model, self.args.learning_rate, self.trunk_learning_rate_multiplier)
@@ -270,6 +290,20 @@ def check_output_dir(training_args: HMSTrainingArguments) -> str | None:
     return None
 
 
+def check_one_full_batch(train_dataset, training_args: HMSTrainingArguments) -> None:
+    """Refuse a map-style training split too small for one full batch on every process: with the last incomplete
+    batch dropped (``--dataloader_drop_last``, the default) an epoch would hold no step, and the run would end at once."""
+    if not training_args.dataloader_drop_last or not hasattr(train_dataset, "__len__"):
+        return
+    batch, processes = training_args.per_device_train_batch_size, training_args.world_size
+    if len(train_dataset) < batch * processes:
+        raise ValueError(
+            f"the training split has {len(train_dataset)} sample(s), fewer than one full batch on every process "
+            f"(--per_device_train_batch_size {batch} x {processes} process(es)); lower the batch size, or pass "
+            "--dataloader_drop_last false to train on incomplete batches"
+        )
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -280,6 +314,8 @@ def run_training(
     set_seed(training_args.seed)
     resume_from = check_output_dir(training_args)
     data = build_datasets(data_args, seed=training_args.seed, do_eval=training_args.do_eval)
+    if training_args.do_train:
+        check_one_full_batch(data.train, training_args)
     if training_args.poly_power is None:
         training_args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)

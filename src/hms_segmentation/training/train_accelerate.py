@@ -32,6 +32,7 @@ from .datasets import build_datasets
 from .train import (
     NonFiniteLossError,
     build_model,
+    check_one_full_batch,
     check_output_dir,
     collate_samples,
     normalize_uint8_pixel_values,
@@ -118,6 +119,7 @@ def run_training(
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
     data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
+    check_one_full_batch(data.train, args)
     if args.poly_power is None:
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
