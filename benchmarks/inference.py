@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved: all row processes stay alive and take turns, round by round (for a shared "
                              "machine); sequential: each row runs all its rounds and exits before the next starts "
                              "(for CUDA, where idle processes would keep their cached GPU memory)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the results as JSON here (default: print them only, so that a trial run never "
+                             "overwrites the recorded figures in benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.rows:
         row_keys = [_parse_row(text) for text in args.rows]
@@ -280,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{head}{row['first_call_s']:>13.2f}{row['latency_s']:>11.3f}"
               f"{_format(row.get('latency_vs_fp32_eager'), '.2f', 13)}{_format(row['chain_s'], '.4f', 9)}"
               f"{share:>9}{row['peak_mib']:>14.0f}{row['above_model_mib']:>13.0f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "inference",
         "preset": args.preset,
@@ -297,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         "memory": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "VmHWM, reset after the warm-up",
         "rows": rows,
     }
+    if args.output is None:
+        print("not written: pass --output FILE to keep these results as JSON")
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.output}")
     return 0

@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-dir", type=Path, default=None, help="shared/parity/hrnet_ocr (converted weights)")
     parser.add_argument("--photos", type=Path, nargs="*", default=[], help="street photos (no labels)")
     parser.add_argument("--street-tiles", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/tiled_inference.json"))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the results as JSON here (default: print them only, so that a trial run never "
+                             "overwrites the recorded figures in benchmarks/results/)")
     args = parser.parse_args(argv)
 
     import torch
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
     }
-    if args.output.exists():  # keep the other part's results when only one part is rerun
+    if args.output is not None and args.output.exists():  # keep the other part's results when only one part is rerun
         record = {**json.loads(args.output.read_text()), **record}
     torch.set_num_threads(args.threads)
     if args.part in ("memory", "all"):
@@ -266,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['tile_size']:>6}{100 * row['label_agreement']:>13.2f}"
                       f"{100 * row['miou_against_untiled_labels']:>24.2f}"
                       f"{'' if delta is None else f'{100 * delta:+.2f}':>16}{row['seconds']:>9.1f}")
+    if args.output is None:
+        print("not written: pass --output FILE to keep these results as JSON")
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.output}")

@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusions", nargs="+", default=["hierarchical"], choices=sorted(FUSION_TRAINING_SCALES))
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; the fastest round is kept")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/train_step.json"))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the results as JSON here (default: print them only, so that a trial run never "
+                             "overwrites the recorded figures in benchmarks/results/)")
     args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("spawn")
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['loss']:<15}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.2f}"
               f"{row['peak_memory_mib']:>10.0f}{row['step_memory_mib']:>10.0f}{row['time_vs_first']:>8.2f}"
               f"{row['step_memory_vs_first']:>7.2f}")
+    if args.output is None:
+        print("not written: pass --output FILE to keep these results as JSON")
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"benchmark": "train_step", "torch": torch.__version__,
                                        "machine": platform.processor() or platform.machine(),

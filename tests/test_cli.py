@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hms_segmentation.cli import main
+from conftest import REPO_ROOT
+from hms_segmentation.cli import SUBCOMMANDS, main
 from hms_segmentation.data.io import load_image as read_rgb_image
 
 
@@ -18,6 +21,23 @@ def test_help_lists_the_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "demo" in out and "convert-nvidia" in out
+
+
+def test_help_separates_every_subcommand_from_its_summary(capsys):
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, (_, summary) in SUBCOMMANDS.items():
+        assert any(re.fullmatch(rf"  {re.escape(name)} {{2,}}{re.escape(summary)}", line) for line in lines), name
+
+
+@pytest.mark.parametrize("name", ["train", "train-accelerate"])
+def test_subcommand_usage_names_the_command_the_user_typed(capsys, name):
+    argv = list(sys.argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: hms-segmentation {name} ")
+    assert sys.argv == argv
 
 
 def test_unknown_subcommand_is_an_error(capsys):
@@ -69,3 +89,26 @@ def test_demo_handles_degenerate_sizes_with_a_clear_answer(shared_data_dir, name
     code = main(["demo", "--image", str(shared_data_dir / "odd_inputs" / name), "--scales", "1.0",
                  "--output-dir", str(tmp_path / "out")])
     assert code == 0
+
+
+# The smallest run of each benchmark whose --output used to default to a committed file in benchmarks/results/.
+BENCHMARK_SMOKE_RUNS = {
+    "train_step.py": ["--crop-size", "64", "--batch-size", "2", "--steps", "1", "--losses", "cross_entropy",
+                      "--threads", "1"],
+    "inference.py": ["--height", "64", "--width", "128", "--repeats", "1", "--scale-sets", "1.0", "--threads", "1"],
+    "tiled_inference.py": ["--part", "memory", "--height", "64", "--width", "128", "--memory-tiles", "64",
+                           "--no-untiled", "--threads", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK_SMOKE_RUNS))
+def test_benchmark_without_output_writes_no_file(tmp_path, script):
+    # Run from a folder shaped like the repository, so a default path under benchmarks/results/ would land there.
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *BENCHMARK_SMOKE_RUNS[script]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pass --output" in result.stdout
+    assert list(tmp_path.rglob("*")) == []

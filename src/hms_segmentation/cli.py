@@ -24,7 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: hms-segmentation <subcommand> [options]", "", "subcommands:"]
-    lines += [f"  {name:<16}{summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    width = max(map(len, SUBCOMMANDS)) + 2  # at least two spaces between the longest name and its summary
+    lines += [f"  {name:<{width}}{summary}" for name, (_, summary) in SUBCOMMANDS.items()]
     lines += ["", "`hms-segmentation <subcommand> --help` describes each."]
     return "\n".join(lines)
 
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hms-segmentation: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    # Parsers that take their program name from sys.argv[0] (HfArgumentParser: "train.py") then print the command the
+    # user typed in their usage line and errors.
+    saved_argv = list(sys.argv)
+    sys.argv[:1] = [f"hms-segmentation {name}"]
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        sys.argv[:] = saved_argv
 
 
 if __name__ == "__main__":
