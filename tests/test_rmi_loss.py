@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,14 @@ def test_invalid_inputs_raise_value_error(logits_shape: tuple, labels: torch.Ten
         RMILoss()(torch.zeros(logits_shape), labels)
 
 
+@pytest.mark.parametrize("shape", [(0, 19, 32, 40), (1, 19, 0, 40), (1, 19, 32, 0)], ids=["batch", "height", "width"])
+@pytest.mark.parametrize("do_rmi", [True, False])
+def test_empty_logits_are_refused_with_their_shape(shape: tuple, do_rmi: bool) -> None:
+    labels = torch.zeros(shape[0], *shape[2:], dtype=torch.long)
+    with pytest.raises(ValueError, match=re.escape(f"at least one image and one pixel, got shape {tuple(shape)}")):
+        RMILoss(rmi_radius=1)(torch.zeros(shape), labels, do_rmi=do_rmi)
+
+
 def test_integer_logits_are_refused() -> None:
     with pytest.raises(ValueError, match=r"`logits` must be a 4-D floating point tensor.*torch.int64"):
         RMILoss()(torch.zeros(1, 19, 32, 40, dtype=torch.long), torch.zeros(1, 32, 40, dtype=torch.long))
@@ -193,6 +202,20 @@ def test_labels_of_any_integer_dtype_give_the_same_loss() -> None:
     logits, labels = _blocky_inputs()
     loss_fn = RMILoss()
     torch.testing.assert_close(loss_fn(logits, labels.to(torch.uint8)), loss_fn(logits, labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool_way", [0, 1, 2])
+@pytest.mark.parametrize("exclude_ignored", [False, True])
+def test_transposed_labels_give_the_same_loss_and_gradient(pool_way: int, exclude_ignored: bool) -> None:
+    # Labels that are a permuted view (a transpose or rot90 augmentation of the batch) are not contiguous.
+    logits, labels = _blocky_inputs(height=48, width=48)
+    transposed = labels.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not transposed.is_contiguous()
+    loss_fn = RMILoss(rmi_pool_way=pool_way, exclude_ignored_from_rmi=exclude_ignored)
+    output, grad = _loss_and_grad(loss_fn, logits, transposed)
+    expected, expected_grad = _loss_and_grad(loss_fn, logits, labels)
+    torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
 def test_ignore_index_inside_class_range_is_ignored() -> None:

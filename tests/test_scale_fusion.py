@@ -38,6 +38,22 @@ def test_explicit_attention_is_a_softmax_over_scale_scores():
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_explicit_attention_keeps_float64_precision_and_passes_gradcheck():
+    outputs = [(s, tuple(p.double() for p in ps), a.double()) for s, ps, a in _scale_outputs(4)]
+    scores = torch.stack([torch.logit(_up(a), eps=1e-6) for _, _, a in outputs])
+    expected = sum(w * _up(p[0]) for w, (_, p, _) in zip(torch.softmax(scores, dim=0), outputs))
+    fused = explicit_scale_attention_fusion(outputs, SIZE)[0]
+    assert fused.dtype == torch.float64
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    inputs = [t[:1, :1].clone().requires_grad_(True) for _, p, a in outputs for t in (p[0], a)]
+
+    def fuse(*tensors):
+        scale_outputs = [(s, (tensors[2 * i],), tensors[2 * i + 1]) for i, (s, _, _) in enumerate(outputs)]
+        return explicit_scale_attention_fusion(scale_outputs, SIZE)[0]
+
+    assert torch.autograd.gradcheck(fuse, inputs)
+
+
 def test_explicit_attention_does_not_depend_on_the_order_of_scales():
     outputs = _scale_outputs(1)
     reference = explicit_scale_attention_fusion(outputs, SIZE)[0]

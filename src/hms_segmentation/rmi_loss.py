@@ -553,6 +553,8 @@ class RMILoss(nn.Module):
                 f"`logits` must have num_classes={self.num_classes} channels (dim 1), got shape {tuple(logits.shape)}."
             )
         batch_size, _, height, width = logits.shape
+        if min(batch_size, height, width) == 0:
+            raise ValueError(f"`logits` must have at least one image and one pixel, got shape {tuple(logits.shape)}.")
         is_integer_tensor = isinstance(labels, torch.Tensor) and not (
             labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
         )
@@ -578,7 +580,9 @@ class RMILoss(nn.Module):
     def _compute(self, logits: torch.Tensor, labels: torch.Tensor, do_rmi: bool) -> RMILossOutput:
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
-        labels = labels.long()
+        # Contiguous: a permuted view (a transposed batch) keeps its layout through the element-wise ops below, and
+        # the pixel counts of the pooled one-hot flatten their indices with view().
+        labels = labels.long().contiguous()
         valid = (labels >= 0) & (labels < self.num_classes) & (labels != self.ignore_index)
         safe_labels = torch.where(valid, labels, 0)
         valid_mask = valid.to(logits.dtype)

@@ -49,7 +49,9 @@ def explicit_scale_attention_fusion(
     running_max = normaliser = None
     weighted: list[torch.Tensor] = []
     for _, predictions, attention in scale_outputs:
-        score = torch.logit(_resize(attention, size, align_corners).float(), eps=_SCORE_EPS)
+        # float32 at least: half-precision scores would round the softmax weights; float64 stays float64.
+        attention = _resize(attention, size, align_corners)
+        score = torch.logit(attention.to(torch.promote_types(attention.dtype, torch.float32)), eps=_SCORE_EPS)
         resized = [_resize(p, size, align_corners) for p in predictions]
         if running_max is None:
             running_max, normaliser = score, torch.ones_like(score)
