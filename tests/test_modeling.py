@@ -200,6 +200,21 @@ def test_bad_labels_are_reported(tiny_hrnet):
         tiny_hrnet(images(), labels=torch.zeros(2, 48, 64))
 
 
+@pytest.mark.parametrize("primary_loss", ["rmi", "cross_entropy"])
+@pytest.mark.parametrize("bad_value", [5, 33, -1])
+def test_labels_outside_the_classes_are_refused_naming_them(primary_loss, bad_value):
+    # the tiny model has 5 classes: 5 and 33 are raw ids (RMI ignored them silently), -1 is no ignore index
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, primary_loss=primary_loss))
+    labels = torch.randint(0, 5, (2, 48, 64))
+    labels[:, :4] = 255
+    labels[1, 10, 10] = bad_value
+    with pytest.raises(ValueError, match=rf"class ids in \[0, 5\) .* ignore_index 255, found \[{bad_value}\]"):
+        model(images(), labels=labels)
+    labels[1, 10, 10] = 4
+    assert torch.isfinite(model(images(), labels=labels).loss)
+
+
 # --- training ------------------------------------------------------------------------------------------------------
 
 

@@ -387,7 +387,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
-            _check_labels(labels, pixel_values)
+            _check_labels(labels, pixel_values, self.config.num_labels, self.config.ignore_index)
         if output_auxiliary_logits is None:
             output_auxiliary_logits = self.config.output_auxiliary_logits
         segment = functools.partial(
@@ -556,7 +556,7 @@ def _tiled_output_size(
     return tuple(size)
 
 
-def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
+def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: int, ignore_index: int) -> None:
     if labels.dim() != 3 or labels.shape[0] != pixel_values.shape[0]:
         raise ValueError(
             f"labels must have shape (batch_size, height, width) with batch_size {pixel_values.shape[0]}, "
@@ -564,3 +564,13 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}")
+    # RMI would silently ignore such pixels and cross-entropy fail inside its kernel (a device-side assert on GPUs);
+    # usually raw dataset ids (Cityscapes labelIds 0..33) fed to a model of training ids, or a wrong num_labels
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
+    if outside.any():
+        found = torch.unique(labels[outside]).tolist()
+        raise ValueError(
+            f"labels must be class ids in [0, {num_labels}) (num_labels) or ignore_index {ignore_index}, found "
+            f"{found[:10]}{' ...' if len(found) > 10 else ''}: are they raw dataset ids rather than training ids, or "
+            "is num_labels not the dataset's?"
+        )
