@@ -43,11 +43,20 @@ def test_every_image_mode_becomes_rgb(processor, odd_inputs, name):
     assert 0 <= values.min() and values.max() <= 255 and values.std() > 10
 
 
-def test_grayscale_16_bit_is_scaled_not_clipped(processor, odd_inputs):
+def test_grayscale_16_bit_is_scaled_not_clipped_as_the_training_reader_scales_it(processor, odd_inputs):
+    from hms_segmentation.data.io import load_image
+
     values = pixels(processor, odd_inputs / "gray16.png", **RAW)[0]
     stored = np.asarray(Image.open(odd_inputs / "gray16.png"), dtype=np.uint16)
     assert torch.equal(values[0], values[2])
-    np.testing.assert_array_equal(values[0].numpy(), (stored >> 8).astype(np.float32))
+    np.testing.assert_array_equal(values[0].numpy(), (stored.astype(np.int64) * 255 // 65535).astype(np.float32))
+    # the model sees at inference the values it was trained on (the training reader once rounded differently)
+    trained_on = np.asarray(load_image(odd_inputs / "gray16.png")).transpose(2, 0, 1).astype(np.float32)
+    np.testing.assert_array_equal(values.numpy(), trained_on)
+    # and a 16-bit array (grayscale or RGB) is read like the file, not refused as out of range
+    np.testing.assert_array_equal(pixels(processor, stored, **RAW)[0].numpy(), values.numpy())
+    rgb = np.repeat(stored[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(pixels(processor, rgb, **RAW)[0].numpy(), values.numpy())
 
 
 def test_rgba_and_palette_keep_their_colours_like_the_training_reader(processor, odd_inputs):

@@ -215,6 +215,8 @@ class HMSImageProcessor(PilBackend):
                 # numpy has no bfloat16; float32 holds every 8- or 16-bit pixel value exactly
                 image = (image.float() if image.dtype.is_floating_point else image).numpy()
             image = np.asarray(image)
+            if image.dtype == np.uint16:  # as a 16-bit PNG file is read
+                image = sixteen_bit_to_eight_bit(image)
             if image.ndim == 2 and do_convert_rgb:  # grayscale; transformers' conversion expects a channel axis
                 image, input_data_format = np.repeat(image[..., None], 3, axis=-1), ChannelDimension.LAST
             elif image.ndim == 3 and input_data_format is None:
@@ -525,9 +527,14 @@ def convert_pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
             "convert it to 8-bit RGB first"
         )
     if image.mode.startswith("I;16"):
-        # the high byte of each 16-bit value: 0..65535 onto 0..255
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+        image = Image.fromarray(sixteen_bit_to_eight_bit(np.asarray(image, dtype=np.uint16)))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def sixteen_bit_to_eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit pixel values 0..65535 onto 0..255 (x * 255 // 65535: the full range onto the full range), the one
+    conversion of 16-bit images and arrays, at inference and in the training data alike."""
+    return (pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
 
 
 def read_label_map(source: Any, max_image_pixels: int, name: str) -> np.ndarray:

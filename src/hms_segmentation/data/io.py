@@ -21,6 +21,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..image_processing_hms import sixteen_bit_to_eight_bit
 from ..label_tables import IGNORE_INDEX, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, dict, Image.Image]
@@ -199,9 +200,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     """
     image, name = _read(source, max_pixels, _check_image_mode)
     if image.mode in SIXTEEN_BIT_MODES:
-        # 65535 / 257 = 255: maps the full 16-bit range onto the full 8-bit range.
-        pixels = np.asarray(image, dtype=np.uint16)
-        image = Image.fromarray((pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8))
+        image = Image.fromarray(sixteen_bit_to_eight_bit(np.asarray(image, dtype=np.uint16)))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode != "RGB":
