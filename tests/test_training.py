@@ -65,7 +65,10 @@ def test_arguments_read_from_yaml_and_json(tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--dataset", "kitti"], "--dataset"), (["--dataset", "cityscapes"], "--data_dir"), (["--eval_scales", "0,1"], "--eval_scales")],
+    [(["--dataset", "kitti"], "--dataset"), (["--dataset", "cityscapes"], "--data_dir"), (["--eval_scales", "0,1"], "--eval_scales"),
+     (["--scale_min", "-1"], "--scale_min -1.0"), (["--scale_min", "2", "--scale_max", "1"], "--scale_max 1.0"),
+     (["--crop_size", "0"], "--crop_size"), (["--max_train_samples", "-2"], "--max_train_samples"),
+     (["--max_eval_samples", "0"], "--max_eval_samples")],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
@@ -430,7 +433,8 @@ def _final_parameters(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in HMSForSemanticSegmentation.from_pretrained(folder).state_dict().items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("script", ["trainer", "accelerate", "accelerate_legacy_checkpoint"])
+@pytest.mark.parametrize("script", ["trainer", "accelerate", "accelerate_legacy_checkpoint", "trainer_stream",
+                                    "accelerate_stream"])
 def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_model_dir, synthetic_dir, tmp_path, script):
     from transformers import TrainerCallback
 
@@ -438,6 +442,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_
 
     extra = ("--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--primary_loss",
              "cross_entropy", "--class_uniform_fraction", "0")
+    if script.endswith("_stream"):
+        # 4 frames in batches of 2: killed after step 3, in the stream's second epoch, which step 4 must finish
+        script = script.removesuffix("_stream")
+        extra = (*extra, "--streaming", "--save_steps", "3")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
     def run(output_dir: Path, kill_after_first_save: bool) -> None:
@@ -466,7 +474,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_
     run(straight, kill_after_first_save=False)
     with pytest.raises(_Killed):
         run(resumed, kill_after_first_save=True)
-    assert (resumed / "checkpoint-2").is_dir() and not (resumed / "model.safetensors").exists()
+    assert not (resumed / "model.safetensors").exists()
     if script == "accelerate_legacy_checkpoint":  # as written when the scheduler went through accelerator.prepare
         (resumed / "checkpoint-2" / "custom_checkpoint_0.pkl").rename(resumed / "checkpoint-2" / "scheduler.bin")
     run(resumed, kill_after_first_save=False)  # same command again: picks up checkpoint-2
@@ -584,3 +592,25 @@ def test_uint8_training_samples_train_like_float32_samples(tiny_model_dir, synth
         torch.testing.assert_close(weights["uint8"][key], value, rtol=1e-5, atol=1e-7,
                                    msg=lambda m, key=key: f"{key}: {m}")
     assert parse_arguments(["--output_dir", str(tmp_path)])[1].train_sample_dtype == "uint8"
+
+
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_accelerate_script_saves_and_evaluates_on_its_strategy_and_keeps_the_save_total_limit(
+        tiny_model_dir, synthetic_dir, tmp_path, strategy):
+    from hms_segmentation.training import train_accelerate
+
+    # 4 frames in batches of 2: an epoch is 2 steps
+    extra = ("--do_train", "--do_eval", "--max_steps", "6", "--save_strategy", strategy, "--eval_strategy", strategy,
+             "--save_steps", "0.2", "--eval_steps", "3", "--save_total_limit", "2", "--primary_loss", "cross_entropy")
+    output_dir = tmp_path / "run"
+    train_accelerate.run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, *extra)))
+    checkpoints = sorted(folder.name for folder in output_dir.glob("checkpoint-*"))
+    evaluated = [entry["step"] for entry in logged_history(output_dir, "accelerate") if "eval_mean_iou" in entry]
+    if strategy == "steps":  # --save_steps 0.2: every ceil(6 * 0.2) = 2 steps, as the Trainer reads it
+        assert checkpoints == ["checkpoint-4", "checkpoint-6"] and evaluated == [3, 6]
+    else:
+        assert checkpoints == ["checkpoint-4", "checkpoint-6"] and evaluated == [2, 4, 6]
+    with pytest.raises(ValueError, match="--load_best_model_at_end"):
+        train_accelerate.run_training(*parse_arguments(tiny_run_arguments(
+            tiny_model_dir, synthetic_dir, tmp_path / "best", *extra, "--load_best_model_at_end", "--metric_for_best_model",
+            "mean_iou")))

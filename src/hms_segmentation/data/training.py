@@ -3,6 +3,7 @@
 - `SegmentationTrainingDataset` wraps a map-style `datasets.Dataset` (random access; class-uniform epoch plans).
 - `SegmentationTrainingStream` wraps a streaming `datasets.IterableDataset` (each DataLoader worker reads its own
   shards; class-uniform crops chosen per image).
+- `ConsecutiveEpochs` chains a stream's epochs into one iteration, so that a resumed run finds its place in it.
 - `split_stream_for_rank` gives every distributed rank a disjoint part of a stream, reshuffled each epoch.
 
 Both yield ``{"pixel_values": (3, H, W) float32, "labels": (H, W) int64}``, or, with
@@ -169,6 +170,38 @@ class SegmentationTrainingStream(_AugmentedRows, torch.utils.data.IterableDatase
                 centroid = self.class_centroids.choose_centroid(row["id"], rng)
             yield self.transform(image, label, rng, centroid)
         skipped.report(seen)
+
+
+class ConsecutiveEpochs(torch.utils.data.IterableDataset):
+    """Epochs ``first_epoch``, ``first_epoch + 1``, ... of a `SegmentationTrainingStream`, one after another in a single
+    iteration that ends only when an epoch yields nothing (the training loop stops at its step count).
+
+    A stream's length is unknown, so a run resuming at step N can only find its place by skipping N batches from the
+    start of one iteration (what the Trainer, and the Accelerate script, do). With the epochs chained here, those N
+    batches end exactly where the interrupted run stopped, in the right epoch with its shuffle and augmentation seeds;
+    with one iteration per epoch, the skip would run out at the end of epoch 0 and the resumed run would read epochs
+    it had already trained on. A batch may span two epochs, so no epoch ends on an incomplete batch.
+    """
+
+    def __init__(self, stream: SegmentationTrainingStream):
+        self.stream = stream
+        self.first_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration starts with."""
+        self.first_epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = self.first_epoch
+        while True:
+            self.stream.set_epoch(epoch)
+            produced = False
+            for sample in self.stream:
+                produced = True
+                yield sample
+            if not produced:  # nothing to read (e.g. a DataLoader worker without shards, every sample bad)
+                return
+            epoch += 1
 
 
 def split_stream_for_rank(

@@ -115,6 +115,15 @@ class DataArguments:
             raise ValueError(f"--data_dir is required for --dataset {self.dataset}")
         if self.mapillary_version not in MAPILLARY_VERSIONS:  # a YAML/JSON file bypasses argparse's choices
             raise ValueError(f"--mapillary_version must be one of {MAPILLARY_VERSIONS}, got {self.mapillary_version!r}")
+        # checked here, before the dataset is read (or generated, which takes minutes), and named as on the command line
+        if self.crop_size < 1:
+            raise ValueError(f"--crop_size must be a positive number of pixels, got {self.crop_size}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"need 0 < --scale_min <= --scale_max, got --scale_min {self.scale_min} --scale_max "
+                             f"{self.scale_max}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1 (or left out for every sample), got {getattr(self, name)}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:

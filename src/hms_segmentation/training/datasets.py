@@ -29,6 +29,7 @@ from ..data import (
 from ..data.builder import build_dataset
 from ..data.cityscapes import cityscapes_label_mapping, find_auto_labelled_samples
 from ..data.synthesize import GENERATOR_VERSION, MARKER_FILE
+from ..data.training import ConsecutiveEpochs
 from ..label_tables import CITYSCAPES_ID2LABEL
 from .arguments import DataArguments
 
@@ -171,6 +172,9 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         "class_uniform_fraction": args.class_uniform_fraction,
         "skip_bad_samples": args.skip_bad_samples,
     }
-    train_class = SegmentationTrainingStream if args.streaming else SegmentationTrainingDataset
-    train = train_class(train_rows, transform, **common)
+    if args.streaming:
+        # epochs chained into one iteration: a resumed run skips its trained batches into the right epoch
+        train = ConsecutiveEpochs(SegmentationTrainingStream(train_rows, transform, **common))
+    else:
+        train = SegmentationTrainingDataset(train_rows, transform, **common)
     return SegmentationData(train=train, eval=evaluation, id2label=id2label, poly_power=poly_power)

@@ -116,6 +116,9 @@ def run_training(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
+    if args.load_best_model_at_end or args.save_strategy == "best":
+        raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
+                         "train); this script saves the model of its last step")
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
     data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
@@ -164,6 +167,11 @@ def run_training(
         accelerator.register_for_checkpointing(scheduler)
     if steps_per_epoch:
         epoch = global_step // steps_per_epoch
+    log_every = _interval(args.logging_steps, args.max_steps) if args.logging_steps else 0
+    save_every = _interval(args.save_steps, args.max_steps) if args.save_strategy == "steps" and args.save_steps else 0
+    evaluating = args.do_eval and data.eval is not None
+    eval_every = _interval(args.eval_steps, args.max_steps) if evaluating and args.eval_strategy == "steps" else 0
+    output_dir = Path(args.output_dir)
     metric_sums: dict[str, float] = {}
     metric_count, skipped_nonfinite = 0, 0
     history: list[dict[str, float]] = []
@@ -179,6 +187,11 @@ def run_training(
             done_in_epoch = max(0, (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps)
             if done_in_epoch > 0:
                 loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
+        elif global_step and not is_map_style:
+            # a stream chains its epochs into one iteration (`ConsecutiveEpochs`): skip every batch trained so far
+            done_in_epoch = global_step * args.gradient_accumulation_steps
+            loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
+        batch_index = None
         for batch_index, batch in enumerate(loader, start=done_in_epoch):
             with accelerator.accumulate(model):
                 outputs = model(**normalize_uint8_pixel_values(batch))
@@ -205,7 +218,7 @@ def run_training(
                 scheduler.step()
             global_step += 1
             progress.update(1)
-            if args.logging_steps and global_step % args.logging_steps == 0:
+            if log_every and global_step % log_every == 0:
                 means = pooled_means(metric_sums, metric_count)  # over all processes, as the Trainer logs
                 logs = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in means.items()}
                 logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
@@ -213,10 +226,23 @@ def run_training(
                 if "loss" in logs:  # absent when every step since the last log was skipped as non-finite
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 metric_sums, metric_count = {}, 0
-            if args.save_strategy == "steps" and args.save_steps and global_step % args.save_steps == 0:
-                save_checkpoint(accelerator, Path(args.output_dir), global_step)
+            if eval_every and global_step % eval_every == 0:
+                history.append({**evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size),
+                                "step": global_step})
+            if save_every and global_step % save_every == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
             if global_step >= args.max_steps:
                 break
+        if batch_index is None:
+            raise ValueError(f"the training split gave no batch of {args.per_device_train_batch_size} sample(s) in epoch "
+                             f"{epoch}: is it empty (or every sample bad)?")
+        # the epoch ran to its end (and the last step may have ended both)
+        if global_step < args.max_steps or steps_per_epoch and global_step % steps_per_epoch == 0:
+            if evaluating and args.eval_strategy == "epoch":
+                history.append({**evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size),
+                                "step": global_step, "epoch": epoch + 1})
+            if args.save_strategy == "epoch":
+                save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
         epoch += 1
     progress.close()
 
@@ -253,8 +279,15 @@ def window_scale(batch_index: int, batches_per_epoch: int | None, accumulation_s
     return accumulation_steps / min(accumulation_steps, batches_per_epoch - window_start)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
-    """`save_state` into a staging folder, then rename it to `checkpoint-<step>`: a kill never leaves half a checkpoint."""
+def _interval(steps: float, max_steps: int) -> int:
+    """A `--logging_steps` / `--save_steps` / `--eval_steps` value in steps: below 1 it is a share of the run, as the
+    Trainer reads it."""
+    return max(1, math.ceil(max_steps * steps)) if steps < 1 else int(steps)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+    """`save_state` into a staging folder, then rename it to `checkpoint-<step>`: a kill never leaves half a checkpoint.
+    With `total_limit`, only that many of the newest checkpoints are kept (`--save_total_limit`)."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"tmp-checkpoint-{step}"
     accelerator.save_state(str(staging))
@@ -264,6 +297,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> Pa
         if final.exists():
             shutil.rmtree(final)  # an older save of the same step, superseded by this complete one
         os.replace(staging, final)
+        if total_limit:
+            saved = sorted((int(match.group(1)), folder) for folder in output_dir.iterdir()
+                           if (match := CHECKPOINT_PATTERN.match(folder.name)) and folder.is_dir())
+            for _, folder in saved[:-total_limit]:
+                shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
 
