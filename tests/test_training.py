@@ -124,6 +124,8 @@ def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_d
     assert state["decode_head.soft_region_head.1.weight"].shape[0] == 5
     for key in ("backbone.conv1.weight", "scale_attention_head.projection.weight", "decode_head.pixel_projection.conv.weight"):
         assert torch.equal(state[key], original[key]), key
+    with pytest.raises(ValueError, match=r"predicts 19 classes, the dataset has 5: pass --ignore_mismatched_sizes"):
+        build_model(ModelArguments(model_name_or_path=str(tiny_model_dir)), id2label)
 
 
 @pytest.mark.parametrize("schedule", [

@@ -56,6 +56,13 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForS
         config = HMSConfig.from_preset(model_args.preset, **label_settings, **scale_settings)
         model = HMSForSemanticSegmentation(config)
     else:
+        pretrained_labels = HMSConfig.from_pretrained(model_args.model_name_or_path).num_labels
+        if pretrained_labels != len(id2label) and not model_args.ignore_mismatched_sizes:
+            raise ValueError(
+                f"{model_args.model_name_or_path} predicts {pretrained_labels} classes, the dataset has {len(id2label)}: "
+                "pass --ignore_mismatched_sizes to re-initialise the class and auxiliary heads for the dataset's "
+                "classes (trunk and attention head are kept)"
+            )
         model = HMSForSemanticSegmentation.from_pretrained(
             model_args.model_name_or_path,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
