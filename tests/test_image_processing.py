@@ -49,7 +49,7 @@ def test_grayscale_16_bit_is_scaled_not_clipped_as_the_training_reader_scales_it
     values = pixels(processor, odd_inputs / "gray16.png", **RAW)[0]
     stored = np.asarray(Image.open(odd_inputs / "gray16.png"), dtype=np.uint16)
     assert torch.equal(values[0], values[2])
-    np.testing.assert_array_equal(values[0].numpy(), (stored.astype(np.int64) * 255 // 65535).astype(np.float32))
+    np.testing.assert_array_equal(values[0].numpy(), (stored >> 8).astype(np.float32))
     # the model sees at inference the values it was trained on (the training reader once rounded differently)
     trained_on = np.asarray(load_image(odd_inputs / "gray16.png")).transpose(2, 0, 1).astype(np.float32)
     np.testing.assert_array_equal(values.numpy(), trained_on)
@@ -59,12 +59,51 @@ def test_grayscale_16_bit_is_scaled_not_clipped_as_the_training_reader_scales_it
     np.testing.assert_array_equal(pixels(processor, rgb, **RAW)[0].numpy(), values.numpy())
 
 
+def test_sixteen_bit_colour_files_grey_files_and_arrays_are_scaled_alike(processor, tmp_path):
+    import struct
+    import zlib
+
+    from hms_segmentation.data.io import load_image
+
+    stored = np.random.default_rng(0).integers(0, 65536, (16, 32, 3), dtype=np.uint16)
+    # a 48-bit PNG (Pillow writes none): Pillow decodes it to 8-bit RGB itself, before our conversion
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in stored)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", 32, 16, 16, 2, 0, 0, 0)  # 32x16, 16 bits per channel, RGB
+    (tmp_path / "rgb48.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                         + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    Image.fromarray(stored[..., 1]).save(tmp_path / "grey16.png")
+    colour_file = pixels(processor, tmp_path / "rgb48.png", **RAW)[0].numpy()
+    trained_on = np.moveaxis(np.asarray(load_image(tmp_path / "rgb48.png")), -1, 0)
+    np.testing.assert_array_equal(colour_file, trained_on)
+    np.testing.assert_array_equal(pixels(processor, stored, **RAW)[0].numpy(), colour_file)
+    np.testing.assert_array_equal(pixels(processor, tmp_path / "grey16.png", **RAW)[0, 0].numpy(), colour_file[1])
+
+
 def test_rgba_and_palette_keep_their_colours_like_the_training_reader(processor, odd_inputs):
     from hms_segmentation.data.io import load_image
 
     for name in ("rgba.png", "palette.png", "cmyk.jpg"):
         expected = np.moveaxis(np.asarray(load_image(odd_inputs / name), dtype=np.float32), -1, 0)
         np.testing.assert_array_equal(pixels(processor, odd_inputs / name, **RAW)[0].numpy(), expected)
+
+
+def test_colour_keyed_transparency_keeps_the_stored_colours_like_the_training_reader(processor, tmp_path):
+    from hms_segmentation.data.io import load_image
+
+    grey = np.random.default_rng(0).integers(0, 4, (24, 40), dtype=np.uint8) * 80
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=-1)).save(tmp_path / "rgb.png", transparency=(80, 80, 80))
+    Image.fromarray(grey).save(tmp_path / "grey.png", transparency=80)
+    Image.fromarray(grey).convert("P").save(tmp_path / "palette.png", transparency=80)
+    for name in ("rgb.png", "grey.png", "palette.png"):
+        assert "transparency" in Image.open(tmp_path / name).info
+        stored = np.repeat(grey[None].astype(np.float32), 3, axis=0)
+        trained_on = np.moveaxis(np.asarray(load_image(tmp_path / name), dtype=np.float32), -1, 0)
+        np.testing.assert_array_equal(trained_on, stored)
+        # transformers' conversion painted the colour-keyed pixels white (255) at inference only
+        for source in (tmp_path / name, Image.open(tmp_path / name), load_image(tmp_path / name)):
+            np.testing.assert_array_equal(pixels(processor, source, **RAW)[0].numpy(), stored)
 
 
 def test_exif_orientation_is_applied_to_paths_and_pil_images(processor, odd_inputs):
@@ -202,6 +241,19 @@ def test_a_size_alone_turns_resizing_on_unless_do_resize_says_otherwise(odd_inpu
     assert pixels(HMSImageProcessor(), image).shape[-2:] == kept
     assert pixels(HMSImageProcessor(), image, size={"shortest_edge": 256}, do_resize=False).shape[-2:] == kept
     assert pixels(HMSImageProcessor(size={"shortest_edge": 256}, do_resize=False), image).shape[-2:] == kept
+
+
+def test_max_long_side_shrinks_tensors_as_the_processor_shrinks_images(processor):
+    from hms_segmentation.image_processing_hms import shrink_to_long_side
+
+    # fine detail (pixel noise) is what an aliasing shrink gets wrong
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8))
+    by_processor = pixels(processor, image, max_long_side=128)
+    # evaluate, demo and autolabel hold normalised full-size tensors and shrink those
+    by_tensor = shrink_to_long_side(pixels(processor, image), 128)
+    assert by_tensor.shape == by_processor.shape == (1, 3, 64, 128)
+    one_level = 1 / (255 * min(IMAGENET_STD))  # the processor rounds its resized pixels to whole 8-bit levels
+    torch.testing.assert_close(by_tensor, by_processor, atol=one_level, rtol=0)
 
 
 def test_size_without_a_known_policy_is_refused():

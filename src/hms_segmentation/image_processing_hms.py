@@ -424,8 +424,9 @@ def get_output_size(
 def shrink_to_long_side(pixel_values: Any, max_long_side: int | None, size_divisor: int = 64) -> Any:
     """
     The `max_long_side` policy on a batch tensor (batch, channels, height, width), for callers that hold tensors
-    already (evaluation, demo): when the longer side exceeds `max_long_side`, a bilinear resize to the size
-    `get_output_size` gives (aspect ratio kept, sides rounded to `size_divisor`); otherwise `pixel_values` unchanged.
+    already (evaluation, demo, auto-labelling): when the longer side exceeds `max_long_side`, a bilinear resize to the
+    size `get_output_size` gives (aspect ratio kept, sides rounded to `size_divisor`); otherwise `pixel_values`
+    unchanged. Antialiased, as PIL's resize of the processor's images is: the two agree within one 8-bit level.
     """
     if max_long_side is None:
         return pixel_values
@@ -436,7 +437,8 @@ def shrink_to_long_side(pixel_values: Any, max_long_side: int | None, size_divis
     from torch.nn import functional as F
 
     size = get_output_size(height, width, None, size_divisor, max_long_side)
-    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+    # without antialiasing a shrink by 4 aliases fine detail (up to 86 levels from the processor's pixels)
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def _size_turns_on_resizing(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -520,7 +522,11 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 
 def convert_pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """8-bit RGB from any PIL mode we can interpret; 16-bit grayscale is scaled down, 32-bit modes are refused."""
+    """8-bit RGB from any PIL mode we can interpret, the one conversion of images at inference and in the training data
+    alike: 16-bit grayscale is scaled down, 32-bit modes are refused, and transparency is dropped, never composited:
+    an alpha channel is discarded and a colour key (a PNG ``tRNS`` chunk, kept by Pillow in ``info["transparency"]``)
+    is forgotten, so that the stored colours are what the model sees (transformers' own conversion would paint
+    colour-keyed pixels white)."""
     if image.mode in ("I", "F"):
         raise ValueError(
             f"{name}: expected an 8- or 16-bit image, found mode {image.mode} (32-bit pixels of unknown range); "
@@ -528,13 +534,22 @@ def convert_pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
         )
     if image.mode.startswith("I;16"):
         image = Image.fromarray(sixteen_bit_to_eight_bit(np.asarray(image, dtype=np.uint16)))
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when such a palette image goes straight to RGB
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # Pillow carries a colour key over as an RGB one
+    if "transparency" in image.info:
+        image = image.copy()  # the caller's image keeps its info
+        del image.info["transparency"]
+    return image
 
 
 def sixteen_bit_to_eight_bit(pixels: np.ndarray) -> np.ndarray:
-    """16-bit pixel values 0..65535 onto 0..255 (x * 255 // 65535: the full range onto the full range), the one
-    conversion of 16-bit images and arrays, at inference and in the training data alike."""
-    return (pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    """16-bit pixel values 0..65535 onto 0..255 (x >> 8, the high byte: the full range onto the full range), the one
+    conversion of 16-bit images and arrays, at inference and in the training data alike. The high byte because Pillow
+    decodes 16-bit colour files (48-bit PNG, TIFF) to 8-bit RGB that way, before any code of ours sees them: grey and
+    colour, files and arrays then all agree (x * 255 // 65535 differs from it by one level in half of the values)."""
+    return (pixels >> 8).astype(np.uint8)
 
 
 def read_label_map(source: Any, max_image_pixels: int, name: str) -> np.ndarray:

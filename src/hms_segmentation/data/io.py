@@ -21,7 +21,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..image_processing_hms import sixteen_bit_to_eight_bit
+from ..image_processing_hms import convert_pil_to_rgb
 from ..label_tables import IGNORE_INDEX, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, dict, Image.Image]
@@ -187,8 +187,9 @@ def _check_image_mode(image: Image.Image, name: str) -> None:
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image as 8-bit RGB, as it is *shown*.
 
-    EXIF orientation is applied; grayscale, palette, RGBA, CMYK and other modes are converted to RGB; 16-bit
-    grayscale is scaled to 8 bits. Errors (missing, empty, truncated or non-image files, decompression bombs,
+    EXIF orientation is applied; grayscale, palette, RGBA, CMYK and other modes are converted to RGB by the image
+    processor's `convert_pil_to_rgb` (so inference sees what training saw): 16-bit grayscale is scaled to 8 bits,
+    alpha and colour keys are dropped. Errors (missing, empty, truncated or non-image files, decompression bombs,
     32-bit modes) raise `BadSampleError` naming the file.
 
     Args:
@@ -199,13 +200,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         A decoded `PIL.Image.Image` in mode ``"RGB"``.
     """
     image, name = _read(source, max_pixels, _check_image_mode)
-    if image.mode in SIXTEEN_BIT_MODES:
-        image = Image.fromarray(sixteen_bit_to_eight_bit(np.asarray(image, dtype=np.uint16)))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    return convert_pil_to_rgb(image, name)
 
 
 @dataclass(frozen=True, eq=False)
