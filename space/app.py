@@ -49,6 +49,7 @@ from hms_segmentation import HMSForSemanticSegmentation, HMSImageProcessor
 from hms_segmentation.data.io import load_image
 from hms_segmentation.data.synthesize import render_street_scene
 from hms_segmentation.demo import colorize, load_model, palette_for
+from hms_segmentation.image_processing_hms import get_output_size
 from hms_segmentation.tiled_inference import tiling_settings
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -217,12 +218,13 @@ class Segmentation:
 
 
 def downscale(image: Image.Image, max_side: int) -> Image.Image:
-    """`image` with its longer side at most `max_side` (aspect ratio kept); smaller images are returned as they are."""
+    """`image` with its longer side at most `max_side`; smaller images are returned as they are. Shrunk as
+    `HMSImageProcessor(max_long_side=max_side)` shrinks it (one bilinear resize to sides rounded to the size divisor),
+    so the model sees the pixels a pipeline with that setting gives it, not those of a second resize."""
     if max(image.size) <= max_side:
         return image
-    factor = max_side / max(image.size)
-    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    height, width = get_output_size(image.height, image.width, None, HMSImageProcessor.size_divisor, max_side)
+    return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def segment(model: HMSForSemanticSegmentation, image: Image.Image, scales: Sequence[float], flip: bool) -> Segmentation:

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignor
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from hms_segmentation import HMSConfig, HMSForSemanticSegmentation  # noqa: E402
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, HMSImageProcessor  # noqa: E402
+from hms_segmentation.data.io import load_image  # noqa: E402
 from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("HMS_CHROMIUM", "/usr/bin/chromium"))  # Debian's package; Playwright's own is not used
@@ -258,6 +259,17 @@ def test_scale_weights_follow_the_attention_chain_and_sum_to_one():
     weights = space.scale_weights(attentions)
     assert [float(w[0, 0]) for w in weights] == [0.25, 0.75 * 0.5, 0.75 * 0.5]
     assert np.allclose(sum(weights), 1)
+
+
+def test_downscaled_upload_gives_the_model_the_pixels_of_the_processors_long_side_limit(street_photos):
+    photo = load_image(street_photos / "sf.jpg")  # 1920x1080
+    working = space.downscale(photo, 768)
+    assert max(working.size) == 768
+    # a LANCZOS shrink, then the processor's size-divisor resize, was up to 34 levels off
+    torch.testing.assert_close(HMSImageProcessor()(working, return_tensors="pt")["pixel_values"],
+                               HMSImageProcessor(max_long_side=768)(photo, return_tensors="pt")["pixel_values"],
+                               rtol=0, atol=0)
+    assert space.downscale(working, 768) is working
 
 
 def test_settings_are_read_from_the_environment():
