@@ -112,3 +112,12 @@ def test_benchmark_without_output_writes_no_file(tmp_path, script):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pass --output" in result.stdout
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_demo_normalises_as_evaluation_and_autolabel_do(shared_data_dir):
+    from hms_segmentation.data.transforms import SegmentationEvalTransform
+    from hms_segmentation.demo import normalize
+
+    image = read_rgb_image(shared_data_dir / "street_photos" / "sf.jpg")
+    # bit for bit: a separate normalisation rounded float32 differently (up to 5e-7)
+    assert normalize(image).equal(SegmentationEvalTransform()(image)["pixel_values"])

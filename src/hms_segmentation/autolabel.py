@@ -48,10 +48,10 @@ from .data.builder import SampleFiles
 from .data.cityscapes import AUTO_LABEL_KIND, IMAGE_SUFFIX, _label_for, cityscapes_label_mapping
 from .data.io import DEFAULT_MAX_PIXELS, BadSampleError, load_image, load_label
 from .data.transforms import SegmentationEvalTransform
-from .demo import colorize
+from .demo import colorize, palette_for
 from .image_processing_hms import get_output_size
 from .inference_options import add_large_input_arguments, large_input_settings
-from .label_tables import CITYSCAPES_PALETTE, IGNORE_INDEX
+from .label_tables import IGNORE_INDEX
 from .modeling_hms import HMSForSemanticSegmentation
 from .training.evaluate import predict
 
@@ -469,13 +469,6 @@ def model_fingerprint(model: HMSForSemanticSegmentation, settings: dict) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def palette_for(num_labels: int) -> tuple[tuple[int, int, int], ...]:
-    """Cityscapes colours for 19 classes, else a fixed pseudo-random colour per class."""
-    if num_labels == len(CITYSCAPES_PALETTE):
-        return CITYSCAPES_PALETTE
-    return tuple(tuple(int(c) for c in np.random.default_rng(index).integers(0, 256, 3)) for index in range(num_labels))
 
 
 def autolabel(

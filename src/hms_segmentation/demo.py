@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
 from .data.io import load_image
-from .label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
+from .data.transforms import SegmentationEvalTransform
+from .label_tables import CITYSCAPES_PALETTE
 from .image_processing_hms import shrink_to_long_side
 from .inference_options import add_large_input_arguments, large_input_settings
 from .modeling_hms import HMSForSemanticSegmentation
@@ -43,10 +44,9 @@ def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Im
 
 
 def normalize(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float tensor, scaled to [0, 1] and normalised with the reference's ImageNet mean/std."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    """(3, H, W) float tensor normalised with the reference's ImageNet mean/std, exactly as `hms-segmentation evaluate`
+    and `autolabel` normalise (`SegmentationEvalTransform`), so that the demo shows what they score."""
+    return SegmentationEvalTransform()(image)["pixel_values"]
 
 
 def palette_for(num_labels: int) -> tuple[tuple[int, int, int], ...]:

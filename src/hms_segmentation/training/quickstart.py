@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
-from ..label_tables import CITYSCAPES_PALETTE
+from ..label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
 from .datasets import build_datasets
@@ -64,7 +64,7 @@ def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -
     height, width = pixel_values.shape[-2:]
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)  # undo the evaluation's normalisation
     image = ((pixel_values[0].permute(1, 2, 0).numpy() * std + mean) * 255).clip(0, 255).astype(np.uint8)
     panels = [image, palette[sample["labels"].numpy()], palette[single.numpy()], palette[multi_prediction.numpy()]]
     for attention in attentions:
