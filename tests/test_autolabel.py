@@ -25,6 +25,7 @@ from hms_segmentation.autolabel import (
     PREVIEW_SUFFIX,
     REPORT_FILE,
     TEMPORARY_SUFFIX,
+    build_parser,
     find_auto_labelled_folder,
     label_marker,
     main,
@@ -205,6 +206,17 @@ def test_fill_keeps_the_human_coarse_labels_and_fills_their_gaps(teacher_dir, ex
                                                     "fill"), [[1, 7]])
     with pytest.raises(ValueError, match="merge mode"):
         merge_with_coarse(np.zeros((1, 1), np.uint8), None, "average")
+
+
+def test_boost_merges_as_the_reference_record_recipe():
+    # truck (14) is predicted somewhere, bus (15) nowhere: only truck's coarse pixels are added, never over pixels the
+    # auto-label left below the threshold (255), which the reference ignores after merging
+    auto = np.array([[14, 0, 0, 255], [0, 0, 13, 13]], np.uint8)
+    coarse = np.array([[255, 14, 15, 14], [14, 255, 15, 2]], np.uint8)
+    np.testing.assert_array_equal(merge_with_coarse(auto, coarse, "boost"), [[14, 14, 0, 255], [14, 0, 13, 13]])
+    np.testing.assert_array_equal(merge_with_coarse(auto, coarse, "fill"), [[14, 14, 15, 14], [14, 0, 15, 2]])
+    np.testing.assert_array_equal(merge_with_coarse(auto, coarse, "replace"), auto)
+    assert build_parser().parse_args(["--model", "m", "--input", "i", "--merge-coarse", "boost"]).merge_coarse == "boost"
 
 
 class _Killed(BaseException):

@@ -12,8 +12,9 @@ Output layout (read back by the data loaders):
 - Cityscapes (``--input <root>/leftImg8bit/<split>``): ``<output-dir>/gtCoarse/<split>/<city>/<id>_gtAuto_labelTrainIds.png``
   with ``--output-dir`` defaulting to ``<root>``, where `load_cityscapes(..., CityscapesOptions(include_auto_labels=
   True))` and `DataArguments.auto_label_ratio` find them. By default (``--merge-coarse fill``) the human coarse label
-  is kept wherever it labels a pixel and the auto-label fills the pixels it leaves unlabelled; ``replace`` writes
-  the auto-label alone.
+  is kept wherever it labels a pixel and the auto-label fills the pixels it leaves unlabelled; ``boost`` is the
+  reference's rule (the auto-label, with the coarse pixels of truck, bus and train added); ``replace`` writes the
+  auto-label alone.
 - Any folder (searched recursively): ``<output-dir>/<relative folder>/<stem>_gtAuto_labelTrainIds.png``; pair them
   with `find_auto_labelled_folder`.
 
@@ -63,7 +64,12 @@ PNG_TEXT_KEY = "hms-autolabel"
 TEMPORARY_SUFFIX = ".partial"
 """A file being written is ``.<final name>.partial``: hidden, and matching no pattern a loader or a re-run reads."""
 
-MergeMode = Literal["fill", "replace"]
+MergeMode = Literal["fill", "boost", "replace"]
+MERGE_MODES = ("fill", "boost", "replace")
+COARSE_BOOST_CLASSES = (14, 15, 16)
+"""Cityscapes trainIds (truck, bus, train) whose human coarse pixels the reference adds to an auto-label
+(`custom_coarse_dropout_classes` of its record recipe, scripts/train_cityscapes_sota.yml): rare classes the teacher
+under-segments."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,14 +103,24 @@ def confident_labels(
 def merge_with_coarse(auto_label: np.ndarray, coarse_label: np.ndarray | None, mode: MergeMode) -> np.ndarray:
     """Combine an auto-label with the human coarse label of the same frame (both `(height, width)` uint8 trainIds).
 
-    ``fill`` (the reference recipe): the coarse label wins wherever it labels a pixel; the auto-label fills the pixels
-    it leaves at 255. ``replace``: the auto-label alone.
+    ``fill``: the coarse label wins wherever it labels a pixel; the auto-label fills the pixels it leaves at 255.
+    ``boost`` (the reference's record recipe): the auto-label, except that for each of `COARSE_BOOST_CLASSES` the
+    auto-label predicts somewhere in the frame, the coarse pixels of that class take it; pixels the auto-label left
+    at 255 (below the threshold) stay 255, as the reference thresholds after merging. ``replace``: the auto-label
+    alone.
     """
-    if mode not in ("fill", "replace"):
-        raise ValueError(f"merge mode must be 'fill' or 'replace', got {mode!r}")
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
     if coarse_label is None or mode == "replace":
         return auto_label
-    return np.where(coarse_label != IGNORE_INDEX, coarse_label, auto_label).astype(np.uint8)
+    if mode == "fill":
+        return np.where(coarse_label != IGNORE_INDEX, coarse_label, auto_label).astype(np.uint8)
+    merged = auto_label.copy()
+    confident = auto_label != IGNORE_INDEX
+    for class_id in COARSE_BOOST_CLASSES:
+        if (auto_label == class_id).any():
+            merged[(coarse_label == class_id) & confident] = class_id
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +161,8 @@ class AutoLabelLayout:
         input_dir: The folder searched for images.
         output_dir: The root the labels are written under.
         preview: Also write ``*_gtAuto_color.png``.
-        merge_coarse: Whether (``fill``) or not (``replace``) the human coarse labels are kept (Cityscapes only).
+        merge_coarse: How the human coarse labels are merged in (``fill``, ``boost``), or not (``replace``);
+            Cityscapes only, see `merge_with_coarse`.
     """
 
     kind: Literal["cityscapes", "folder"]
@@ -219,7 +236,7 @@ class AutoLabelLayout:
         return AutoLabelJob(
             image_path=image_path, source=source, label_path=Path(f"{stem}{LABEL_SUFFIX}"),
             preview_path=Path(f"{stem}{PREVIEW_SUFFIX}") if self.preview else None,
-            coarse_path=coarse[0] if coarse and self.merge_coarse == "fill" else None,
+            coarse_path=coarse[0] if coarse and self.merge_coarse != "replace" else None,
             coarse_stored_ids=coarse[1] if coarse else "train_ids",
         )
 
@@ -573,9 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="pixels whose top class probability is below this become 255 (ignore)")
-    parser.add_argument("--merge-coarse", "--merge_coarse", dest="merge_coarse", choices=("fill", "replace"),
+    parser.add_argument("--merge-coarse", "--merge_coarse", dest="merge_coarse", choices=MERGE_MODES,
                         default="fill", help="Cityscapes: keep the human coarse labels and fill their unlabelled "
-                                             "pixels (fill), or write the auto-labels alone (replace)")
+                                             "pixels (fill); the reference's rule, the auto-label with the coarse "
+                                             "truck, bus and train pixels added (boost); or the auto-labels alone "
+                                             "(replace)")
     parser.add_argument("--preview", action="store_true", help="also write a coloured *_gtAuto_color.png")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                         help="images per forward pass (per process)")
