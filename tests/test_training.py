@@ -52,6 +52,22 @@ def test_arguments_have_the_paper_defaults(tmp_path):
     assert (training_args.learning_rate, training_args.momentum, training_args.weight_decay) == (0.01, 0.9, 1e-4)
     assert model_args.training_scales == "0.5,1.0" and model_args.eval_scales == "0.5,1.0,2.0"
     assert model_args.primary_loss == "rmi" and data_args.dataset == "synthetic"
+    assert training_args.per_device_train_batch_size == 2 and training_args.dataloader_drop_last  # not HF's 8
+    assert (data_args.crop_size, data_args.crop_width, data_args.class_uniform_fraction) == (1024, None, 0.5)
+
+
+def test_crop_width_gives_the_reference_rectangular_crops(synthetic_dir, tmp_path):
+    from hms_segmentation.training.datasets import build_datasets
+
+    ensure_tiny_synthetic(synthetic_dir)
+    _, data_args, _ = parse_arguments([
+        "--output_dir", str(tmp_path), "--data_dir", str(synthetic_dir), "--synthetic_train_frames", "4",
+        "--synthetic_val_frames", "2", "--synthetic_height", "64", "--synthetic_width", "128",
+        "--crop_size", "32", "--crop_width", "64"])
+    sample = build_datasets(data_args, seed=0, do_eval=False).train[0]
+    assert sample["pixel_values"].shape[-2:] == (32, 64) and sample["labels"].shape == (32, 64)
+    with pytest.raises(ValueError, match="--crop_width must be a positive number of pixels, got 0"):
+        parse_arguments(["--output_dir", str(tmp_path), "--crop_width", "0"])
 
 
 def test_arguments_read_from_yaml_and_json(tmp_path):

@@ -170,7 +170,10 @@ def _labels_tensor(label: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TrainAugmentationOptions:
-    """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation.
+    """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation, with these differences: its
+    ``color_aug 0.25`` also shifts hue by up to 0.25, which has no term here (brightness, contrast and saturation are
+    one affine map of the pixels, applied on the device for uint8 samples; a hue shift is not); image padding is the
+    mean colour (0 after normalisation) rather than black; padded labels are ignored either way.
 
     Args:
         crop_size: Output `(height, width)` (or one int for a square crop).

@@ -1,8 +1,11 @@
 """Command-line arguments of the training scripts, as dataclasses for `HfArgumentParser` (also from YAML/JSON).
 
-Defaults are the paper's recipe (NVIDIA/semantic-segmentation `scripts/train_cityscapes.yml`): SGD with momentum 0.9,
-weight decay 1e-4, polynomial LR decay (power 2.0 for Cityscapes, 1.0 for Mapillary), training scales 0.5,1.0,
-evaluation scales 0.5,1.0,2.0, RMI loss.
+Defaults are the paper's record recipe (NVIDIA/semantic-segmentation `scripts/train_cityscapes_sota.yml`, 16 GPUs x 1
+image): SGD with momentum 0.9, weight decay 1e-4, learning rate 0.01 with polynomial decay (power 2.0 for Cityscapes,
+1.0 for Mapillary), training scales 0.5,1.0, evaluation scales 0.5,1.0,2.0, RMI loss, class-uniform share 0.5, and the
+reference's default of 2 images per device. Its 1024x2048 crop is `--crop_size 1024 --crop_width 2048`; its fp16 and
+SyncBatchNorm are `--fp16 --sync_bn` (off by default, so that the defaults run on a CPU). Where the reference decays
+the learning rate once per epoch, this decays it at every optimizer step.
 """
 
 from __future__ import annotations
@@ -84,7 +87,11 @@ class DataArguments:
     train_split: str = field(default="train")
     eval_split: str = field(default="val")
     streaming: bool = field(default=False, metadata={"help": "stream the training split (IterableDataset; needs max_steps)"})
-    crop_size: int = field(default=1024, metadata={"help": "square training crop"})
+    crop_size: int = field(default=1024, metadata={"help": "training crop height (and width, unless --crop_width)"})
+    crop_width: int | None = field(
+        default=None, metadata={"help": "training crop width (default: --crop_size, a square crop; the reference's "
+                                        "Cityscapes recipe crops 1024x2048)"},
+    )
     scale_min: float = field(default=0.5)
     scale_max: float = field(default=2.0)
     train_sample_dtype: str = field(
@@ -118,6 +125,8 @@ class DataArguments:
         # checked here, before the dataset is read (or generated, which takes minutes), and named as on the command line
         if self.crop_size < 1:
             raise ValueError(f"--crop_size must be a positive number of pixels, got {self.crop_size}")
+        if self.crop_width is not None and self.crop_width < 1:
+            raise ValueError(f"--crop_width must be a positive number of pixels, got {self.crop_width}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < --scale_min <= --scale_max, got --scale_min {self.scale_min} --scale_max "
                              f"{self.scale_max}")
@@ -145,6 +154,9 @@ class HMSTrainingArguments(TrainingArguments):
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as the reference)"})
     remove_unused_columns: bool = field(default=False)
+    per_device_train_batch_size: int = field(
+        default=2, metadata={"help": "training images per device (the reference: 2; its record recipe 1 at 1024x2048)"}
+    )
     per_device_eval_batch_size: int = field(default=1)
     dataloader_drop_last: bool = field(
         default=True,

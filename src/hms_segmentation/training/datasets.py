@@ -158,8 +158,8 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         )
         distinct_rows = None
     transform = SegmentationTrainTransform(
-        TrainAugmentationOptions(crop_size=args.crop_size, scale_min=args.scale_min, scale_max=args.scale_max,
-                                 output_dtype=args.train_sample_dtype)
+        TrainAugmentationOptions(crop_size=(args.crop_size, args.crop_width or args.crop_size), scale_min=args.scale_min,
+                                 scale_max=args.scale_max, output_dtype=args.train_sample_dtype)
     )
     centroids = None
     if args.class_uniform_fraction > 0:
