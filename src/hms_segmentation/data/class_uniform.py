@@ -8,7 +8,9 @@ whenever a label file changes.
 During training a configurable fraction of crops is centred on a centroid:
 
 - map-style: each epoch's plan draws that fraction of its samples as (class chosen uniformly, then one of its
-  centroids anywhere in the dataset), the rest as ordinary random crops, like the reference's ``build_epoch``;
+  centroids anywhere in the dataset), the rest as ordinary random crops, like the reference's ``build_epoch``, with
+  one difference: the reference gives every class exactly ``int(N * fraction / C)`` crops and takes its centroids
+  without replacement, where these draws are independent (the same expected counts, with more spread);
 - streaming: samples arrive one by one, so a crop is centred on a class present in the current image, chosen with
   probability proportional to 1 / (number of images that contain the class), which gives rare classes the same boost.
 """

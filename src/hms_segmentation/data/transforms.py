@@ -173,7 +173,8 @@ class TrainAugmentationOptions:
     """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation, with these differences: its
     ``color_aug 0.25`` also shifts hue by up to 0.25, which has no term here (brightness, contrast and saturation are
     one affine map of the pixels, applied on the device for uint8 samples; a hue shift is not); image padding is the
-    mean colour (0 after normalisation) rather than black; padded labels are ignored either way.
+    mean colour (0 after normalisation) rather than black, and an image smaller than the crop lands at a random
+    offset in it (the reference centres it); padded labels are ignored either way.
 
     Args:
         crop_size: Output `(height, width)` (or one int for a square crop).
