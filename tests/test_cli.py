@@ -121,3 +121,30 @@ def test_demo_normalises_as_evaluation_and_autolabel_do(shared_data_dir):
     image = read_rgb_image(shared_data_dir / "street_photos" / "sf.jpg")
     # bit for bit: a separate normalisation rounded float32 differently (up to 5e-7)
     assert normalize(image).equal(SegmentationEvalTransform()(image)["pixel_values"])
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--model", "{model}"],
+    ["demo", "--model", "{model}", "--output-dir", "{tmp}/demo"],
+    ["autolabel", "--model", "{model}", "--input", "{tmp}", "--output-dir", "{tmp}/labels"],
+], ids=["evaluate", "demo", "autolabel"])
+@pytest.mark.parametrize("model, reason", [
+    ("/no/such/model", "no such folder, and not a Hub model id"),
+    ("{tmp}", "the folder has no config.json"),
+    ("{tmp}/weights.pth", "is a file"),
+], ids=["missing", "not-a-model-folder", "file"])
+def test_a_model_that_is_not_there_is_named_without_a_traceback(tmp_path, capsys, command, model, reason):
+    # transformers would answer a mistyped path with "Repo id must be in the form 'repo_name' or ..."
+    (tmp_path / "weights.pth").write_bytes(b"")
+    argv = [part.replace("{model}", model).replace("{tmp}", str(tmp_path)) for part in command]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --model ") and reason in error and "save_pretrained folder" in error
+
+
+def test_train_refuses_a_model_that_is_not_there_before_reading_data(tmp_path):
+    from hms_segmentation.training.arguments import parse_arguments
+
+    with pytest.raises(ValueError, match=r"--model_name_or_path /no/such/model: no such folder, and not a Hub model id"):
+        parse_arguments(["--model_name_or_path", "/no/such/model", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -50,6 +50,7 @@ from .data.cityscapes import AUTO_LABEL_KIND, IMAGE_SUFFIX, _label_for, cityscap
 from .data.io import DEFAULT_MAX_PIXELS, BadSampleError, load_image, load_label
 from .data.transforms import SegmentationEvalTransform
 from .demo import colorize, palette_for
+from .hub import check_model_source
 from .image_processing_hms import get_output_size
 from .inference_options import add_large_input_arguments, large_input_settings
 from .label_tables import IGNORE_INDEX
@@ -625,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("batch_size", "size_divisor"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        check_model_source(args.model)
         layout = AutoLabelLayout.detect(args.input, args.output_dir, args.layout, preview=args.preview,
                                         merge_coarse=args.merge_coarse)
         if next(layout.jobs(), None) is None:

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
 from .data.io import load_image
 from .data.transforms import SegmentationEvalTransform
+from .hub import check_model_source
 from .label_tables import CITYSCAPES_PALETTE
 from .image_processing_hms import shrink_to_long_side
 from .inference_options import add_large_input_arguments, large_input_settings
@@ -67,7 +68,7 @@ def load_model(model: str) -> tuple[HMSForSemanticSegmentation, bool]:
     if model in MODEL_PRESETS:
         torch.manual_seed(0)
         return HMSForSemanticSegmentation(HMSConfig.from_preset(model)).eval(), False
-    return HMSForSemanticSegmentation.from_pretrained(model).eval(), True
+    return HMSForSemanticSegmentation.from_pretrained(check_model_source(model)).eval(), True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite:
         print(f"error: output folder {args.output_dir} is not empty; pass --overwrite or choose another", file=sys.stderr)
         return 2
-    model, trained = load_model(args.model)
+    try:
+        model, trained = load_model(args.model)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not trained:
         print(f"note: preset {args.model!r} has random weights: the labels below are not a real segmentation.")
     try:

@@ -411,6 +411,25 @@ def save_for_hub(
     return folder
 
 
+def check_model_source(source: str, argument: str = "--model") -> str:
+    """`source` as given, once it can be a model: a folder with a ``config.json`` (a `save_pretrained` folder), or a
+    name that is a valid Hub model id. Otherwise a `ValueError` naming `argument`, where transformers would answer a
+    mistyped local path with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    path = Path(source).expanduser()
+    expected = "expected a save_pretrained folder (config.json, model.safetensors) or a Hub model id (owner/name)"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{argument} {source}: the folder has no config.json; {expected}")
+        return source
+    if path.exists():
+        raise ValueError(f"{argument} {source} is a file; {expected}")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ValueError(f"{argument} {source}: no such folder, and not a Hub model id; {expected}") from None
+    return source
+
+
 def check_hub_folder(folder: str | Path) -> list[Path]:
     """
     Check that `folder` is complete and safe to publish; return its files.

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_hms import MODEL_PRESETS, validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
+from ..hub import check_model_source
 
 DATASETS = ("synthetic", "cityscapes", "mapillary")
 TRAINING_STAGES = (0, 1, 2, 3)
@@ -63,6 +64,8 @@ class ModelArguments:
             raise ValueError(f"--training_stage must be one of {TRAINING_STAGES}, got {self.training_stage!r}")
         if self.backbone is not None and self.model_name_or_path is not None:
             raise ValueError("give either --backbone (a new model on a pretrained backbone) or --model_name_or_path")
+        if self.model_name_or_path is not None:  # before the dataset is read (or generated, which takes minutes)
+            check_model_source(self.model_name_or_path, "--model_name_or_path")
         if self.model_name_or_path is None and self.preset not in MODEL_PRESETS:
             raise ValueError(f"--preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
         # YAML turns "1.0" into a number and "[0.5, 1.0]" into a list: keep one canonical string

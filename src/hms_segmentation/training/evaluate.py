@@ -25,6 +25,7 @@ import torch
 from ..configuration_hms import validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+from ..hub import check_model_source
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         model_paths = parse_model_arguments(args.model)
+        for path in model_paths.values():
+            check_model_source(path)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
