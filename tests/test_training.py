@@ -529,6 +529,18 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert cli_main(argv) == 2  # an earlier run's results are kept
 
 
+@pytest.mark.parametrize("name", ["report.json", "evaluation.json", "predictions.png"])
+def test_quickstart_never_replaces_a_file_of_the_user_it_would_write(tmp_path, capsys, name):
+    from hms_segmentation.cli import main as cli_main
+
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / name).write_text("the user's own")
+    assert cli_main(["quickstart", "--output-dir", str(output), "--max-steps", "1"]) == 2
+    assert (output / name).read_text() == "the user's own" and sorted(p.name for p in output.iterdir()) == [name]
+    assert f"already holds {name}" in capsys.readouterr().err
+
+
 def test_fine_tuning_a_converted_model_to_five_classes_changes_heads_not_frozen_trunk(synthetic_dir, tmp_path):
     from hms_segmentation.convert_nvidia import convert_nvidia_checkpoint
     from hms_segmentation.training.arguments import ModelArguments

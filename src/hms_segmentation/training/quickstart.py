@@ -77,14 +77,19 @@ def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+OUTPUTS = ("model", "run", "evaluation.json", "predictions.png", "report.json")
+"""What the quickstart writes in `--output-dir` besides `data/`; none is replaced without `--overwrite`."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     output_dir = args.output_dir
     model_dir, run_dir = output_dir / "model", output_dir / "run"
-    if (model_dir.exists() or run_dir.exists()) and not args.overwrite:
-        print(f"error: {output_dir} already holds quickstart results; pass --overwrite or choose another --output-dir",
-              file=sys.stderr)
+    existing = [name for name in OUTPUTS if (output_dir / name).exists()]
+    if existing and not args.overwrite:
+        print(f"error: {output_dir} already holds {', '.join(existing)} (what the quickstart writes); pass --overwrite "
+              "to replace them or choose another --output-dir", file=sys.stderr)
         return 2
     started = time.perf_counter()
     data_args = DataArguments(
