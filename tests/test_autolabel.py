@@ -263,6 +263,26 @@ def test_a_resumed_run_skips_finished_files_and_gives_byte_identical_labels(teac
     assert all(".partial" not in sample.label_path for sample in find_auto_labelled_folder(images, interrupted))
 
 
+def test_a_preview_file_of_the_user_is_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
+    images = extra_root / "leftImg8bit" / "val"
+    output = tmp_path / "labels"
+    first = sorted(images.glob("*/*.png"))[0]
+    users_preview = output / first.parent.name / f"{first.stem}{PREVIEW_SUFFIX}"
+    users_preview.parent.mkdir(parents=True)
+    Image.fromarray(np.full((64, 128, 3), 7, np.uint8)).save(users_preview)
+    users_bytes = users_preview.read_bytes()
+    argv = ["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir", str(output),
+            "--preview", *FAST]
+    assert main(argv) == 0
+    assert users_preview.read_bytes() == users_bytes
+    assert not (output / first.parent.name / f"{first.stem}{LABEL_SUFFIX}").exists()
+    assert _report(output)["images"]["kept_existing"] == 1 and _report(output)["images"]["labelled"] == 3
+    # its own previews are marked as its own: a re-run finds them finished, --overwrite replaces the user's
+    assert main(argv) == 0 and _report(output)["images"]["finished_before"] == 3
+    assert main([*argv, "--overwrite"]) == 0
+    assert users_preview.read_bytes() != users_bytes and label_marker(users_preview)["source"].endswith(first.name)
+
+
 def test_existing_label_files_it_did_not_write_are_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
     images = extra_root / "leftImg8bit" / "val"
     output = tmp_path / "labels"

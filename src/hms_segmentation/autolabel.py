@@ -268,8 +268,14 @@ def existing_output(job: AutoLabelJob, fingerprint: str) -> Literal["missing", "
     user's own, another run's settings, or another image's): only ``missing`` is written without ``--overwrite``.
 
     A temporary file never counts: it has another name, and the final name only ever appears by an atomic rename.
+    A label that is missing while its preview name holds a file this command did not write for this image (the
+    user's own ``*_gtAuto_color.png``) is ``other`` too: writing the label would replace that file.
     """
     if not job.label_path.exists():
+        if job.preview_path is not None and job.preview_path.exists():
+            preview = label_marker(job.preview_path)
+            if preview is None or preview.get("source") != job.source:
+                return "other"
         return "missing"
     marker = label_marker(job.label_path)
     if marker == {"source": job.source, "settings": fingerprint}:
@@ -541,10 +547,10 @@ def autolabel(
             auto_label = labels.cpu().numpy()
             written = merge_with_coarse(auto_label, record["coarse"], layout.merge_coarse)
             preview_bytes = 0
-            if job.preview_path is not None:
-                # before the label: a finished label then always has its preview
-                preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette))
             marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
+            if job.preview_path is not None:
+                # before the label: a finished label then always has its preview (marked too, as ours)
+                preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette), marker)
             label_bytes = write_png_atomically(job.label_path, Image.fromarray(written), marker)
             tally.add_image(predicted, auto_label, written, label_bytes, preview_bytes)
         bar.update(len(batch))
