@@ -148,3 +148,11 @@ def test_train_refuses_a_model_that_is_not_there_before_reading_data(tmp_path):
     with pytest.raises(ValueError, match=r"--model_name_or_path /no/such/model: no such folder, and not a Hub model id"):
         parse_arguments(["--model_name_or_path", "/no/such/model", "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["demo"], ["evaluate", "--model", "unused/model"]], ids=["demo", "evaluate"])
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys, command):
+    output = tmp_path / "notes.txt"
+    output.write_text("keep me")
+    assert main([*command, "--output-dir", str(output)]) == 2
+    assert output.read_text() == "keep me" and "is a file; expected a folder" in capsys.readouterr().err

@@ -84,11 +84,20 @@ def test_arguments_read_from_yaml_and_json(tmp_path):
     [(["--dataset", "kitti"], "--dataset"), (["--dataset", "cityscapes"], "--data_dir"), (["--eval_scales", "0,1"], "--eval_scales"),
      (["--scale_min", "-1"], "--scale_min -1.0"), (["--scale_min", "2", "--scale_max", "1"], "--scale_max 1.0"),
      (["--crop_size", "0"], "--crop_size"), (["--max_train_samples", "-2"], "--max_train_samples"),
-     (["--max_eval_samples", "0"], "--max_eval_samples")],
+     (["--max_eval_samples", "0"], "--max_eval_samples"),
+     (["--synthetic_train_frames", "0"], "--synthetic_train_frames must be at least 1, got 0")],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         parse_arguments(["--output_dir", str(tmp_path), *argv])
+
+
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(tiny_model_dir, synthetic_dir, tmp_path):
+    output = tmp_path / "notes.txt"
+    output.write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"--output_dir .*notes\.txt is a file; expected a folder"):
+        run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train")))
+    assert output.read_text() == "keep me"
 
 
 def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_dir, tmp_path):

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"error: --output-dir {args.output_dir} is a file; expected a folder", file=sys.stderr)
+        return 2
     if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.overwrite:
         print(f"error: output folder {args.output_dir} is not empty; pass --overwrite or choose another", file=sys.stderr)
         return 2

@@ -133,6 +133,9 @@ class DataArguments:
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < --scale_min <= --scale_max, got --scale_min {self.scale_min} --scale_max "
                              f"{self.scale_max}")
+        for name in ("synthetic_train_frames", "synthetic_val_frames", "synthetic_height", "synthetic_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1 (or left out for every sample), got {getattr(self, name)}")

@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"error: --output-dir {args.output_dir} is a file; expected a folder", file=sys.stderr)
+        return 2
     if args.output_dir is not None and not args.overwrite:
         existing = [args.output_dir / name for name in RESULT_FILES if (args.output_dir / name).exists()]
         if existing:

@@ -281,6 +281,8 @@ def _is_complete_json(path: Path) -> bool:
 def check_output_dir(training_args: HMSTrainingArguments) -> str | None:
     """The checkpoint to resume from, if any; refuse to reuse a non-empty output folder otherwise."""
     output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output_dir {output_dir} is a file; expected a folder (new, empty, or an earlier run's)")
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
