@@ -263,13 +263,21 @@ def test_a_resumed_run_skips_finished_files_and_gives_byte_identical_labels(teac
     assert all(".partial" not in sample.label_path for sample in find_auto_labelled_folder(images, interrupted))
 
 
-def test_a_preview_file_of_the_user_is_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
+def _users_file_where_it_would_write(extra_root: Path, tmp_path: Path, suffix: str, pixels: np.ndarray):
+    """The val folder of `extra_root`, an output folder, its first image, and a file of the user's saved (from
+    `pixels`) at that image's `suffix` name in the output folder."""
     images = extra_root / "leftImg8bit" / "val"
     output = tmp_path / "labels"
     first = sorted(images.glob("*/*.png"))[0]
-    users_preview = output / first.parent.name / f"{first.stem}{PREVIEW_SUFFIX}"
-    users_preview.parent.mkdir(parents=True)
-    Image.fromarray(np.full((64, 128, 3), 7, np.uint8)).save(users_preview)
+    users_file = output / first.parent.name / f"{first.stem}{suffix}"
+    users_file.parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(users_file)
+    return images, output, first, users_file
+
+
+def test_a_preview_file_of_the_user_is_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
+    images, output, first, users_preview = _users_file_where_it_would_write(
+        extra_root, tmp_path, PREVIEW_SUFFIX, np.full((64, 128, 3), 7, np.uint8))
     users_bytes = users_preview.read_bytes()
     argv = ["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir", str(output),
             "--preview", *FAST]
@@ -284,12 +292,8 @@ def test_a_preview_file_of_the_user_is_left_alone_unless_overwrite(teacher_dir, 
 
 
 def test_existing_label_files_it_did_not_write_are_left_alone_unless_overwrite(teacher_dir, extra_root, tmp_path):
-    images = extra_root / "leftImg8bit" / "val"
-    output = tmp_path / "labels"
-    first = sorted(images.glob("*/*.png"))[0]
-    users_label = output / first.parent.name / f"{first.stem}{LABEL_SUFFIX}"
-    users_label.parent.mkdir(parents=True)
-    Image.fromarray(np.full((64, 128), 3, np.uint8)).save(users_label)
+    images, output, first, users_label = _users_file_where_it_would_write(
+        extra_root, tmp_path, LABEL_SUFFIX, np.full((64, 128), 3, np.uint8))
     users_bytes = users_label.read_bytes()
     argv = ["--model", str(teacher_dir), "--input", str(images), "--layout", "folder", "--output-dir", str(output), *FAST]
     assert main(argv) == 0

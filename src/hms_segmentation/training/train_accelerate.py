@@ -175,6 +175,11 @@ def run_training(
     metric_sums: dict[str, float] = {}
     metric_count, skipped_nonfinite = 0, 0
     history: list[dict[str, float]] = []
+
+    def log_evaluation(**position: int) -> None:
+        metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size)
+        history.append({**metrics, **position})
+
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     model.train()
     while global_step < args.max_steps:
@@ -227,8 +232,7 @@ def run_training(
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 metric_sums, metric_count = {}, 0
             if eval_every and global_step % eval_every == 0:
-                history.append({**evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size),
-                                "step": global_step})
+                log_evaluation(step=global_step)
             if save_every and global_step % save_every == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
             if global_step >= args.max_steps:
@@ -239,8 +243,7 @@ def run_training(
         # the epoch ran to its end (and the last step may have ended both)
         if global_step < args.max_steps or steps_per_epoch and global_step % steps_per_epoch == 0:
             if evaluating and args.eval_strategy == "epoch":
-                history.append({**evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size),
-                                "step": global_step, "epoch": epoch + 1})
+                log_evaluation(step=global_step, epoch=epoch + 1)
             if args.save_strategy == "epoch":
                 save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
         epoch += 1
