@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import colorsys
+
 import datasets
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from hms_segmentation.data import (
 from hms_segmentation.data.transforms import normalize_pixel_values
 from hms_segmentation.label_tables import IMAGENET_MEAN, IMAGENET_STD
 
-NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0)
+NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,8 @@ def test_invalid_options_are_explained():
         TrainAugmentationOptions(crop_size=(0, 10))
     with pytest.raises(ValueError, match="flip_probability must be in"):
         TrainAugmentationOptions(flip_probability=1.5)
+    with pytest.raises(ValueError, match=r"hue must be in \[0, 0.5\].*got 0.6"):
+        TrainAugmentationOptions(hue=0.6)
 
 
 def test_eval_transform_only_resizes_and_normalises(scene):
@@ -229,13 +233,68 @@ def test_color_jitter_plans_apply_per_image_in_a_batch_and_a_wrong_plan_is_named
     from hms_segmentation.data.transforms import apply_color_jitter_
 
     pixels = torch.rand(2, 3, 8, 8) * 255
-    plans = torch.tensor([[[1.0, 1.3], [0.0, 0.8], [2.0, 0.5]], [[-1.0, 1.0], [-1.0, 1.0], [-1.0, 1.0]]])
+    plans = torch.tensor([[[1.0, 1.3], [3.0, 0.2], [0.0, 0.8], [2.0, 0.5]], [[-1.0, 1.0]] * 4])
     one = apply_color_jitter_(pixels[0].clone(), plans[0])
     both = apply_color_jitter_(pixels.clone(), plans)
     assert torch.equal(both[0], one) and torch.equal(both[1], pixels[1])  # an all -1 plan leaves the image as it is
     assert both.min() >= 0 and both.max() <= 255
-    with pytest.raises(ValueError, match=r"color_jitter must be \(batch, 3, 2\)"):
+    with pytest.raises(ValueError, match=r"color_jitter must be \(batch, 4, 2\)"):
         apply_color_jitter_(pixels.clone(), plans[:1])
+    with pytest.raises(ValueError, match=r"color_jitter must be \(batch, 4, 2\).*got \(2, 3, 2\)"):
+        apply_color_jitter_(pixels.clone(), plans[:, :3])  # a plan of the three-step format
+
+
+def _colorsys_hue_shift(pixels: np.ndarray, shift: float) -> np.ndarray:
+    """An independent float reference: `(H, W, 3)` 0..255 -> hue rotated by `shift` turns, pixel by pixel."""
+    out = np.empty_like(pixels, dtype=np.float64)
+    for index in np.ndindex(pixels.shape[:2]):
+        hue, saturation, value = colorsys.rgb_to_hsv(*(pixels[index] / 255.0))
+        out[index] = np.array(colorsys.hsv_to_rgb((hue + shift) % 1.0, saturation, value)) * 255.0
+    return out
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.05, -0.25, 0.5, -0.5, 0.3333])
+def test_hue_shift_rotates_hsv_hue_as_colorsys_and_keeps_greys(shift):
+    from hms_segmentation.data.transforms import shift_hue_
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (12, 16, 3)).astype(np.float64)
+    pixels[0, :4] = [[0, 0, 0], [255, 255, 255], [128, 128, 128], [7, 7, 7]]  # greys have no hue
+    pixels[1, :3] = [[255, 0, 0], [0, 255, 0], [255, 255, 0]]  # primaries, exactly on a sector border
+    image = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32))
+    shifted = shift_hue_(image.clone(), shift).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(shifted, _colorsys_hue_shift(pixels, shift), atol=2e-3)
+    np.testing.assert_array_equal(shifted[0, :4], pixels[0, :4])
+
+
+def test_hue_jitter_matches_the_references_pil_hsv_shift(scene):
+    """The reference shifts PIL's 8-bit HSV hue band; ours is exact, so within PIL's own 8-bit round-trip error."""
+    image, label = scene
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(96, 160), scale_min=1.0, scale_max=1.0,
+                                                                    flip_probability=0.0, **{**NO_COLOR, "hue": 0.4}))
+    sample = transform(image, label, np.random.default_rng(11))
+    replay = np.random.default_rng(11)
+    replay.uniform(1.0, 1.0), replay.integers(0, 1), replay.integers(0, 1), replay.random()  # scale, crop, flip
+    shift = replay.uniform(-0.4, 0.4)
+    hue, saturation, value = image.convert("HSV").split()
+    hue = Image.fromarray(((np.asarray(hue, dtype=np.int64) + round(shift * 256)) % 256).astype(np.uint8))
+    expected = np.asarray(Image.merge("HSV", (hue, saturation, value)).convert("RGB"), dtype=np.float32)
+    round_trip = np.asarray(image.convert("HSV").convert("RGB"), dtype=np.float32) - np.asarray(image)
+    difference = np.abs(_denormalize(sample["pixel_values"]) - expected)
+    assert difference.mean() < 1.0 and difference.max() <= np.abs(round_trip).max() + 4
+
+
+def test_a_hue_step_between_affine_steps_sees_their_clamped_result():
+    """brightness x2 then hue: the brightness is clamped to 0..255 before the hue turns it (as the reference's 8-bit
+    steps), and a contrast step after the hue blends with the mean of the hue-shifted image."""
+    from hms_segmentation.data.transforms import apply_color_jitter_, shift_hue_
+
+    pixels = torch.rand(3, 6, 6) * 255
+    plan = torch.tensor([[0.0, 2.0], [3.0, 0.25], [1.0, 0.5], [-1.0, 1.0]])
+    expected = shift_hue_((pixels * 2).clamp(0, 255), 0.25)
+    grey = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * expected).sum(0).mean()
+    expected = (expected * 0.5 + 0.5 * grey).clamp(0, 255)
+    torch.testing.assert_close(apply_color_jitter_(pixels.clone(), plan), expected, atol=1e-3, rtol=0)
 
 
 def test_uint8_samples_are_the_same_for_the_same_seed(scene):

@@ -54,6 +54,27 @@ def test_arguments_have_the_paper_defaults(tmp_path):
     assert model_args.primary_loss == "rmi" and data_args.dataset == "synthetic"
     assert training_args.per_device_train_batch_size == 2 and training_args.dataloader_drop_last  # not HF's 8
     assert (data_args.crop_size, data_args.crop_width, data_args.class_uniform_fraction) == (1024, None, 0.5)
+    assert (data_args.color_jitter, data_args.blur_probability) == (0.25, 0.0)  # the reference's --color_aug, no --gblur
+
+
+def test_color_jitter_and_blur_reach_the_training_transform(synthetic_dir, tmp_path):
+    from hms_segmentation.training.datasets import build_datasets
+
+    ensure_tiny_synthetic(synthetic_dir)
+    common = ["--output_dir", str(tmp_path), "--data_dir", str(synthetic_dir), "--synthetic_train_frames", "4",
+              "--synthetic_val_frames", "2", "--synthetic_height", "64", "--synthetic_width", "128", "--crop_size", "32"]
+    options = build_datasets(parse_arguments(common)[1], seed=0, do_eval=False).train.transform.options
+    assert (options.brightness, options.contrast, options.saturation, options.hue) == (0.25,) * 4
+    assert options.blur_probability == 0.0
+    data = build_datasets(parse_arguments([*common, "--color_jitter", "0", "--blur_probability", "1"])[1], seed=0,
+                          do_eval=False)
+    options = data.train.transform.options
+    assert (options.brightness, options.contrast, options.saturation, options.hue, options.blur_probability) == (
+        0, 0, 0, 0, 1)
+    assert "color_jitter" not in data.train[0]  # nothing left to jitter on the device
+    options = build_datasets(parse_arguments([*common, "--color_jitter", "0.6", "--hue_jitter", "0"])[1], seed=0,
+                             do_eval=False).train.transform.options
+    assert (options.brightness, options.contrast, options.saturation, options.hue) == (0.6, 0.6, 0.6, 0)
 
 
 def test_crop_width_gives_the_reference_rectangular_crops(synthetic_dir, tmp_path):
@@ -85,7 +106,12 @@ def test_arguments_read_from_yaml_and_json(tmp_path):
      (["--scale_min", "-1"], "--scale_min -1.0"), (["--scale_min", "2", "--scale_max", "1"], "--scale_max 1.0"),
      (["--crop_size", "0"], "--crop_size"), (["--max_train_samples", "-2"], "--max_train_samples"),
      (["--max_eval_samples", "0"], "--max_eval_samples"),
-     (["--synthetic_train_frames", "0"], "--synthetic_train_frames must be at least 1, got 0")],
+     (["--synthetic_train_frames", "0"], "--synthetic_train_frames must be at least 1, got 0"),
+     (["--color_jitter", "0.6"], r"hue jitter must be in \[0, 0.5\] turns, got 0.6 \(--hue_jitter, which defaults "
+                                 r"to --color_jitter\)"),
+     (["--color_jitter", "-1"], "--color_jitter must be >= 0, got -1"),
+     (["--hue_jitter", "0.7"], r"hue jitter must be in \[0, 0.5\] turns, got 0.7"),
+     (["--blur_probability", "2"], r"--blur_probability must be in \[0, 1\], got 2")],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):

@@ -2,8 +2,8 @@
 
 Training (NVIDIA/semantic-segmentation recipe): random scale in [0.5, 2.0], random crop to `crop_size` with padding
 (image padded with the mean colour, label with the ignore index), horizontal flip, colour jitter (brightness,
-contrast, saturation, in random order), optional Gaussian blur and additive Gaussian noise, then normalisation with the
-ImageNet mean/std. Labels are only ever resized with nearest-neighbour sampling, so they never gain a class that was
+contrast, saturation and hue, in random order), optional Gaussian blur and additive Gaussian noise, then normalisation
+with the ImageNet mean/std. Labels are only ever resized with nearest-neighbour sampling, so they never gain a class that was
 not in the file.
 
 Scaling and cropping are done in one step: only the part of the image that ends up in the crop is resampled, which
@@ -99,24 +99,45 @@ def normalize_pixel_values(
     return _normalize_(pixels, mean, std)
 
 
-COLOR_JITTER_STEPS = ("brightness", "contrast", "saturation")
+COLOR_JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
 """Step ids of a colour-jitter plan: row `(step id, factor)`, id -1 = nothing."""
 
 
 def _empty_color_jitter_plan() -> torch.Tensor:
-    """A `(3, 2)` plan that changes nothing: every row `(-1, 1.0)`."""
+    """A `(4, 2)` plan that changes nothing: every row `(-1, 1.0)`."""
     return torch.tensor([[-1.0, 1.0]] * len(COLOR_JITTER_STEPS))
 
 
-def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-    """In place on float32 pixels (0..255), `(batch, 3, H, W)` or `(3, H, W)`: brightness, contrast and saturation in
-    the order and with the factors of `plan` (`(batch, 3, 2)` or `(3, 2)`, rows `(step id, factor)` of
-    `COLOR_JITTER_STEPS`, as `SegmentationTrainTransform` draws them), clamped to 0..255 once at the end.
+def shift_hue_(image: torch.Tensor, shift: float) -> torch.Tensor:
+    """In place on float32 RGB pixels (0..255) `(3, H, W)`: rotate each pixel's HSV hue by `shift` turns (in [-0.5,
+    0.5]), keeping its saturation and value, as torchvision's and the reference's ``adjust_hue``. Those go through
+    PIL's 8-bit HSV, which alone moves pixels by up to 6 levels on a round trip; this is the exact conversion (as
+    ``colorsys``), on average within one level of theirs."""
+    value, largest = image.max(dim=0)
+    chroma = value - image.amin(dim=0)
+    red, green, blue = image.unbind(0)
+    # hue in sixths of a turn: the sector of the largest channel (0, 2, 4) plus the difference of the other two
+    # (ties give the same hue either way; grey pixels have chroma 0 and come back as they were)
+    hue = torch.where(largest == 0, green - blue, torch.where(largest == 1, blue - red, red - green))
+    hue.div_(chroma.clamp(min=1e-12)).add_(largest.to(image.dtype) * 2.0 + 6.0 * (shift + 1.0)).remainder_(6.0)
+    # HSV -> RGB: channel n = v - c * clamp(min(k, 4 - k), 0, 1) with k = (n + hue) mod 6 for n = 5, 3, 1 (R, G, B)
+    for channel, offset in zip(image, (5.0, 3.0, 1.0)):
+        k = (hue + offset).remainder_(6.0)
+        torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
+        torch.sub(value, k.mul_(chroma), out=channel)
+    return image
 
-    The steps are affine in RGB (brightness scales; contrast blends with the mean grey level of the image so far;
-    saturation blends with each pixel's grey level, ITU-R 601 luma as PIL's ``ImageEnhance``), so their composition is
-    one 3x4 colour matrix per image, composed in float64 and applied in one pass (about 2.5 ms for a 1024x1024 image
-    on one CPU core, against 5 ms for PIL's colour-matrix convert in the data workers).
+
+def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+    """In place on float32 pixels (0..255), `(batch, 3, H, W)` or `(3, H, W)`: brightness, contrast, saturation and
+    hue in the order and with the factors of `plan` (`(batch, 4, 2)` or `(4, 2)`, rows `(step id, factor)` of
+    `COLOR_JITTER_STEPS`, as `SegmentationTrainTransform` draws them), clamped to 0..255.
+
+    Brightness, contrast and saturation are affine in RGB (brightness scales; contrast blends with the mean grey level
+    of the image so far; saturation blends with each pixel's grey level, ITU-R 601 luma as PIL's ``ImageEnhance``), so
+    a run of them is one 3x4 colour matrix per image, composed in float64 and applied in one pass (about 2.5 ms for a
+    1024x1024 image on one CPU core, against 5 ms for PIL's colour-matrix convert in the data workers). The hue shift
+    (`shift_hue_`) is not affine: the run before it is applied and clamped first, as the reference's 8-bit steps are.
     """
     images = pixels if pixels.ndim == 4 else pixels.unsqueeze(0)
     plans = plan if plan.ndim == 3 else plan.unsqueeze(0)
@@ -127,26 +148,38 @@ def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tenso
         names = [COLOR_JITTER_STEPS[int(step)] if step >= 0 else None for step, _ in steps]
         if not any(names):
             continue
-        matrix, offset = np.eye(3), np.zeros(3)  # the colour after the steps so far: matrix @ rgb + offset
-        # a pass over the image: only when a contrast step needs its mean
-        mean_rgb = image.mean(dim=(-2, -1), dtype=torch.float64).cpu().numpy() if "contrast" in names else None
+        matrix, offset = np.eye(3), np.zeros(3)  # the colour after the affine steps so far: matrix @ rgb + offset
+        mean_rgb = None  # of the image as it was when the run of affine steps started; read when a contrast step needs it
         for name, (_, factor) in zip(names, steps):
             if name is None:
+                continue
+            if name == "hue":
+                _apply_color_matrix_(image, matrix, offset)
+                shift_hue_(image, factor)
+                matrix, offset, mean_rgb = np.eye(3), np.zeros(3), None
                 continue
             if name == "brightness":
                 step_matrix, step_offset = factor * np.eye(3), np.zeros(3)
             elif name == "contrast":
+                if mean_rgb is None:
+                    mean_rgb = image.mean(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
                 mean_grey = LUMA @ (matrix @ mean_rgb + offset)
                 step_matrix, step_offset = factor * np.eye(3), np.full(3, (1 - factor) * mean_grey)
             else:
                 step_matrix, step_offset = factor * np.eye(3) + (1 - factor) * np.outer(np.ones(3), LUMA), np.zeros(3)
             matrix, offset = step_matrix @ matrix, step_matrix @ offset + step_offset
-        weights = torch.as_tensor(matrix, dtype=torch.float32, device=image.device)
-        shift = torch.as_tensor(offset, dtype=torch.float32, device=image.device).view(3, 1, 1)
-        # a (3, 3) @ (3, pixels) matmul: several times faster than einsum on CPU, and never TF32 on CUDA by default
-        jittered = (weights @ image.reshape(3, -1)).view_as(image).add_(shift).clamp_(0, 255)
-        image.copy_(jittered)
+        _apply_color_matrix_(image, matrix, offset)
     return pixels
+
+
+def _apply_color_matrix_(image: torch.Tensor, matrix: np.ndarray, offset: np.ndarray) -> None:
+    """In place on float32 `(3, H, W)`: every pixel -> clamp(matrix @ rgb + offset, 0, 255); nothing for the identity."""
+    if np.array_equal(matrix, np.eye(3)) and not offset.any():
+        return
+    weights = torch.as_tensor(matrix, dtype=torch.float32, device=image.device)
+    shift = torch.as_tensor(offset, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    # a (3, 3) @ (3, pixels) matmul: several times faster than einsum on CPU, and never TF32 on CUDA by default
+    image.copy_((weights @ image.reshape(3, -1)).view_as(image).add_(shift).clamp_(0, 255))
 
 
 def _to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
@@ -170,11 +203,12 @@ def _labels_tensor(label: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TrainAugmentationOptions:
-    """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation, with these differences: its
-    ``color_aug 0.25`` also shifts hue by up to 0.25, which has no term here (brightness, contrast and saturation are
-    one affine map of the pixels, applied on the device for uint8 samples; a hue shift is not); image padding is the
-    mean colour (0 after normalisation) rather than black, and an image smaller than the crop lands at a random
-    offset in it (the reference centres it); padded labels are ignored either way.
+    """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation (its ``color_aug 0.25`` is
+    brightness, contrast, saturation and hue 0.25), with these differences: the colour steps run in float with one
+    clamp per run of affine steps where the reference rounds to 8 bits after each, and after the optional blur (the
+    reference blurs the jittered crop; the jitter runs on the device here); image padding is the mean colour
+    (0 after normalisation) rather than black, and an image smaller than the crop lands at a random offset in it (the
+    reference centres it); padded labels are ignored either way.
 
     Args:
         crop_size: Output `(height, width)` (or one int for a square crop).
@@ -184,6 +218,7 @@ class TrainAugmentationOptions:
         brightness: Brightness factor drawn from [max(0, 1 - brightness), 1 + brightness]; 0 disables.
         contrast: Contrast factor, same rule; blends with the mean grey level.
         saturation: Saturation factor, same rule; blends with the grey image.
+        hue: Hue shift drawn from [-hue, hue] turns of the HSV hue circle (at most 0.5); 0 disables.
         blur_probability: Probability of a Gaussian blur (the reference's ``--gblur`` blurs every crop: 1.0).
         blur_sigma: Range of the blur's standard deviation, in pixels.
         noise_std: Standard deviation of additive Gaussian noise, in 0..255 units; 0 disables.
@@ -209,6 +244,7 @@ class TrainAugmentationOptions:
     brightness: float = 0.25
     contrast: float = 0.25
     saturation: float = 0.25
+    hue: float = 0.25
     blur_probability: float = 0.0
     blur_sigma: tuple[float, float] = (0.15, 1.3)
     noise_std: float = 0.0
@@ -242,6 +278,8 @@ class TrainAugmentationOptions:
         for name in ("brightness", "contrast", "saturation", "noise_std"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5] (turns of the hue circle), got {self.hue}")
 
 
 def _resample_region(
@@ -395,13 +433,14 @@ class SegmentationTrainTransform:
 
     def _draw_color_jitter(self, rng: np.random.Generator) -> torch.Tensor | None:
         """The colour-jitter plan of one sample (see `apply_color_jitter_`): brightness, contrast and saturation
-        factors, in a random order (as torchvision / the reference); `None` when all three are off."""
+        factors and a hue shift, in a random order (as torchvision / the reference); `None` when all four are off."""
         options = self.options
-        steps = [(index, strength) for index, strength in enumerate((options.brightness, options.contrast,
-                                                                        options.saturation)) if strength > 0]
+        strengths = (options.brightness, options.contrast, options.saturation, options.hue)
+        steps = [(index, strength) for index, strength in enumerate(strengths) if strength > 0]
         if not steps:
             return None
-        factors = [rng.uniform(max(0.0, 1 - strength), 1 + strength) for _, strength in steps]
+        factors = [rng.uniform(-strength, strength) if COLOR_JITTER_STEPS[index] == "hue" else
+                   rng.uniform(max(0.0, 1 - strength), 1 + strength) for index, strength in steps]
         plan = _empty_color_jitter_plan()
         for row, position in enumerate(rng.permutation(len(steps))):
             plan[row] = torch.tensor([float(steps[position][0]), factors[position]])

@@ -97,6 +97,19 @@ class DataArguments:
     )
     scale_min: float = field(default=0.5)
     scale_max: float = field(default=2.0)
+    color_jitter: float = field(
+        default=0.25,
+        metadata={"help": "strength of the brightness, contrast, saturation and hue jitter (the reference's --color_aug, "
+                          "0.25); 0 turns it off"},
+    )
+    hue_jitter: float | None = field(
+        default=None,
+        metadata={"help": "largest hue shift, in turns of the hue circle (at most 0.5); default: --color_jitter, as the "
+                          "reference's one --color_aug"},
+    )
+    blur_probability: float = field(
+        default=0.0, metadata={"help": "share of training crops given a Gaussian blur (the reference's --gblur: 1.0)"}
+    )
     train_sample_dtype: str = field(
         default="uint8",
         metadata={"help": "uint8: training crops and labels travel as 8 bits (4 MB per 1024x1024 sample instead of 20 MB) "
@@ -139,6 +152,13 @@ class DataArguments:
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1 (or left out for every sample), got {getattr(self, name)}")
+        if self.color_jitter < 0:
+            raise ValueError(f"--color_jitter must be >= 0, got {self.color_jitter}")
+        if not 0 <= self.hue <= 0.5:  # half a turn is every hue, as in the reference
+            raise ValueError(f"the hue jitter must be in [0, 0.5] turns, got {self.hue} (--hue_jitter, which defaults "
+                             "to --color_jitter)")
+        if not 0 <= self.blur_probability <= 1:
+            raise ValueError(f"--blur_probability must be in [0, 1], got {self.blur_probability}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:
@@ -146,6 +166,11 @@ class DataArguments:
         if self.auto_label_ratio > 0 and self.dataset == "mapillary":
             raise ValueError("--auto_label_ratio needs --dataset cityscapes or synthetic (auto-labels in the Cityscapes "
                              "layout), got --dataset mapillary")
+
+    @property
+    def hue(self) -> float:
+        """The hue jitter in effect: `hue_jitter`, or `color_jitter` when it is not given."""
+        return self.color_jitter if self.hue_jitter is None else self.hue_jitter
 
 
 @dataclass

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crop-size", type=int, default=192)
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--hue-jitter", type=float, default=0.0,
+                        help="largest hue shift of the colour jitter, in turns; the recipe's 0.25 cost 3.6 mIoU (chain 0.5,1.0) "
+                             "at this budget (BENCHMARKS.md, Quickstart hue jitter)")
     parser.add_argument("--train-frames", type=int, default=200)
     parser.add_argument("--val-frames", type=int, default=30)
     parser.add_argument("--frame-height", type=int, default=256, help="height of the generated frames")
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset="synthetic",
         data_dir=str(output_dir / "data"),
         crop_size=args.crop_size,
+        hue_jitter=args.hue_jitter,
         synthetic_train_frames=args.train_frames,
         synthetic_val_frames=args.val_frames,
         synthetic_height=args.frame_height,
