@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -406,6 +407,101 @@ def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra
     assert {row["id"] for row in only_auto} == set(auto)
     with pytest.raises(ValueError, match="--auto_label_ratio must be in"):
         DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_ratio=1.5)
+
+
+def test_auto_label_classes_use_auto_labelled_frames_only_as_class_uniform_crops(teacher_dir, extra_root, tmp_path):
+    """The reference's record recipe: fine frames make each epoch (its length and plain crops); auto-labelled frames
+    add centroids of the boost classes only, for the first `--auto_label_epochs` epochs."""
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_datasets
+
+    root = _fresh_copy(extra_root, tmp_path)
+    assert main(["--model", str(teacher_dir), "--input", str(root / "leftImg8bit" / "train_extra"), *FAST]) == 0
+    classes = {0, 2, 8}  # road, building, vegetation: in every synthetic frame
+    args = DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_classes="8,2,0", auto_label_epochs=2,
+                         class_uniform_fraction=1.0, crop_size=64)
+    assert args.auto_label_classes == "0,2,8"
+    train = build_datasets(args, seed=0, do_eval=False).train
+    fine = len(list((root / "leftImg8bit" / "train").glob("*/*.png")))
+    ids = train.rows["id"]
+    assert len(train) == fine and len(ids) > fine  # the epoch: one sample per fine frame
+    assert set(ids[fine:]) == {path.name[: -len("_leftImg8bit.png")]
+                               for path in (root / "leftImg8bit" / "train_extra").glob("*/*.png")}
+    auto_picks = []
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        assert len(train.plan) == fine
+        auto_picks += [(row, centroid) for row, centroid in train.plan if row >= fine]
+    assert auto_picks and all(centroid is not None for _, centroid in auto_picks)  # never a plain crop
+    for row, (x, y) in auto_picks:  # and always centred on a boost class of its auto-label
+        assert load_label(train.rows[row]["label"])[y, x] in classes
+    train.set_epoch(2)  # past --auto_label_epochs: fine frames only
+    assert len(train.plan) == fine and all(row < fine for row, _ in train.plan)
+    sample = train[0]
+    assert sample["pixel_values"].shape[-2:] == (64, 64)
+
+
+def test_the_trainer_runs_the_record_recipes_auto_label_epochs(teacher_dir, extra_root, tmp_path):
+    from hms_segmentation.training.arguments import parse_arguments
+    from hms_segmentation.training.train import run_training
+
+    root = _fresh_copy(extra_root, tmp_path)
+    assert main(["--model", str(teacher_dir), "--input", str(root / "leftImg8bit" / "train_extra"), *FAST]) == 0
+    epochs = []
+
+    class RecordingDataset:  # the plan each epoch trained on, as the Trainer's epoch callback set it
+        def __init__(self, wrapped):
+            self.wrapped = wrapped
+
+        def __len__(self):
+            return len(self.wrapped)
+
+        def __getitem__(self, index):
+            return self.wrapped[index]
+
+        def set_epoch(self, epoch):
+            self.wrapped.set_epoch(epoch)
+            epochs.append((epoch, list(self.wrapped.plan)))
+
+    from hms_segmentation.training import train as train_module
+
+    build = train_module.build_datasets
+
+    def recording_build(*args, **kwargs):
+        data = build(*args, **kwargs)
+        data.train = RecordingDataset(data.train)
+        return data
+
+    fine = len(list((root / "leftImg8bit" / "train").glob("*/*.png")))
+    argv = ["--model_name_or_path", str(teacher_dir), "--dataset", "cityscapes", "--data_dir", str(root),
+            "--auto_label_classes", "0,2,8", "--auto_label_epochs", "1", "--class_uniform_fraction", "1.0",
+            "--crop_size", "64", "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "2",
+            "--num_train_epochs", "2", "--report_to", "none", "--use_cpu", "true", "--do_train",
+            "--save_strategy", "no", "--eval_scales", "1.0"]
+    with mock.patch.object(train_module, "build_datasets", recording_build):
+        run_training(*parse_arguments(argv))
+    planned = dict(epochs)
+    assert sorted(planned) == [0, 1] and all(len(plan) == fine for plan in planned.values())
+    assert all(row < fine for row, _ in planned[1])  # past --auto_label_epochs
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"auto_label_classes": "13", "auto_label_ratio": 0.5}, "cannot be combined with --auto_label_ratio 0.5"),
+    ({"auto_label_classes": "13", "streaming": True}, "cannot be combined with --streaming"),
+    ({"auto_label_classes": "13", "class_uniform_fraction": 0.0}, "cannot be combined with --class_uniform_fraction 0"),
+    ({"auto_label_classes": "13,19"}, r"trainIds in 0..18, got '13,19'"),
+    ({"auto_label_classes": "car"}, "comma-separated trainIds, got 'car'"),
+    ({"auto_label_epochs": 3}, "--auto_label_epochs needs --auto_label_classes"),
+    ({"auto_label_classes": "13", "auto_label_epochs": 0}, "--auto_label_epochs must be at least 1"),
+])
+def test_auto_label_classes_arguments_are_checked(settings, message, tmp_path):
+    from hms_segmentation.training.arguments import DataArguments
+
+    with pytest.raises(ValueError, match=message):
+        DataArguments(dataset="cityscapes", data_dir=str(tmp_path), **settings)
+    with pytest.raises(ValueError, match="cannot be combined with --dataset mapillary"):
+        DataArguments(dataset="mapillary", data_dir=str(tmp_path), auto_label_classes="13")
 
 
 def test_two_processes_label_disjoint_halves_like_one(teacher_dir, extra_root, tmp_path):

@@ -134,6 +134,25 @@ def test_epoch_plan_mixes_random_and_class_uniform_crops(train_set):
     assert plan != index.plan_epoch(ids, 0.5, np.random.default_rng(1))
 
 
+def test_rows_beyond_epoch_rows_give_only_their_restricted_centroids(train_set):
+    """The reference's coarse boost: the last rows only add centroids of some classes; the epoch is the first rows."""
+    index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))
+    ids = list(train_set["id"])
+    extra, kept = ids[4:], {1}
+    restricted = index.restricted(extra, kept)
+    assert all(set(restricted.centroids[sample_id]) <= kept for sample_id in extra)
+    assert all(restricted.centroids[sample_id] == index.centroids[sample_id] for sample_id in ids[:4])
+    plan = restricted.plan_epoch(ids, 0.5, np.random.default_rng(0), epoch_rows=4)
+    assert len(plan) == 4 and sum(centroid is None for _, centroid in plan) == 2
+    assert all(row < 4 for row, centroid in plan if centroid is None)
+    assert restricted.plan_epoch(ids, 0.5, np.random.default_rng(0)) != plan  # default: every row, one step each
+    draws = [entry for seed in range(40) for entry in restricted.plan_epoch(ids, 1.0, np.random.default_rng(seed), 4)]
+    extra_draws = [(row, centroid) for row, centroid in draws if row >= 4]
+    assert extra_draws and all(centroid in index.centroids[ids[row]][1] for row, centroid in extra_draws)
+    with pytest.raises(ValueError, match=rf"epoch_rows must be in \[0, {len(ids)}\]"):
+        restricted.plan_epoch(ids, 0.5, np.random.default_rng(0), epoch_rows=len(ids) + 1)
+
+
 def test_an_unreadable_centroid_cache_is_rebuilt_not_fatal(train_set, tmp_path, caplog):
     options = ClassUniformOptions(tile_size=32, cache_dir=tmp_path / "centroids")
     built = ClassCentroidIndex.build(train_set, NUM_LABELS, options)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,24 +173,39 @@ class ClassCentroidIndex:
             logger.info("computed class centroids of %d images, cached in %s", len(centroids), cache_path)
         return cls(centroids, num_labels)
 
-    def plan_epoch(self, sample_ids: Sequence[str], fraction: float,
-                   rng: np.random.Generator) -> list[tuple[int, Centroid | None]]:
-        """One epoch of a map-style dataset: `(row index, centroid or None)` for each of its `len(sample_ids)` steps.
+    def plan_epoch(self, sample_ids: Sequence[str], fraction: float, rng: np.random.Generator,
+                   epoch_rows: int | None = None) -> list[tuple[int, Centroid | None]]:
+        """One epoch of a map-style dataset: `(row index, centroid or None)` for each of its steps.
 
-        A `fraction` of the steps picks a class uniformly among the classes that occur, then one of its centroids;
-        the others are ordinary random crops of distinct rows. The whole plan is shuffled.
+        The epoch has `epoch_rows` steps (default: one per row). A `fraction` of them picks a class uniformly among
+        the classes that occur, then one of its centroids in any row of `sample_ids`; the others are ordinary random
+        crops of distinct rows among the first `epoch_rows`. The whole plan is shuffled. Rows beyond `epoch_rows` are
+        thus only seen through their centroids: the reference's use of coarse (auto-labelled) frames, whose centroids
+        join the fine frames' for some classes (see `restricted`).
         """
+        epoch_rows = len(sample_ids) if epoch_rows is None else epoch_rows
+        if not 0 <= epoch_rows <= len(sample_ids):
+            raise ValueError(f"epoch_rows must be in [0, {len(sample_ids)}] (the number of rows), got {epoch_rows}")
         row_of = {sample_id: index for index, sample_id in enumerate(sample_ids)}
         entries_by_class = {class_id: [(row_of[sample_id], centroid) for sample_id, centroid in entries
                                        if sample_id in row_of] for class_id, entries in sorted(self.by_class.items())}
         classes = [class_id for class_id, entries in entries_by_class.items() if entries]
-        num_uniform = int(len(sample_ids) * fraction) if classes else 0
+        num_uniform = int(epoch_rows * fraction) if classes else 0
         plan: list[tuple[int, Centroid | None]] = [
-            (int(index), None) for index in rng.permutation(len(sample_ids))[: len(sample_ids) - num_uniform]]
+            (int(index), None) for index in rng.permutation(epoch_rows)[: epoch_rows - num_uniform]]
         for class_position in rng.integers(len(classes), size=num_uniform) if num_uniform else ():
             entries = entries_by_class[classes[class_position]]
             plan.append(entries[rng.integers(len(entries))])
         return [plan[index] for index in rng.permutation(len(plan))]
+
+    def restricted(self, sample_ids: Collection[str], classes: Collection[int]) -> ClassCentroidIndex:
+        """This index with the images `sample_ids` keeping only their centroids of `classes` (e.g. auto-labelled frames
+        that serve only the classes the reference boosts with them, ``COARSE_BOOST_CLASSES``)."""
+        restricted_ids, kept_classes = set(sample_ids), set(classes)
+        return ClassCentroidIndex({
+            sample_id: {class_id: points for class_id, points in per_class.items()
+                        if sample_id not in restricted_ids or class_id in kept_classes}
+            for sample_id, per_class in self.centroids.items()}, self.num_labels)
 
     def choose_centroid(self, sample_id: str, rng: np.random.Generator) -> Centroid | None:
         """Streaming: a centroid of one of this image's classes, rarer ones (in fewer images) more likely.

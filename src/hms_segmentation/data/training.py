@@ -88,15 +88,41 @@ class _AugmentedRows:
 
 
 class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
-    """Augmented training samples from a map-style dataset (arguments: see `_AugmentedRows`).
+    """Augmented training samples from a map-style dataset (arguments: see `_AugmentedRows`, plus the two below).
 
     With class centroids, each epoch follows a plan of random and class-uniform crops (see
     `ClassCentroidIndex.plan_epoch`). With ``skip_bad_samples``, a row that fails to read is logged, counted in
     `skipped` and replaced by the next row, so batches keep their size.
+
+    Args:
+        centroid_rows_from: Rows from this index on are only reached through class-uniform crops, and an epoch has
+            one sample per row before it (the reference's record recipe: auto-labelled frames after the fine ones,
+            their centroids restricted to some classes with `ClassCentroidIndex.restricted`). `None`: every row is
+            an ordinary sample.
+        centroid_rows_epochs: With `centroid_rows_from`: the epochs (counted from 0) that use those rows' centroids;
+            later epochs leave them out (the reference's ``max_cu_epoch``, 150 of 175). `None`: every epoch.
     """
 
     epoch = 0
     skipped = 0  # bad samples met in this process during the current epoch
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        transform: SegmentationTrainTransform,
+        *,
+        centroid_rows_from: int | None = None,
+        centroid_rows_epochs: int | None = None,
+        **options,
+    ):
+        if centroid_rows_from is not None and not 0 < centroid_rows_from <= len(dataset):
+            raise ValueError(f"centroid_rows_from must be in [1, {len(dataset)}] (the number of rows), got "
+                             f"{centroid_rows_from}")
+        if centroid_rows_epochs is not None and centroid_rows_epochs < 0:
+            raise ValueError(f"centroid_rows_epochs must be >= 0, got {centroid_rows_epochs}")
+        self.centroid_rows_from = centroid_rows_from
+        self.centroid_rows_epochs = centroid_rows_epochs
+        super().__init__(dataset, transform, **options)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed augmentation and redraw the class-uniform plan (the reference rebuilds it every epoch).
@@ -111,11 +137,15 @@ class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
         self.skipped = 0
         self.plan: list[tuple[int, tuple[int, int] | None]] | None = None
         if self.class_centroids is not None and self.class_uniform_fraction > 0:
-            self.plan = self.class_centroids.plan_epoch(list(self.rows["id"]), self.class_uniform_fraction,
-                                                        np.random.default_rng([self.seed, epoch, 2**31]))
+            sample_ids = list(self.rows["id"])
+            if self.centroid_rows_epochs is not None and epoch >= self.centroid_rows_epochs:
+                sample_ids = sample_ids[: self.centroid_rows_from]  # the centroid-only rows are done
+            self.plan = self.class_centroids.plan_epoch(sample_ids, self.class_uniform_fraction,
+                                                        np.random.default_rng([self.seed, epoch, 2**31]),
+                                                        epoch_rows=self.centroid_rows_from)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) if self.centroid_rows_from is None else self.centroid_rows_from
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row_index, centroid = self.plan[index] if self.plan is not None else (index, None)

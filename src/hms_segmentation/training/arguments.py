@@ -21,6 +21,10 @@ from ..data.mapillary import MAPILLARY_VERSIONS
 from ..hub import check_model_source
 
 DATASETS = ("synthetic", "cityscapes", "mapillary")
+RECORD_AUTO_LABEL_CLASSES = (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18)
+"""The Cityscapes trainIds whose class-uniform crops also come from the auto-labelled frames in NVIDIA's record recipe
+(``coarse_boost_classes`` of `scripts/train_cityscapes_sota.yml`: wall, fence, traffic light, traffic sign, terrain,
+person, rider, car, truck, bus, train, motorcycle, bicycle)."""
 TRAINING_STAGES = (0, 1, 2, 3)
 
 
@@ -126,6 +130,18 @@ class DataArguments:
                           "(gtCoarse/train_extra/*_gtAuto_labelTrainIds.png, see `hms-segmentation autolabel`), the rest "
                           "from the fine train split; 0 = fine only, 1 = auto-labels only"},
     )
+    auto_label_classes: str | None = field(
+        default=None,
+        metadata={"help": "Cityscapes/synthetic, the reference's record recipe: the auto-labelled train_extra frames serve "
+                          "only as class-uniform crops of these trainIds (comma-separated; NVIDIA's coarse_boost_classes: "
+                          f"{','.join(map(str, RECORD_AUTO_LABEL_CLASSES))}), the fine frames make the epoch; the "
+                          "alternative to --auto_label_ratio"},
+    )
+    auto_label_epochs: int | None = field(
+        default=None,
+        metadata={"help": "with --auto_label_classes: the epochs that use the auto-labelled crops, the later ones train on "
+                          "the fine frames only (the reference's max_cu_epoch: 150 of 175); default every epoch"},
+    )
     synthetic_train_frames: int = field(default=200, metadata={"help": "synthetic: frames generated for train"})
     synthetic_val_frames: int = field(default=40, metadata={"help": "synthetic: frames generated for val"})
     synthetic_height: int = field(default=256)
@@ -166,11 +182,39 @@ class DataArguments:
         if self.auto_label_ratio > 0 and self.dataset == "mapillary":
             raise ValueError("--auto_label_ratio needs --dataset cityscapes or synthetic (auto-labels in the Cityscapes "
                              "layout), got --dataset mapillary")
+        self._check_auto_label_classes()
 
     @property
     def hue(self) -> float:
         """The hue jitter in effect: `hue_jitter`, or `color_jitter` when it is not given."""
         return self.color_jitter if self.hue_jitter is None else self.hue_jitter
+
+    def _check_auto_label_classes(self) -> None:
+        if self.auto_label_classes is None:
+            if self.auto_label_epochs is not None:
+                raise ValueError("--auto_label_epochs needs --auto_label_classes (the classes the auto-labelled crops "
+                                 "serve)")
+            return
+        # YAML reads "3" as a number and "[3, 4]" as a list: keep one canonical string
+        values = self.auto_label_classes
+        values = values if isinstance(values, (list, tuple)) else str(values).split(",")
+        try:
+            classes = sorted({int(value) for value in values if str(value).strip()})
+        except ValueError:
+            raise ValueError(f"--auto_label_classes must be comma-separated trainIds, got {self.auto_label_classes!r}") from None
+        if not classes or not all(0 <= class_id < 19 for class_id in classes):
+            raise ValueError(f"--auto_label_classes must be Cityscapes trainIds in 0..18, got {self.auto_label_classes!r}")
+        self.auto_label_classes = ",".join(map(str, classes))
+        conflicts = {"--dataset mapillary": self.dataset == "mapillary", "--streaming": self.streaming,
+                     f"--auto_label_ratio {self.auto_label_ratio}": self.auto_label_ratio > 0,
+                     "--class_uniform_fraction 0": self.class_uniform_fraction == 0}
+        for flag, conflicting in conflicts.items():
+            if conflicting:
+                raise ValueError(f"--auto_label_classes (auto-labelled frames as class-uniform crops of a map-style "
+                                 f"Cityscapes or synthetic training set) cannot be combined with {flag}")
+        if self.auto_label_epochs is not None and self.auto_label_epochs < 1:
+            raise ValueError(f"--auto_label_epochs must be at least 1 (or left out for every epoch), got "
+                             f"{self.auto_label_epochs}")
 
 
 @dataclass

@@ -112,6 +112,16 @@ def load_split(args: DataArguments, split: str, streaming: bool = False) -> tupl
     return rows, dict(label_set.id2label), 1.0
 
 
+def load_auto_labelled(args: DataArguments, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """The auto-labelled ``train_extra`` frames of the Cityscapes-layout dataset named by `args`."""
+    root = ensure_synthetic_dataset(args) if args.dataset == "synthetic" else args.data_dir
+    options = CityscapesOptions(skip_bad_samples=args.skip_bad_samples)
+    samples, skipped = find_auto_labelled_samples(root, options)
+    return build_dataset(samples, cityscapes_label_mapping(), len(CITYSCAPES_ID2LABEL), options,
+                         name="Cityscapes auto-labelled", split="train_extra", streaming=streaming,
+                         skipped_at_discovery=skipped)
+
+
 def mix_auto_labelled(fine_rows, args: DataArguments, seed: int, streaming: bool = False) -> tuple:
     """Fine training rows mixed with the auto-labelled ``train_extra`` frames so that a share `args.auto_label_ratio`
     of the samples are auto-labelled.
@@ -120,12 +130,7 @@ def mix_auto_labelled(fine_rows, args: DataArguments, seed: int, streaming: bool
         The mixed rows (each auto-labelled frame seen once, fine frames repeated as the ratio needs), and the distinct
         rows (fine + auto-labelled, once each) for the class-uniform index.
     """
-    root = ensure_synthetic_dataset(args) if args.dataset == "synthetic" else args.data_dir
-    options = CityscapesOptions(skip_bad_samples=args.skip_bad_samples)
-    samples, skipped = find_auto_labelled_samples(root, options)
-    auto_rows = build_dataset(samples, cityscapes_label_mapping(), len(CITYSCAPES_ID2LABEL), options,
-                              name="Cityscapes auto-labelled", split="train_extra", streaming=streaming,
-                              skipped_at_discovery=skipped)
+    auto_rows = load_auto_labelled(args, streaming=streaming)
     if args.auto_label_ratio >= 1:
         return auto_rows, auto_rows
     distinct = datasets.concatenate_datasets([fine_rows, auto_rows])
@@ -157,6 +162,17 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
             range(min(args.max_train_samples, len(train_rows)))
         )
         distinct_rows = None
+    centroid_rows = {}
+    if args.auto_label_classes is not None:
+        # the record recipe: fine frames make the epoch, auto-labelled ones follow them as centroids of some classes
+        auto_rows = load_auto_labelled(args)
+        shared = sorted(set(train_rows["id"]) & set(auto_rows["id"]))
+        if shared:  # centroids are keyed by id: a fine frame would lose its other classes
+            raise ValueError(f"--auto_label_classes: {len(shared)} auto-labelled frame(s) share their id with a fine "
+                             f"training frame ({', '.join(shared[:3])}): the auto-labelled frames must be other frames "
+                             "(Cityscapes' train_extra)")
+        centroid_rows = {"centroid_rows_from": len(train_rows), "centroid_rows_epochs": args.auto_label_epochs}
+        train_rows = datasets.concatenate_datasets([train_rows, auto_rows])
     transform = SegmentationTrainTransform(
         TrainAugmentationOptions(crop_size=(args.crop_size, args.crop_width or args.crop_size), scale_min=args.scale_min,
                                  scale_max=args.scale_max, brightness=args.color_jitter, contrast=args.color_jitter,
@@ -167,6 +183,9 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
     if args.class_uniform_fraction > 0:
         # centroids are keyed by sample id: the distinct rows give them all without re-reading repeated frames
         centroids = ClassCentroidIndex.build(distinct_rows if distinct_rows is not None else train_rows, num_labels)
+        if centroid_rows:
+            auto_ids = train_rows.select(range(centroid_rows["centroid_rows_from"], len(train_rows)))["id"]
+            centroids = centroids.restricted(auto_ids, [int(c) for c in args.auto_label_classes.split(",")])
     common = {
         "num_labels": num_labels,
         "seed": seed,
@@ -178,5 +197,5 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         # epochs chained into one iteration: a resumed run skips its trained batches into the right epoch
         train = ConsecutiveEpochs(SegmentationTrainingStream(train_rows, transform, **common))
     else:
-        train = SegmentationTrainingDataset(train_rows, transform, **common)
+        train = SegmentationTrainingDataset(train_rows, transform, **centroid_rows, **common)
     return SegmentationData(train=train, eval=evaluation, id2label=id2label, poly_power=poly_power)
