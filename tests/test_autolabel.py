@@ -31,6 +31,7 @@ from hms_segmentation.autolabel import (
     label_marker,
     main,
     merge_with_coarse,
+    parse_label_region,
 )
 from hms_segmentation.data import CityscapesOptions, load_cityscapes, load_image, load_label
 from hms_segmentation.data.cityscapes import cityscapes_label_mapping
@@ -207,6 +208,46 @@ def test_fill_keeps_the_human_coarse_labels_and_fills_their_gaps(teacher_dir, ex
                                                     "fill"), [[1, 7]])
     with pytest.raises(ValueError, match="merge mode"):
         merge_with_coarse(np.zeros((1, 1), np.uint8), None, "average")
+
+
+def test_label_region_ignores_the_teachers_labels_outside_it_before_the_merge(teacher_dir, extra_root, tmp_path):
+    """The reference's ``mask_out_cityscapes``: outside the box the auto-label is 255; the human coarse label (fill)
+    still fills it there; inside, the labels are those of a run without a region."""
+    root = _fresh_copy(extra_root, tmp_path)
+    split = root / "leftImg8bit" / "train_extra"
+    whole, boxed, filled = tmp_path / "whole", tmp_path / "boxed", tmp_path / "filled"
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--merge-coarse", "replace", "--output-dir",
+                 str(whole), *FAST]) == 0
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--merge-coarse", "replace", "--output-dir",
+                 str(boxed), "--label-region", "4,8,40,100", *FAST]) == 0
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--output-dir", str(filled), "--label-region",
+                 "4,8,40,100", *FAST]) == 0
+    mapping = cityscapes_label_mapping()
+    names = sorted(_digests(whole))
+    assert names and sorted(_digests(boxed)) == names
+    inside = np.zeros_like(load_label(whole / names[0]), dtype=bool)
+    inside[4:40, 8:100] = True
+    for name in names:
+        full, cut, merged = load_label(whole / name), load_label(boxed / name), load_label(filled / name)
+        np.testing.assert_array_equal(cut[inside], full[inside])
+        assert (cut[~inside] == IGNORE_INDEX).all()
+        coarse_path = root / name.replace(LABEL_SUFFIX, "_gtCoarse_labelIds.png")
+        coarse = load_label(coarse_path, mapping)
+        np.testing.assert_array_equal(merged, np.where(coarse != IGNORE_INDEX, coarse, cut))
+    report = _report(boxed)
+    assert report["label_region"] == [4, 8, 40, 100] and report["confident_fraction_outside_region"] > 0
+    assert "label_region" not in _report(whole)  # labels written without a region keep their fingerprint
+    assert report["fingerprint"] != _report(whole)["fingerprint"]
+
+
+@pytest.mark.parametrize("value", ["1,2,3", "5,0,4,10", "0,-1,4,10", "top"])
+def test_a_bad_label_region_is_named(teacher_dir, extra_root, tmp_path, capsys, value):
+    split = extra_root / "leftImg8bit" / "train_extra"
+    assert main(["--model", str(teacher_dir), "--input", str(split), "--output-dir", str(tmp_path / "out"),
+                 "--label-region", value, *FAST]) == 2
+    assert "--label-region must be TOP,LEFT,BOTTOM,RIGHT pixels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert parse_label_region("cityscapes") == (15, 14, 840, 2030) and parse_label_region(None) is None
 
 
 def test_boost_merges_as_the_reference_record_recipe():

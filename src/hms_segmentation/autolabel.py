@@ -14,7 +14,8 @@ Output layout (read back by the data loaders):
   True))` and `DataArguments.auto_label_ratio` find them. By default (``--merge-coarse fill``) the human coarse label
   is kept wherever it labels a pixel and the auto-label fills the pixels it leaves unlabelled; ``boost`` is the
   reference's rule (the auto-label, with the coarse pixels of truck, bus and train added); ``replace`` writes the
-  auto-label alone.
+  auto-label alone. ``--label-region cityscapes`` ignores the teacher outside the part of the frame the reference
+  keeps (no ego vehicle, no border), before the merge.
 - Any folder (searched recursively): ``<output-dir>/<relative folder>/<stem>_gtAuto_labelTrainIds.png``; pair them
   with `find_auto_labelled_folder`.
 
@@ -67,6 +68,10 @@ TEMPORARY_SUFFIX = ".partial"
 
 MergeMode = Literal["fill", "boost", "replace"]
 MERGE_MODES = ("fill", "boost", "replace")
+CITYSCAPES_LABEL_REGION = (15, 14, 840, 2030)
+"""`(top, left, bottom, right)` of the part of a 1024x2048 Cityscapes frame the reference's record recipe keeps of an
+auto-label (``mask_out_cityscapes``): outside it, the ego vehicle's hood and the rectification border, the teacher's
+labels are ignored. ``--label-region cityscapes``."""
 COARSE_BOOST_CLASSES = (14, 15, 16)
 """Cityscapes trainIds (truck, bus, train) whose human coarse pixels the reference adds to an auto-label
 (`custom_coarse_dropout_classes` of its record recipe, scripts/train_cityscapes_sota.yml): rare classes the teacher
@@ -99,6 +104,38 @@ def confident_labels(
     confidence, predicted = logits.float().softmax(dim=0).max(dim=0)
     labels = torch.where(confidence >= threshold, predicted, torch.full_like(predicted, IGNORE_INDEX))
     return labels.to(torch.uint8), predicted
+
+
+def keep_region(labels: np.ndarray, region: tuple[int, int, int, int] | None) -> np.ndarray:
+    """`labels` `(height, width)` with every pixel outside `region` set to `IGNORE_INDEX`.
+
+    Args:
+        labels: uint8 trainIds.
+        region: `(top, left, bottom, right)` in pixels, bottom and right exclusive (clipped to the image; the
+            reference's Cityscapes mask is `CITYSCAPES_LABEL_REGION`); `None` keeps every pixel.
+    """
+    if region is None:
+        return labels
+    top, left, bottom, right = region
+    kept = np.full_like(labels, IGNORE_INDEX)
+    kept[top:bottom, left:right] = labels[top:bottom, left:right]
+    return kept
+
+
+def parse_label_region(text: str | None) -> tuple[int, int, int, int] | None:
+    """``--label-region``: ``"TOP,LEFT,BOTTOM,RIGHT"`` pixels or ``"cityscapes"`` (`CITYSCAPES_LABEL_REGION`)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "cityscapes":
+        return CITYSCAPES_LABEL_REGION
+    try:
+        values = tuple(int(value) for value in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (0 <= values[0] < values[2] and 0 <= values[1] < values[3]):
+        raise ValueError(f"--label-region must be TOP,LEFT,BOTTOM,RIGHT pixels with 0 <= TOP < BOTTOM and 0 <= LEFT < "
+                         f"RIGHT (or 'cityscapes' for {','.join(map(str, CITYSCAPES_LABEL_REGION))}), got {text!r}")
+    return values
 
 
 def merge_with_coarse(auto_label: np.ndarray, coarse_label: np.ndarray | None, mode: MergeMode) -> np.ndarray:
@@ -375,6 +412,7 @@ class AutoLabelTally:
     predicted_pixels: list[int] = field(default_factory=list)
     below_threshold_pixels: list[int] = field(default_factory=list)
     ignored_pixels_written: int = 0
+    outside_region_pixels: int = 0
     coarse_pixels_kept: int = 0
     label_bytes: int = 0
     preview_bytes: int = 0
@@ -385,11 +423,11 @@ class AutoLabelTally:
         self.predicted_pixels = self.predicted_pixels or [0] * self.num_labels
         self.below_threshold_pixels = self.below_threshold_pixels or [0] * self.num_labels
 
-    def add_image(self, predicted: torch.Tensor, auto_label: np.ndarray, written: np.ndarray,
+    def add_image(self, predicted: torch.Tensor, thresholded: np.ndarray, auto_label: np.ndarray, written: np.ndarray,
                   label_bytes: int, preview_bytes: int) -> None:
-        """Count one labelled image: `predicted` the arg-max `(H, W)`, `auto_label` after the threshold, `written`
-        after merging with the coarse label."""
-        below = torch.from_numpy(auto_label == IGNORE_INDEX).to(predicted.device)
+        """Count one labelled image: `predicted` the arg-max `(H, W)`, `thresholded` after the threshold, `auto_label`
+        after the label region too, `written` after merging with the coarse label."""
+        below = torch.from_numpy(thresholded == IGNORE_INDEX).to(predicted.device)
         predicted_counts = torch.bincount(predicted.flatten(), minlength=self.num_labels).tolist()
         below_counts = torch.bincount(predicted[below], minlength=self.num_labels).tolist()
         self.labelled += 1
@@ -397,6 +435,7 @@ class AutoLabelTally:
         self.predicted_pixels = [a + b for a, b in zip(self.predicted_pixels, predicted_counts)]
         self.below_threshold_pixels = [a + b for a, b in zip(self.below_threshold_pixels, below_counts)]
         self.ignored_pixels_written += int((written == IGNORE_INDEX).sum())
+        self.outside_region_pixels += int(((auto_label == IGNORE_INDEX) & (thresholded != IGNORE_INDEX)).sum())
         self.coarse_pixels_kept += int((written != auto_label).sum())
         self.label_bytes += label_bytes
         self.preview_bytes += preview_bytes
@@ -436,6 +475,7 @@ class AutoLabelTally:
             "pixels": self.pixels,
             "ignored_fraction_below_threshold": sum(self.below_threshold_pixels) / self.pixels if self.pixels else None,
             "ignored_fraction_written": self.ignored_pixels_written / self.pixels if self.pixels else None,
+            "confident_fraction_outside_region": self.outside_region_pixels / self.pixels if self.pixels else None,
             "coarse_pixels_kept": self.coarse_pixels_kept,
             "per_class": per_class,
             "bytes_written": {"labels": self.label_bytes, "previews": self.preview_bytes},
@@ -461,6 +501,9 @@ def format_report(report: dict) -> str:
     if report["pixels"]:
         lines.append(f"ignored (probability < {report['threshold']}): {100 * report['ignored_fraction_below_threshold']:.1f}% "
                      f"of pixels; ignored in the written labels: {100 * report['ignored_fraction_written']:.1f}%")
+        if report.get("label_region") is not None:
+            lines.append(f"confident pixels outside --label-region {','.join(map(str, report['label_region']))} "
+                         f"(ignored): {100 * report['confident_fraction_outside_region']:.1f}% of pixels")
         lines.append("| class | predicted pixels | ignored |")
         lines.append("|---|---:|---:|")
         for name, row in report["per_class"].items():
@@ -514,12 +557,14 @@ def autolabel(
     progress: bool = True,
     max_long_side: int | None = None,
     tiling: dict[str, Any] | None = None,
+    label_region: tuple[int, int, int, int] | None = None,
 ) -> AutoLabelTally:
     """Label this process's share of `layout`'s images with `model` (already on `device`, in eval mode).
 
     Images are read by `num_workers` DataLoader workers and batched while consecutive images have the same network
     size (no padding, so a label never depends on its batch neighbours' size). Unreadable images are counted and
-    named, never fatal. Returns what was done, for `AutoLabelTally.merge` and the report.
+    named, never fatal. With `label_region`, only pixels inside it keep the teacher's label (see `keep_region`),
+    before merging with the coarse label. Returns what was done, for `AutoLabelTally.merge` and the report.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -544,7 +589,9 @@ def autolabel(
         for record, image_logits in zip(batch, logits):
             job = record["job"]
             labels, predicted = confident_labels(image_logits, record["size"], threshold, model.config.align_corners)
-            auto_label = labels.cpu().numpy()
+            thresholded = labels.cpu().numpy()
+            # before the merge, as the reference masks the teacher's label and then adds the coarse pixels
+            auto_label = keep_region(thresholded, label_region)
             written = merge_with_coarse(auto_label, record["coarse"], layout.merge_coarse)
             preview_bytes = 0
             marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
@@ -552,7 +599,7 @@ def autolabel(
                 # before the label: a finished label then always has its preview (marked too, as ours)
                 preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette), marker)
             label_bytes = write_png_atomically(job.label_path, Image.fromarray(written), marker)
-            tally.add_image(predicted, auto_label, written, label_bytes, preview_bytes)
+            tally.add_image(predicted, thresholded, auto_label, written, label_bytes, preview_bytes)
         bar.update(len(batch))
 
     start = time.perf_counter()
@@ -602,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "pixels (fill); the reference's rule, the auto-label with the coarse "
                                              "truck, bus and train pixels added (boost); or the auto-labels alone "
                                              "(replace)")
+    parser.add_argument("--label-region", "--label_region", dest="label_region", default=None,
+                        help="TOP,LEFT,BOTTOM,RIGHT: only pixels inside this box keep the teacher's label, the rest "
+                             "become 255 before merging; 'cityscapes' is the reference's record recipe "
+                             f"({','.join(map(str, CITYSCAPES_LABEL_REGION))} of a 1024x2048 frame: no ego vehicle, "
+                             "no border)")
     parser.add_argument("--preview", action="store_true", help="also write a coloured *_gtAuto_color.png")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                         help="images per forward pass (per process)")
@@ -632,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("batch_size", "size_divisor"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        label_region = parse_label_region(args.label_region)
         check_model_source(args.model)
         layout = AutoLabelLayout.detect(args.input, args.output_dir, args.layout, preview=args.preview,
                                         merge_coarse=args.merge_coarse)
@@ -659,13 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {"scales": scales, "flip": args.flip, "threshold": args.threshold, "merge_coarse": args.merge_coarse,
                 "size_divisor": args.size_divisor, "layout": layout.kind, "max_long_side": max_long_side, **tiling}
+    if label_region is not None:  # only then: labels written without a region keep their fingerprint
+        settings["label_region"] = list(label_region)
     fingerprint = model_fingerprint(model, settings)
     model = model.to(state.device).eval()
     tally = autolabel(
         model, layout, scales=scales, flip=args.flip, threshold=args.threshold, batch_size=args.batch_size,
         num_workers=args.num_workers, size_divisor=args.size_divisor, overwrite=args.overwrite,
         max_pixels=args.max_image_pixels, fingerprint=fingerprint, rank=state.process_index,
-        max_long_side=max_long_side, tiling=tiling,
+        max_long_side=max_long_side, tiling=tiling, label_region=label_region,
         world_size=state.num_processes, device=state.device, progress=args.progress and state.is_main_process,
     )
     tallies = gather_object([tally])  # one per process, on every process
