@@ -128,3 +128,28 @@ def test_training_and_evaluation_arguments_choose_the_v20_labels(shared_data_dir
     with pytest.raises(ValueError, match=r"--mapillary_version must be one of \('v1\.2', 'v2\.0'\), got 'v2'"):
         DataArguments(dataset="mapillary", data_dir=str(root), mapillary_version="v2")
     assert build_parser().parse_args(["--model", "m", "--mapillary-version", "v2.0"]).mapillary_version == "v2.0"
+
+
+def test_mapillary_trains_and_evaluates_with_its_recipes_sizes(shared_data_dir, tmp_path, hf_cache):
+    """train_mapillary.yml: --pre_size 2177 (training scale relative to it, and the evaluation size) and --gblur."""
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_datasets, build_eval_dataset
+
+    root = _link_release(shared_data_dir / "mapillary_sample_crop100", tmp_path / "vistas", "v1.2")
+    args = DataArguments(dataset="mapillary", data_dir=str(root), eval_split="train", crop_size=64)
+    assert (args.pre_size, args.eval_long_side, args.blur_probability) == (2177, 2177, 1.0)
+    cityscapes = DataArguments(dataset="cityscapes", data_dir=str(tmp_path))
+    assert (cityscapes.pre_size, cityscapes.eval_long_side, cityscapes.blur_probability) == (0, 0, 0.0)
+    options = build_datasets(args, seed=0, do_eval=False).train.transform.options
+    assert (options.pre_size, options.blur_probability) == (2177, 1.0)
+    image = Image.open(root / "training/images" / f"{KEY}.jpg")
+    small = DataArguments(dataset="mapillary", data_dir=str(root), eval_split="train", eval_long_side=300)
+    sample = build_eval_dataset(small)[0][0]
+    ratio = 300 / max(image.size)
+    expected = (int(image.height * ratio), int(image.width * ratio))
+    assert sample["pixel_values"].shape[-2:] == expected and sample["labels"].shape == expected
+    full = build_eval_dataset(DataArguments(dataset="mapillary", data_dir=str(root), eval_split="train",
+                                            eval_long_side=0, pre_size=0))[0][0]
+    assert full["labels"].shape == (image.height, image.width)
+    with pytest.raises(ValueError, match="--pre_size must be a number of pixels"):
+        DataArguments(dataset="mapillary", data_dir=str(root), pre_size=-1)

@@ -183,6 +183,30 @@ def test_invalid_options_are_explained():
         TrainAugmentationOptions(hue=0.6)
 
 
+def test_pre_size_makes_the_random_scale_relative_to_a_long_side(scene):
+    """The reference's --pre_size: a 96x160 frame with pre_size 320 and scale 1 is seen at 192x320."""
+    image, label = scene
+    options = dict(crop_size=(192, 320), scale_min=1.0, scale_max=1.0, flip_probability=0.0, **NO_COLOR)
+    sample = SegmentationTrainTransform(TrainAugmentationOptions(pre_size=320, **options))(
+        image, label, np.random.default_rng(0))
+    expected = np.asarray(Image.fromarray(label).resize((320, 192), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(sample["labels"].numpy(), expected)  # whole frame, no padding
+    plain = SegmentationTrainTransform(TrainAugmentationOptions(**options))(image, label, np.random.default_rng(0))
+    assert (plain["labels"] == 255).sum() >= 192 * 320 - 96 * 160  # without: the frame at its own size, padded
+    with pytest.raises(ValueError, match="pre_size must be a positive number of pixels"):
+        TrainAugmentationOptions(pre_size=0)
+
+
+def test_eval_long_side_resizes_image_and_label_up_or_down(scene):
+    image, label = scene
+    for long_side, size in ((320, (192, 320)), (80, (48, 80)), (160, (96, 160))):
+        sample = SegmentationEvalTransform(EvalPreprocessingOptions(long_side=long_side))(image, label)
+        assert sample["pixel_values"].shape[-2:] == size and sample["labels"].shape == size
+        assert set(sample["labels"].unique().tolist()) <= set(np.unique(label).tolist())
+    with pytest.raises(ValueError, match="give size or long_side, not both"):
+        EvalPreprocessingOptions(size=64, long_side=64)
+
+
 def test_eval_transform_only_resizes_and_normalises(scene):
     image, label = scene
     kept = SegmentationEvalTransform()(image, label)

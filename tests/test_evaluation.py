@@ -676,7 +676,12 @@ def test_evaluate_command_never_replaces_a_results_file_without_overwrite(tiny_m
     assert "results.md exists; pass --overwrite" in capsys.readouterr().err
     assert (output / "results.md").read_text() == "my notes" and not (output / "results.json").exists()
     assert evaluate_main(argv + ["--overwrite"]) == 0
-    assert json.loads((output / "results.json").read_text())["results"][0]["images"] == 1
+    record = json.loads((output / "results.json").read_text())
+    assert record["results"][0]["images"] == 1 and record["eval_long_side"] is None  # Cityscapes: full size
+    assert evaluate_main(argv + ["--overwrite", "--eval-long-side", "48"]) == 0  # the reference's Mapillary protocol
+    assert json.loads((output / "results.json").read_text())["eval_long_side"] == 48
+    assert evaluate_main(argv + ["--overwrite", "--eval-long-side", "-1"]) == 2
+    assert "--eval_long_side must be a number of pixels (0 = off), got -1" in capsys.readouterr().err
 
 
 def test_maps_given_as_nested_lists_may_be_empty(backend):

@@ -214,6 +214,9 @@ class TrainAugmentationOptions:
         crop_size: Output `(height, width)` (or one int for a square crop).
         scale_min: Smallest random scale factor.
         scale_max: Largest random scale factor.
+        pre_size: Long side, in pixels, the random scale is relative to: the scale factor is multiplied by
+            `pre_size / max(width, height)`, so images of any size reach the crop at comparable object sizes (the
+            reference's ``--pre_size``, 2177 in its Mapillary Vistas recipe). `None`: relative to the image as it is.
         flip_probability: Probability of a horizontal flip.
         brightness: Brightness factor drawn from [max(0, 1 - brightness), 1 + brightness]; 0 disables.
         contrast: Contrast factor, same rule; blends with the mean grey level.
@@ -240,6 +243,7 @@ class TrainAugmentationOptions:
     crop_size: int | tuple[int, int] = (1024, 1024)
     scale_min: float = 0.5
     scale_max: float = 2.0
+    pre_size: int | None = None
     flip_probability: float = 0.5
     brightness: float = 0.25
     contrast: float = 0.25
@@ -269,6 +273,8 @@ class TrainAugmentationOptions:
             if not 0 <= self.ignore_index <= 255:
                 raise ValueError(f"output_dtype='uint8' stores labels in 8 bits: ignore_index must be in 0..255, got "
                                  f"{self.ignore_index}")
+        if self.pre_size is not None and self.pre_size < 1:
+            raise ValueError(f"pre_size must be a positive number of pixels (or None), got {self.pre_size}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < scale_min <= scale_max, got scale_min={self.scale_min}, "
                              f"scale_max={self.scale_max}")
@@ -407,6 +413,8 @@ class SegmentationTrainTransform:
         crop_height, crop_width = self.options.crop_size
         scale = rng.uniform(self.options.scale_min, self.options.scale_max)
         width, height = image.size
+        if self.options.pre_size is not None:
+            scale *= self.options.pre_size / max(width, height)
         scaled_width, scaled_height = max(1, int(width * scale)), max(1, int(height * scale))
         center_x, center_y = (None, None) if centroid is None else (int(centroid[0] * scale), int(centroid[1] * scale))
         left = _crop_origin(scaled_width, crop_width, center_x, rng)
@@ -453,12 +461,15 @@ class EvalPreprocessingOptions:
 
     Args:
         size: Resize to this `(height, width)` (bilinear for images, nearest for labels); `None` keeps the size.
-        resize_labels: Also resize labels to `size`; else labels keep the original resolution for evaluation.
+        long_side: Instead of `size`: resize so that the longer side has this many pixels, aspect ratio kept (sides
+            truncated to whole pixels), up or down, as the reference evaluates Mapillary Vistas (2177).
+        resize_labels: Also resize labels to the new size; else labels keep the original resolution for evaluation.
         image_mean: Normalisation mean (images scaled to [0, 1]).
         image_std: Normalisation standard deviation.
     """
 
     size: int | tuple[int, int] | None = None
+    long_side: int | None = None
     resize_labels: bool = True
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
@@ -466,6 +477,11 @@ class EvalPreprocessingOptions:
     def __post_init__(self) -> None:
         if self.size is not None:
             self.size = _pair(self.size, "size")
+        if self.long_side is not None:
+            if self.size is not None:
+                raise ValueError(f"give size or long_side, not both (got size={self.size}, long_side={self.long_side})")
+            if self.long_side < 1:
+                raise ValueError(f"long_side must be a positive number of pixels (or None), got {self.long_side}")
 
 
 class SegmentationEvalTransform:
@@ -477,8 +493,12 @@ class SegmentationEvalTransform:
     def __call__(self, image: Image.Image, label: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Returns ``pixel_values`` float32 `(3, H, W)` and, with a label, ``labels`` int64 `(H, W)`."""
         options = self.options
-        if options.size is not None:
-            height, width = options.size
+        size = options.size
+        if options.long_side is not None and max(image.size) != options.long_side:
+            ratio = options.long_side / max(image.size)
+            size = (max(1, int(image.height * ratio)), max(1, int(image.width * ratio)))
+        if size is not None:
+            height, width = size
             image = image.resize((width, height), Image.Resampling.BILINEAR)
             if label is not None and options.resize_labels:
                 label = np.asarray(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))

@@ -4,8 +4,9 @@ Defaults are the paper's record recipe (NVIDIA/semantic-segmentation `scripts/tr
 image): SGD with momentum 0.9, weight decay 1e-4, learning rate 0.01 with polynomial decay (power 2.0 for Cityscapes,
 1.0 for Mapillary), training scales 0.5,1.0, evaluation scales 0.5,1.0,2.0, RMI loss, class-uniform share 0.5, and the
 reference's default of 2 images per device. Its 1024x2048 crop is `--crop_size 1024 --crop_width 2048`; its fp16 and
-SyncBatchNorm are `--fp16 --sync_bn` (off by default, so that the defaults run on a CPU). Where the reference decays
-the learning rate once per epoch, this decays it at every optimizer step.
+SyncBatchNorm are `--fp16 --sync_bn` (off by default, so that the defaults run on a CPU). For Mapillary Vistas the data
+defaults follow `scripts/train_mapillary.yml` (`MAPILLARY_RECIPE`). Where the reference decays the learning rate once
+per epoch, this decays it at every optimizer step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ RECORD_AUTO_LABEL_CLASSES = (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18)
 """The Cityscapes trainIds whose class-uniform crops also come from the auto-labelled frames in NVIDIA's record recipe
 (``coarse_boost_classes`` of `scripts/train_cityscapes_sota.yml`: wall, fence, traffic light, traffic sign, terrain,
 person, rider, car, truck, bus, train, motorcycle, bicycle)."""
+MAPILLARY_RECIPE = {"pre_size": 2177, "eval_long_side": 2177, "blur_probability": 1.0}
+"""`DataArguments` defaults for Mapillary Vistas: NVIDIA's `scripts/train_mapillary.yml` (``pre_size 2177``, which
+also sets its evaluation size, and ``gblur``). Its learning rate, 5e-3, is `--learning_rate 0.005`."""
+OTHER_RECIPE = {"pre_size": 0, "eval_long_side": 0, "blur_probability": 0.0}
+"""`DataArguments` defaults for Cityscapes and the synthetic set (the Cityscapes recipe): full size, no blur."""
 TRAINING_STAGES = (0, 1, 2, 3)
 
 
@@ -101,6 +107,18 @@ class DataArguments:
     )
     scale_min: float = field(default=0.5)
     scale_max: float = field(default=2.0)
+    pre_size: int | None = field(
+        default=None,
+        metadata={"help": "training images are first scaled so that their long side has this many pixels, the random "
+                          "scale then relative to it (the reference's --pre_size); default: 2177 for Mapillary (its "
+                          "recipe: frames of very different sizes), none otherwise; 0 = none"},
+    )
+    eval_long_side: int | None = field(
+        default=None,
+        metadata={"help": "evaluation images and labels are resized so that their long side has this many pixels, as "
+                          "the reference evaluates Mapillary; default: 2177 for Mapillary, full size otherwise; 0 = "
+                          "full size"},
+    )
     color_jitter: float = field(
         default=0.25,
         metadata={"help": "strength of the brightness, contrast, saturation and hue jitter (the reference's --color_aug, "
@@ -111,8 +129,10 @@ class DataArguments:
         metadata={"help": "largest hue shift, in turns of the hue circle (at most 0.5); default: --color_jitter, as the "
                           "reference's one --color_aug"},
     )
-    blur_probability: float = field(
-        default=0.0, metadata={"help": "share of training crops given a Gaussian blur (the reference's --gblur: 1.0)"}
+    blur_probability: float | None = field(
+        default=None,
+        metadata={"help": "share of training crops given a Gaussian blur (the reference's --gblur: 1); default: 1 for "
+                          "Mapillary (its recipe), 0 otherwise"},
     )
     train_sample_dtype: str = field(
         default="uint8",
@@ -150,6 +170,12 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name, value in (MAPILLARY_RECIPE if self.dataset == "mapillary" else OTHER_RECIPE).items():
+            if getattr(self, name) is None:  # not given: the dataset's recipe
+                setattr(self, name, value)
+        for name in ("pre_size", "eval_long_side"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be a number of pixels (0 = off), got {getattr(self, name)}")
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(f"--data_dir is required for --dataset {self.dataset}")
         if self.mapillary_version not in MAPILLARY_VERSIONS:  # a YAML/JSON file bypasses argparse's choices

@@ -14,6 +14,7 @@ import torch
 from ..data import (
     CityscapesOptions,
     ClassCentroidIndex,
+    EvalPreprocessingOptions,
     LoaderOptions,
     SegmentationEvalTransform,
     SegmentationTrainingDataset,
@@ -141,11 +142,13 @@ def mix_auto_labelled(fine_rows, args: DataArguments, seed: int, streaming: bool
 
 
 def build_eval_dataset(args: DataArguments) -> tuple[SegmentationEvalDataset, dict[int, str]]:
-    """The evaluation split as normalised images with full-resolution labels, and its `id2label`."""
+    """The evaluation split as normalised images with full-resolution labels (or both resized to
+    `args.eval_long_side`, the reference's Mapillary evaluation), and its `id2label`."""
     rows, id2label, _ = load_split(args, args.eval_split)
     if args.max_eval_samples is not None:
         rows = rows.select(range(min(args.max_eval_samples, len(rows))))
-    return SegmentationEvalDataset(rows), id2label
+    transform = SegmentationEvalTransform(EvalPreprocessingOptions(long_side=args.eval_long_side or None))
+    return SegmentationEvalDataset(rows, transform), id2label
 
 
 def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> SegmentationData:
@@ -175,7 +178,7 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         train_rows = datasets.concatenate_datasets([train_rows, auto_rows])
     transform = SegmentationTrainTransform(
         TrainAugmentationOptions(crop_size=(args.crop_size, args.crop_width or args.crop_size), scale_min=args.scale_min,
-                                 scale_max=args.scale_max, brightness=args.color_jitter, contrast=args.color_jitter,
+                                 scale_max=args.scale_max, pre_size=args.pre_size or None, brightness=args.color_jitter, contrast=args.color_jitter,
                                  saturation=args.color_jitter, hue=args.hue,
                                  blur_probability=args.blur_probability, output_dtype=args.train_sample_dtype)
     )

@@ -5,7 +5,9 @@
     hms-segmentation evaluate --model hms-mapillary --dataset mapillary --data-dir /data/mapillary --tile_pixel_budget 4194304
 
 Large inputs: `--tile_pixel_budget` runs every scale above that many pixels as overlapping tiles (`--tile_size`,
-`--tile_overlap`), `--max_long_side` shrinks inputs first (predictions are scored at the labels' full size).
+`--tile_overlap`), `--max_long_side` shrinks inputs first (predictions are scored at the labels' full size). Mapillary
+is evaluated as the reference does, image and label resized to a long side of 2177 (`--eval-long-side`; 0 = full
+size).
 
 Every scale list is one row of the comparison: per-class IoU, mIoU, pixel accuracy and seconds per image, printed and
 saved as `results.json` and `results.md` in `--output-dir`.
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", nargs="+", default=["1.0", "0.5,1.0,2.0"], help="one or more comma-separated scale lists")
     parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
     parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None)
+    parser.add_argument("--eval-long-side", "--eval_long_side", dest="eval_long_side", type=int, default=None,
+                        help="resize images and labels so that their long side has this many pixels, the reference's "
+                             "evaluation of Mapillary; default: 2177 for Mapillary, full size otherwise; 0 = full size")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
                                   mapillary_version=args.mapillary_version,
-                                  max_eval_samples=args.max_samples)
+                                  max_eval_samples=args.max_samples, eval_long_side=args.eval_long_side)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         single = len(results_by_model) == 1
         record = {"model": next(iter(model_paths.values())) if single else model_paths, "dataset": args.dataset,
-                  "split": args.split}
+                  "split": args.split, "eval_long_side": data_args.eval_long_side or None}
         if single:
             record["results"] = next(iter(results_by_model.values()))
         else:
