@@ -676,12 +676,21 @@ def test_evaluate_command_never_replaces_a_results_file_without_overwrite(tiny_m
     assert "results.md exists; pass --overwrite" in capsys.readouterr().err
     assert (output / "results.md").read_text() == "my notes" and not (output / "results.json").exists()
     assert evaluate_main(argv + ["--overwrite"]) == 0
-    record = json.loads((output / "results.json").read_text())
+    record = json.loads((output / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert record["results"][0]["images"] == 1 and record["eval_long_side"] is None  # Cityscapes: full size
     assert evaluate_main(argv + ["--overwrite", "--eval-long-side", "48"]) == 0  # the reference's Mapillary protocol
     assert json.loads((output / "results.json").read_text())["eval_long_side"] == 48
     assert evaluate_main(argv + ["--overwrite", "--eval-long-side", "-1"]) == 2
     assert "--eval_long_side must be a number of pixels (0 = off), got -1" in capsys.readouterr().err
+
+
+def test_metrics_are_written_as_strict_json_with_null_for_undefined_values():
+    from hms_segmentation.evaluation import metrics_to_json
+
+    text = metrics_to_json({"mean_iou": np.float32(0.5), "iou": np.array([0.25, np.nan]),
+                            "rows": [{"x": float("inf")}, (1, "a", None, True)]})
+    assert json.loads(text, parse_constant=pytest.fail) == {"mean_iou": 0.5, "iou": [0.25, None],
+                                                            "rows": [{"x": None}, [1, "a", None, True]]}
 
 
 def test_maps_given_as_nested_lists_may_be_empty(backend):

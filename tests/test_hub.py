@@ -255,6 +255,15 @@ def test_model_card_metadata_comes_from_the_evaluation_json(hub_folder):
     assert "| **mIoU** | **41.2** | **45.7** |" in card.text
 
 
+def test_a_class_absent_from_the_evaluation_reads_n_a_in_the_card(tiny_model, tmp_path):
+    """`hms-segmentation evaluate` writes null for a class no image holds (its IoU is undefined)."""
+    rows = [{**row, "per_category_iou": {**row["per_category_iou"], "car": None}} for row in EVALUATION["results"]]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**EVALUATION, "results": rows}))
+    card = build_model_card(tiny_model.config, evaluation=path, dataset="cityscapes")
+    assert "| car | n/a | n/a |" in card.text and "| road | 40.0 | 45.0 |" in card.text
+
+
 def test_card_without_evaluation_claims_no_miou(tiny_model):
     card = build_model_card(tiny_model.config)
     assert card.data.eval_results is None and "Not evaluated yet" in card.text

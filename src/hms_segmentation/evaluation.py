@@ -55,6 +55,8 @@ pixel both ignore it); a reference outside ``[0, num_labels)`` is skipped with i
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -564,6 +566,26 @@ def make_compute_metrics(
         return metrics
 
     return compute_metrics
+
+
+def metrics_to_json(metrics: Any) -> str:
+    """`metrics` (dicts, lists, numbers, numpy values) as strict, indented JSON: the NaN of a class absent from an
+    evaluation (and any infinity) becomes ``null``, since ``NaN`` is not JSON (browsers' and jq's parsers refuse it)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        if isinstance(value, np.ndarray):
+            return finite(value.tolist())
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(finite(metrics), indent=2, allow_nan=False)
 
 
 def _as_tensor(value: Any) -> Any:

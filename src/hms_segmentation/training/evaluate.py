@@ -16,7 +16,6 @@ saved as `results.json` and `results.md` in `--output-dir`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from ..configuration_hms import validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
-from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import check_model_source
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
@@ -143,7 +142,9 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
     for name in results[0]["per_category_iou"]:
         cells = [r["per_category_iou"][name] for r in results]
-        lines.append(f"| {name} | " + " | ".join("n/a" if v != v else f"{100 * v:.1f}" for v in cells) + " |")
+        # an absent class: null in results.json (NaN as computed)
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or v != v else f"{100 * v:.1f}" for v in cells)
+                     + " |")
     lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
     lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
     lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             record["results_by_model"] = results_by_model
         results_json, results_md = (args.output_dir / name for name in RESULT_FILES)
-        results_json.write_text(json.dumps(record, indent=2))
+        results_json.write_text(metrics_to_json(record))
         results_md.write_text(table)
         print(f"wrote {results_json} and {results_md}")
     return 0

@@ -10,7 +10,6 @@ mIoU, saves the model with `save_pretrained`, and writes a picture of prediction
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
+from ..evaluation import make_compute_metrics, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         result_from_trainer_metrics(results[name], name, scales, images=len(data.eval))
         for name, scales in EVALUATED_SCALES.items()
     ]}
-    (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    (output_dir / "evaluation.json").write_text(metrics_to_json(evaluation))
     write_hub_files(model_dir, model.config, evaluation=evaluation, model_name=f"hms-{args.preset}-quickstart",
                     training_details={k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite")})
     figure = output_dir / "predictions.png"
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, metrics in results.items()
         },
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (output_dir / "report.json").write_text(metrics_to_json(report))
     print()
     for name, scales in EVALUATED_SCALES.items():
         label = "single-scale" if len(scales) == 1 else "attention chain"

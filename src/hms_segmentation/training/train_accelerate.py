@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..evaluation import ConfusionMatrixAccumulator, preprocess_logits_for_metrics
+from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
 from .datasets import build_datasets
@@ -264,8 +264,8 @@ def run_training(
     if args.do_eval and data.eval is not None:
         metrics.update(evaluate(unwrapped, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size))
     if accelerator.is_main_process:
-        (Path(args.output_dir) / "log_history.json").write_text(json.dumps(history, indent=2))
-        (Path(args.output_dir) / "all_results.json").write_text(json.dumps(metrics, indent=2))
+        (Path(args.output_dir) / "log_history.json").write_text(metrics_to_json(history))
+        (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
     accelerator.end_training()
     return metrics
 
