@@ -100,6 +100,38 @@ def test_arguments_read_from_yaml_and_json(tmp_path):
         assert training_args.learning_rate == 0.005 and data_args.crop_size == 512 and model_args.eval_scales == "1.0"
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("name", ["cityscapes_sota.yaml", "mapillary.yaml"])
+def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_dir, tmp_path):
+    """recipes/*.yaml: every key is an argument (unknown keys are refused) and holds the reference's value. Only the
+    paths change here, and fp16, which TrainingArguments refuses without a GPU."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    local = {**recipe, "data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "run"), "fp16": False}
+    if "model_name_or_path" in recipe:
+        local["model_name_or_path"] = str(tiny_model_dir)
+    (tmp_path / name).write_text(yaml.safe_dump(local))
+    model_args, data_args, training_args = parse_arguments([str(tmp_path / name)])
+    assert model_args.primary_loss == "rmi" and model_args.sync_bn and model_args.eval_scales == "0.5,1.0,2.0"
+    assert (training_args.momentum, training_args.weight_decay) == (0.9, 1e-4)
+    if name == "cityscapes_sota.yaml":  # train_cityscapes_sota.yml
+        assert (data_args.crop_size, data_args.crop_width, training_args.per_device_train_batch_size) == (1024, 2048, 1)
+        assert (training_args.learning_rate, training_args.poly_power, training_args.num_train_epochs) == (0.01, 2, 175)
+        assert data_args.auto_label_classes == "3,4,6,7,9,11,12,13,14,15,16,17,18" and data_args.auto_label_epochs == 150
+        assert model_args.ignore_mismatched_sizes and data_args.blur_probability == 0
+    else:  # train_mapillary.yml
+        assert (data_args.pre_size, data_args.eval_long_side, data_args.blur_probability) == (2177, 2177, 1.0)
+        assert (training_args.learning_rate, training_args.poly_power, training_args.num_train_epochs) == (0.005, 1, 200)
+        assert model_args.preset == "hrnet_w48_ocr" and training_args.per_device_train_batch_size == 2
+    assert recipe["fp16"] is True
+    with pytest.raises(ValueError, match="croop_size"):  # a misspelt key is refused, not ignored
+        (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**local, "croop_size": 512}))
+        parse_arguments([str(tmp_path / "typo.yaml")])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [(["--dataset", "kitti"], "--dataset"), (["--dataset", "cityscapes"], "--data_dir"), (["--eval_scales", "0,1"], "--eval_scales"),
