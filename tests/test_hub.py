@@ -262,6 +262,10 @@ def test_a_class_absent_from_the_evaluation_reads_n_a_in_the_card(tiny_model, tm
     path.write_text(json.dumps({**EVALUATION, "results": rows}))
     card = build_model_card(tiny_model.config, evaluation=path, dataset="cityscapes")
     assert "| car | n/a | n/a |" in card.text and "| road | 40.0 | 45.0 |" in card.text
+    assert "resized" not in card.text
+    path.write_text(json.dumps({**EVALUATION, "eval_long_side": 2177}))  # the reference's Mapillary protocol
+    card = build_model_card(tiny_model.config, evaluation=path, dataset="cityscapes")
+    assert "`val` split (images and labels resized to a 2177-pixel long side, as the reference evaluates)" in card.text
 
 
 def test_card_without_evaluation_claims_no_miou(tiny_model):

@@ -299,8 +299,10 @@ def _results_section(evaluation: Mapping[str, Any] | None, dataset: DatasetDescr
     rows = evaluation["results"]
     images = {row.get("images") for row in rows}
     counted = f"{images.pop()} images of " if len(images) == 1 and None not in images else ""
+    resized = evaluation.get("eval_long_side")
+    size = f" (images and labels resized to a {resized}-pixel long side, as the reference evaluates)" if resized else ""
     header = (
-        f"Measured on {counted}the {dataset.name} `{split}` split; this table and the model-index are generated "
+        f"Measured on {counted}the {dataset.name} `{split}` split{size}; this table and the model-index are generated "
         f"from `{evaluation['source']}`. IoU in %, one column per list of chained scales."
     )
     if all(isinstance(row.get("per_category_iou"), Mapping) and "overall_accuracy" in row
