@@ -171,6 +171,20 @@ def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_
     assert trained.config.inference_scales == [0.5, 1.0]
     assert not torch.equal(trained.state_dict()["decode_head.classifier.weight"],
                            HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).state_dict()["decode_head.classifier.weight"])
+    # a complete model folder: image processor and a card with the recipe and the final evaluation
+    from huggingface_hub import ModelCard
+
+    from hms_segmentation import HMSImageProcessor
+    from hms_segmentation.hub import check_hub_folder
+
+    assert isinstance(HMSImageProcessor.from_pretrained(output_dir), HMSImageProcessor)
+    card = ModelCard.load(output_dir / "README.md")
+    (result,) = [r for r in card.data.eval_results if r.metric_type == "mean_iou"]
+    assert result.metric_value == round(100 * metrics["eval_mean_iou"], 2) and result.dataset_split == "val"
+    assert f"started from: {tiny_model_dir}" in card.text and "optimizer steps: 3" in card.text
+    assert "images per step: 2" in card.text and "crop: 64x64" in card.text
+    with pytest.raises(Exception, match="pickle files"):  # training_args.bin: `push` re-saves only the model files
+        check_hub_folder(output_dir)
 
 
 def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
@@ -234,6 +248,8 @@ def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, 
     accelerate_losses = [e["loss"] for e in json.loads((accelerate_dir / "log_history.json").read_text())]
     assert trainer_losses == pytest.approx(accelerate_losses, rel=1e-4)
     assert logged_learning_rates(accelerate_dir, "accelerate") == pytest.approx(logged_learning_rates(trainer_dir, "trainer"))
+    for folder in (trainer_dir, accelerate_dir):  # both end with the image processor and a card (not evaluated here)
+        assert (folder / "preprocessor_config.json").is_file() and "Not evaluated yet" in (folder / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
 from ..data.transforms import normalize_pixel_values
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
+from ..hub import result_from_trainer_metrics, write_hub_files
+from ..image_processing_hms import HMSImageProcessor
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
 from .datasets import build_datasets, check_same_size
@@ -132,6 +134,48 @@ def poly_schedule(total_steps: int, warmup_steps: int, power: float):
         return (1.0 - progress) ** power
 
     return factor
+
+
+def image_processor_for(model_args: ModelArguments) -> HMSImageProcessor:
+    """The image processor the trained model is saved with: that of the fine-tuned folder when it has one (its
+    settings carry over), else the default one."""
+    source = model_args.model_name_or_path
+    if source is not None and (Path(source) / "preprocessor_config.json").is_file():
+        return HMSImageProcessor.from_pretrained(source)
+    return HMSImageProcessor()
+
+
+def write_model_card(
+    output_dir: str | Path,
+    config: HMSConfig,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: HMSTrainingArguments,
+    metrics: dict[str, float],
+    eval_images: int,
+) -> None:
+    """``README.md`` of a training run's output folder: the recipe and, when the run ended with an evaluation, its
+    results (model-index included), so that the folder is ready for `hms-segmentation push` as it is."""
+    evaluation = None
+    if "eval_mean_iou" in metrics:
+        evaluation = {"dataset": data_args.dataset, "split": data_args.eval_split, "source": "all_results.json",
+                      "results": [result_from_trainer_metrics(metrics, "eval", config.inference_scales, eval_images)]}
+        if data_args.eval_long_side:
+            evaluation["eval_long_side"] = data_args.eval_long_side
+    start = model_args.model_name_or_path or model_args.backbone or f"preset {model_args.preset}"
+    details = {
+        "started from": start + (f" with ImageNet trunk {model_args.imagenet_trunk}" if model_args.imagenet_trunk else ""),
+        "optimizer steps": metrics.get("train_steps", "n/a"),
+        "images per step": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        * training_args.world_size,
+        "crop": f"{data_args.crop_size}x{data_args.crop_width or data_args.crop_size}",
+        "optimizer": f"SGD, learning rate {training_args.learning_rate}, momentum {training_args.momentum}, weight "
+                     f"decay {training_args.weight_decay}, poly decay power {training_args.poly_power}",
+        "precision": "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "fp32",
+    }
+    write_hub_files(output_dir, config, image_processor=image_processor_for(model_args), evaluation=evaluation,
+                    dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
+                    model_name=Path(output_dir).resolve().name)
 
 
 def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -338,6 +382,7 @@ def run_training(
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[SetEpochCallback(), *(callbacks or [])],
         trunk_learning_rate_multiplier=model_args.trunk_learning_rate_multiplier,
+        processing_class=image_processor_for(model_args),  # saved with the model and every checkpoint
     )
     metrics: dict[str, float] = {}
     if training_args.do_train:
@@ -352,6 +397,10 @@ def run_training(
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    if training_args.do_train and trainer.is_world_process_zero():
+        metrics.setdefault("train_steps", trainer.state.global_step)
+        write_model_card(training_args.output_dir, model.config, model_args, data_args, training_args, metrics,
+                         len(data.eval) if data.eval is not None else 0)
     return metrics
 
 

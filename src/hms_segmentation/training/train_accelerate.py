@@ -39,6 +39,7 @@ from .train import (
     poly_schedule,
     pooled_means,
     sgd_parameter_groups,
+    write_model_card,
 )
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ def run_training(
     if accelerator.is_main_process:
         (Path(args.output_dir) / "log_history.json").write_text(metrics_to_json(history))
         (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
+        write_model_card(args.output_dir, unwrapped.config, model_args, data_args, args, metrics,
+                         len(data.eval) if data.eval is not None else 0)
     accelerator.end_training()
     return metrics
 
