@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import huggingface_hub.constants
 import numpy as np
@@ -35,6 +34,7 @@ from hms_segmentation.hub import (
     save_for_hub,
 )
 from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL
+from fake_hub import install_fake_hub
 from tiny_configs import TINY_HRNET
 
 CLASS_NAMES = {0: "road", 1: "sidewalk", 2: "building", 3: "sky", 4: "car"}
@@ -323,37 +323,9 @@ def test_evaluation_must_name_its_dataset(tiny_model, results_json):
 # --- push -------------------------------------------------------------------------------------------------------
 
 
-class FakeHfApi:
-    """Stands in for `HfApi`: records the repository and the commits, reading each file as it is committed."""
-
-    instances: list[FakeHfApi] = []
-    fail_with: Exception | None = None
-
-    def __init__(self, token: str | None = None):
-        self.token, self.repos, self.commits, self.staged_paths = token, [], [], []
-        FakeHfApi.instances.append(self)
-
-    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False, repo_type=None):
-        self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_commit(self, repo_id: str, operations, *, commit_message: str, repo_type=None):
-        operations = list(operations)
-        self.staged_paths = [Path(operation.path_or_fileobj) for operation in operations]
-        if FakeHfApi.fail_with is not None:
-            raise FakeHfApi.fail_with
-        files = {operation.path_in_repo: Path(operation.path_or_fileobj).read_bytes() for operation in operations}
-        self.commits.append({"repo_id": repo_id, "message": commit_message, "files": files})
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
-
-
 @pytest.fixture
 def fake_hub(monkeypatch):
-    FakeHfApi.instances, FakeHfApi.fail_with = [], None
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setattr(hub, "get_token", lambda: None)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return FakeHfApi
+    return install_fake_hub(monkeypatch)
 
 
 @pytest.fixture
@@ -415,11 +387,26 @@ def test_push_fails_early_without_a_token(fake_hub, plain_folder):
     assert fake_hub.instances == []
 
 
-def test_push_refuses_pickles(fake_hub, plain_folder):
+def test_push_never_reads_nor_publishes_pickles(fake_hub, plain_folder, monkeypatch, capsys):
+    """A training run's folder holds training_args.bin (and checkpoints): published without them, never unpickled."""
+    from hms_segmentation.hub import main as push_main
+
     torch.save({}, plain_folder / "pytorch_model.bin")
-    with pytest.raises(HubPublishingError, match=r"pickle files \['pytorch_model.bin'\]"):
+    torch.save({}, plain_folder / "training_args.bin")
+    (plain_folder / "checkpoint-2").mkdir()
+    torch.save({}, plain_folder / "checkpoint-2" / "optimizer.pt")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("a pickle was loaded"))
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
+    assert push_main([str(plain_folder), "someone/hms-tiny"]) == 0
+    (commit,) = fake_hub.instances[0].commits
+    assert not any(name.endswith((".bin", ".pt")) or "checkpoint" in name for name in commit["files"])
+    assert "not published (pickles are never loaded, checkpoints stay local): checkpoint-2/, pytorch_model.bin, " \
+           "training_args.bin" in capsys.readouterr().out
+    for path in plain_folder.glob("*.safetensors"):
+        path.unlink()
+    with pytest.raises(HubPublishingError, match=r"no \*.safetensors weights .* its pickle files \['pytorch_model.bin', "
+                                                 r"'training_args.bin'\] are never loaded"):
         push_to_hub(plain_folder, "someone/hms-tiny", token="hf_test")
-    assert fake_hub.instances == []
 
 
 def test_push_refuses_an_invalid_repo_id(fake_hub, plain_folder):

@@ -187,6 +187,33 @@ def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_
         check_hub_folder(output_dir)
 
 
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_push_to_hub_publishes_the_finished_model_folder(script, tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """--push_to_hub: checked before training, then one commit of the model folder (never training_args.bin or a
+    checkpoint), as `hms-segmentation push` makes it; the Trainer's own repository and pushes stay off."""
+    from fake_hub import install_fake_hub
+
+    from hms_segmentation.hub import HubPublishingError
+    from hms_segmentation.training import train_accelerate
+
+    run = run_training if script == "trainer" else train_accelerate.run_training
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--push_to_hub",
+                              "--hub_model_id", "someone/hms-tiny", "--save_steps", "2")
+    with pytest.raises(HubPublishingError, match="offline mode"):  # HF_HUB_OFFLINE=1: before any training
+        run(*parse_arguments(argv))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    fake_hub = install_fake_hub(monkeypatch)
+    with pytest.raises(HubPublishingError, match="no Hugging Face token"):
+        run(*parse_arguments(argv))
+    run(*parse_arguments([*argv, "--hub_token", "hf_test", "--overwrite_output_dir", "true"]))
+    (api,) = fake_hub.instances
+    (commit,) = api.commits
+    assert api.repos == [{"repo_id": "someone/hms-tiny", "private": False, "exist_ok": True}]
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(commit["files"])
+    assert not any(name.endswith(".bin") or name.startswith("checkpoint") for name in commit["files"])
+    assert 'model="someone/hms-tiny"' in commit["files"]["README.md"].decode()
+
+
 def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()

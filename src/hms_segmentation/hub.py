@@ -475,6 +475,23 @@ def check_hub_folder(folder: str | Path) -> list[Path]:
 # --- publishing -------------------------------------------------------------------------------------------------
 
 
+def check_can_publish(repo_id: str, token: str | None = None) -> str:
+    """The token to publish `repo_id` with, once publishing can work: not offline, a token given or logged in, a valid
+    repository id; otherwise a `HubPublishingError` saying which (the training scripts ask before training)."""
+    if hub_constants.is_offline_mode():
+        raise HubPublishingError("cannot publish: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1); unset "
+                                 "it to push. Nothing was written or sent.")
+    token = token or get_token()
+    if not token:
+        raise HubPublishingError("cannot publish: no Hugging Face token; pass --token (token=...) or log in with "
+                                 "`hf auth login` (or set HF_TOKEN). Nothing was written or sent.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubPublishingError(f"repo_id {repo_id!r} is not a valid Hub repository id ({error})") from None
+    return token
+
+
 def push_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -496,7 +513,8 @@ def push_to_hub(
     `check_hub_folder`, and sent with one `HfApi.create_commit`. The staging folder is removed whatever happens.
 
     Args:
-        folder: A `save_pretrained` folder (safetensors weights; pickle files are refused).
+        folder: A `save_pretrained` folder, e.g. a training run's output: its safetensors weights are read; pickle
+            files and checkpoint folders are neither read nor published (see `left_out_files`).
         repo_id: `"user/name"` or `"org/name"`; created if missing.
         private: Create the repository as private.
         token: A Hugging Face token with write access; defaults to the logged-in one (`hf auth login`, `HF_TOKEN`).
@@ -510,17 +528,7 @@ def push_to_hub(
         HubPublishingError: Offline mode, no token, an invalid `repo_id` or an incomplete/unsafe folder (all before
             anything is written or sent), or a failed upload.
     """
-    if hub_constants.is_offline_mode():
-        raise HubPublishingError("cannot publish: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1); unset "
-                                 "it to push. Nothing was written or sent.")
-    token = token or get_token()
-    if not token:
-        raise HubPublishingError("cannot publish: no Hugging Face token; pass --token (token=...) or log in with "
-                                 "`hf auth login` (or set HF_TOKEN). Nothing was written or sent.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise HubPublishingError(f"repo_id {repo_id!r} is not a valid Hub repository id ({error})") from None
+    token = check_can_publish(repo_id, token)
     folder = Path(folder)
     _check_source_folder(folder)
 
@@ -559,12 +567,19 @@ def push_to_hub(
 def _check_source_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise HubPublishingError(f"{folder} has no config.json: expected a folder written by save_pretrained")
-    pickles = sorted(path.name for path in folder.iterdir() if path.name.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise HubPublishingError(f"{folder} holds pickle files {pickles}, which may run code when loaded; publish "
-                                 "safetensors only (re-save with save_pretrained and remove them)")
     if not any(folder.glob("*.safetensors")):
-        raise HubPublishingError(f"{folder} has no *.safetensors weights (only safetensors are read and published)")
+        pickles = sorted(path.name for path in folder.iterdir() if path.name.endswith(PICKLE_SUFFIXES))
+        found = f"; its pickle files {pickles} are never loaded (they may run code)" if pickles else ""
+        raise HubPublishingError(f"{folder} has no *.safetensors weights (only safetensors are read and published)"
+                                 f"{found}: re-save the model with save_pretrained")
+
+
+def left_out_files(folder: str | Path) -> list[str]:
+    """Files of a model folder that `push_to_hub` neither reads nor publishes: pickles (``training_args.bin`` of a
+    training run, ``pytorch_model.bin``, ...), which may run code when loaded, and checkpoint sub-folders."""
+    folder = Path(folder)
+    return sorted(path.name + ("/" if path.is_dir() else "") for path in folder.iterdir()
+                  if path.name.endswith(PICKLE_SUFFIXES) or (path.is_dir() and path.name.startswith("checkpoint-")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -595,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HubPublishingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    left_out = left_out_files(args.folder)
+    if left_out:
+        print(f"not published (pickles are never loaded, checkpoints stay local): {', '.join(left_out)}")
     print(f"published {args.folder} -> {url}")
     return 0
 

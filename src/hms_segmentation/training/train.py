@@ -25,7 +25,7 @@ from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
 from ..data.transforms import normalize_pixel_values
 from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
-from ..hub import result_from_trainer_metrics, write_hub_files
+from ..hub import check_can_publish, push_to_hub, result_from_trainer_metrics, write_hub_files
 from ..image_processing_hms import HMSImageProcessor
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
@@ -176,6 +176,27 @@ def write_model_card(
     write_hub_files(output_dir, config, image_processor=image_processor_for(model_args), evaluation=evaluation,
                     dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
                     model_name=Path(output_dir).resolve().name)
+
+
+def hub_repository(training_args: HMSTrainingArguments) -> str | None:
+    """With ``--push_to_hub``: the repository the finished model folder goes to (``--hub_model_id``, else the output
+    folder's name), checked before any training (offline mode, token, id). The Trainer's own pushes are turned off:
+    they would publish ``training_args.bin`` (a pickle) and a generic card; `publish_model_folder` sends the model
+    folder as `hms-segmentation push` does."""
+    if not training_args.push_to_hub:
+        return None
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
+    check_can_publish(repo_id, training_args.hub_token)
+    training_args.push_to_hub = False
+    return repo_id
+
+
+def publish_model_folder(training_args: HMSTrainingArguments, repo_id: str) -> str:
+    """Publish the run's output folder (weights, config, remote code, image processor, card) to `repo_id`."""
+    url = push_to_hub(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),
+                      token=training_args.hub_token, commit_message="Upload HMS model trained with hms-segmentation")
+    logger.info("published %s -> %s", training_args.output_dir, url)
+    return url
 
 
 def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -366,6 +387,7 @@ def run_training(
     """Train and/or evaluate as the arguments say (extra `TrainerCallback`s welcome); returns the final metrics."""
     set_seed(training_args.seed)
     resume_from = check_output_dir(training_args)
+    repo_id = hub_repository(training_args)
     data = build_datasets(data_args, seed=training_args.seed, do_eval=training_args.do_eval)
     if training_args.do_train:
         check_one_full_batch(data.train, training_args)
@@ -401,6 +423,8 @@ def run_training(
         metrics.setdefault("train_steps", trainer.state.global_step)
         write_model_card(training_args.output_dir, model.config, model_args, data_args, training_args, metrics,
                          len(data.eval) if data.eval is not None else 0)
+        if repo_id is not None:
+            publish_model_folder(training_args, repo_id)
     return metrics
 
 

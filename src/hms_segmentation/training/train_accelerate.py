@@ -35,9 +35,11 @@ from .train import (
     check_one_full_batch,
     check_output_dir,
     collate_samples,
+    hub_repository,
     normalize_uint8_pixel_values,
     poly_schedule,
     pooled_means,
+    publish_model_folder,
     sgd_parameter_groups,
     write_model_card,
 )
@@ -122,6 +124,7 @@ def run_training(
                          "train); this script saves the model of its last step")
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
+    repo_id = hub_repository(args)
     data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
     check_one_full_batch(data.train, args)
     if args.poly_power is None:
@@ -269,6 +272,8 @@ def run_training(
         (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
         write_model_card(args.output_dir, unwrapped.config, model_args, data_args, args, metrics,
                          len(data.eval) if data.eval is not None else 0)
+        if repo_id is not None:
+            publish_model_folder(args, repo_id)
     accelerator.end_training()
     return metrics
 
