@@ -214,6 +214,49 @@ def test_push_to_hub_publishes_the_finished_model_folder(script, tiny_model_dir,
     assert 'model="someone/hms-tiny"' in commit["files"]["README.md"].decode()
 
 
+def test_accelerate_script_reports_to_trackers(tiny_model_dir, synthetic_dir, tmp_path):
+    """--report_to goes to accelerate's trackers: hyperparameters once (tokens redacted), each log and evaluation at
+    its step; integrations accelerate lacks are named."""
+    from accelerate.tracking import GeneralTracker
+
+    from hms_segmentation.training import train_accelerate
+
+    class RecordingTracker(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recording", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logged, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--do_eval",
+                              "--eval_strategy", "steps", "--eval_steps", "3", "--hub_token", "hf_secret")
+    model_args, data_args, training_args = parse_arguments(argv)
+    tracker = RecordingTracker()
+    training_args.report_to = [tracker]
+    train_accelerate.run_training(model_args, data_args, training_args)
+    assert tracker.config["learning_rate"] == 0.01 and tracker.config["crop_size"] == 64
+    assert "hf_secret" not in json.dumps(tracker.config)
+    steps = [step for step, values in tracker.logged if "loss" in values]
+    assert steps == [1, 2, 3] and "loss_main" in tracker.logged[0][1] and "learning_rate" in tracker.logged[0][1]
+    assert any(step == 3 and "eval_mean_iou" in values for step, values in tracker.logged) and tracker.finished
+    training_args.report_to = ["neptune"]
+    with pytest.raises(ValueError, match="--report_to neptune: this script reports through accelerate"):
+        train_accelerate.run_training(model_args, data_args, training_args)
+
+
 def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()

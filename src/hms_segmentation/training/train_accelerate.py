@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
@@ -117,6 +117,9 @@ def run_training(
         mixed_precision=_mixed_precision(args),
         cpu=args.use_cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=_trackers(args.report_to),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / "runs")),
     )
     set_seed(args.seed)
     if args.load_best_model_at_end or args.save_strategy == "best":
@@ -180,9 +183,14 @@ def run_training(
     metric_count, skipped_nonfinite = 0, 0
     history: list[dict[str, float]] = []
 
+    # --report_to: the Trainer's integrations, through accelerate's trackers (TensorBoard, W&B, MLflow, ...)
+    accelerator.init_trackers(args.run_name or "hms-segmentation", config=_hyperparameters(model_args, data_args, args))
+
     def log_evaluation(**position: int) -> None:
         metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size)
         history.append({**metrics, **position})
+        accelerator.log({**metrics, **{k: v for k, v in position.items() if k != "step"}},
+                        step=position.get("step", global_step))
 
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     model.train()
@@ -232,6 +240,7 @@ def run_training(
                 logs = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in means.items()}
                 logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
                 history.append(logs)
+                accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
                 if "loss" in logs:  # absent when every step since the last log was skipped as non-finite
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 metric_sums, metric_count = {}, 0
@@ -276,6 +285,31 @@ def run_training(
             publish_model_folder(args, repo_id)
     accelerator.end_training()
     return metrics
+
+
+def _trackers(report_to: list | None) -> list | None:
+    """accelerate's trackers for ``--report_to`` (names, or `GeneralTracker` objects); `None` when nothing reports.
+    The Trainer knows more integrations than accelerate: those are named in a clear error."""
+    if not report_to:
+        return None
+    supported = {logger.value for logger in LoggerType}
+    unsupported = [name for name in report_to if isinstance(name, str) and name not in supported]
+    if unsupported:
+        raise ValueError(f"--report_to {' '.join(unsupported)}: this script reports through accelerate, which knows "
+                         f"{sorted(supported - {'all'})}; use the Trainer script (hms-segmentation train) for the others")
+    return list(report_to)
+
+
+def _hyperparameters(
+    model_args: ModelArguments, data_args: DataArguments, args: HMSTrainingArguments
+) -> dict[str, bool | int | float | str]:
+    """The run's arguments as trackers store them: scalars only (others as text, unset values left out), and the
+    training arguments as the Trainer reports them (`to_sanitized_dict`: tokens redacted)."""
+    values: dict[str, bool | int | float | str] = {}
+    for name, value in [*vars(model_args).items(), *vars(data_args).items(), *args.to_sanitized_dict().items()]:
+        if not name.startswith("_") and value is not None and name not in values:
+            values[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return values
 
 
 def window_scale(batch_index: int, batches_per_epoch: int | None, accumulation_steps: int) -> float:
