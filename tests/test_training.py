@@ -257,6 +257,37 @@ def test_accelerate_script_reports_to_trackers(tiny_model_dir, synthetic_dir, tm
         train_accelerate.run_training(model_args, data_args, training_args)
 
 
+def test_optimizer_and_schedule_flags_are_honoured(tiny_model_dir):
+    """Defaults: the reference's SGD and poly decay. --optim / --lr_scheduler_type: transformers' own, over the same
+    parameter groups (the trunk LR multiplier kept); flags that cannot apply are refused."""
+    import math
+
+    from hms_segmentation.training.train import create_optimizer, create_scheduler
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    _, _, default = parse_arguments(["--output_dir", "unused"])
+    sgd = create_optimizer(model, default, trunk_multiplier=0.1)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
+    assert [group["lr"] for group in sgd.param_groups] == [0.01, 0.001]
+    poly = create_scheduler(sgd, default, total_steps=10)
+    for _ in range(5):
+        sgd.step(), poly.step()
+    assert poly.get_last_lr()[0] == pytest.approx(0.01 * 0.5 ** 2)
+    _, _, chosen = parse_arguments(["--output_dir", "unused", "--optim", "adamw_torch", "--lr_scheduler_type", "cosine",
+                                    "--weight_decay", "0.05"])
+    adamw = create_optimizer(model, chosen, trunk_multiplier=0.1)
+    assert type(adamw) is torch.optim.AdamW and [group["lr"] for group in adamw.param_groups] == [0.01, 0.001]
+    assert adamw.defaults["weight_decay"] == 0.05
+    cosine = create_scheduler(adamw, chosen, total_steps=10)
+    for _ in range(5):
+        adamw.step(), cosine.step()
+    assert cosine.get_last_lr()[0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    with pytest.raises(ValueError, match="--label_smoothing_factor 0.1 does not apply"):
+        parse_arguments(["--output_dir", "unused", "--label_smoothing_factor", "0.1"])
+    with pytest.raises(ValueError, match="its power is --poly_power"):
+        parse_arguments(["--output_dir", "unused", "--lr_scheduler_kwargs", '{"power": 3}'])
+
+
 def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
@@ -300,7 +331,9 @@ def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_d
     ("--gradient_accumulation_steps", "2"),
     # by epochs: 4 frames in batches of 2 are 2 batches, less than the 3 accumulated: 1 (short) step per epoch
     ("--max_steps", "-1", "--num_train_epochs", "3", "--gradient_accumulation_steps", "3"),
-], ids=["steps", "accumulated", "epochs"])
+    ("--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--learning_rate", "0.001"),
+    ("--activation_checkpointing", "true"),
+], ids=["steps", "accumulated", "epochs", "adamw_cosine", "checkpointing"])
 def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path, schedule):
     from hms_segmentation.training import train_accelerate
 

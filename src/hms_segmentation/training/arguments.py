@@ -248,6 +248,16 @@ class HMSTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's defaults, plus SGD momentum and the polynomial decay power."""
 
     learning_rate: float = field(default=0.01, metadata={"help": "initial LR of SGD"})
+    optim: str = field(
+        default="sgd",
+        metadata={"help": "sgd (the default): the reference's SGD with --momentum; any other name of transformers' "
+                          "--optim builds that optimizer over the same parameter groups"},
+    )
+    lr_scheduler_type: str = field(
+        default="polynomial",
+        metadata={"help": "polynomial (the default): the reference's poly decay to zero, power --poly_power; any other "
+                          "transformers scheduler name (linear, cosine, ...) uses that one"},
+    )
     weight_decay: float = field(default=1e-4)
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     poly_power: float | None = field(
@@ -271,6 +281,15 @@ class HMSTrainingArguments(TrainingArguments):
     stop_on_nonfinite_loss: bool = field(
         default=True, metadata={"help": "stop at a NaN/Inf loss, naming the step; if false, skip the step and count it"}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.label_smoothing_factor:  # the model computes its own loss (RMI or cross-entropy, + auxiliary terms)
+            raise ValueError(f"--label_smoothing_factor {self.label_smoothing_factor} does not apply: the model computes "
+                             "its own loss (--primary_loss rmi or cross_entropy)")
+        if self.lr_scheduler_type == "polynomial" and self.lr_scheduler_kwargs:
+            raise ValueError(f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs} with the polynomial schedule: its power "
+                             "is --poly_power and it decays to zero, as the reference")
 
 
 def parse_scales(text: str | float | list[float]) -> list[float]:

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, default_data_collator, set_seed
+from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler, set_seed
 
 from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
@@ -122,6 +122,32 @@ def sgd_parameter_groups(model: torch.nn.Module, learning_rate: float, trunk_mul
     if trunk:
         groups.append({"params": trunk, "lr": learning_rate * trunk_multiplier})
     return groups
+
+
+def create_optimizer(
+    model: torch.nn.Module, args: HMSTrainingArguments, trunk_multiplier: float = 1.0
+) -> torch.optim.Optimizer:
+    """``--optim sgd`` (the default): the reference's SGD, momentum ``--momentum``, weight decay on every parameter.
+    Any other ``--optim``: the optimizer the Trainer would build for it, over the same parameter groups (so
+    ``--trunk_learning_rate_multiplier`` and a frozen trunk still hold)."""
+    groups = sgd_parameter_groups(model, args.learning_rate, trunk_multiplier)
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_cls(groups, **{"weight_decay": args.weight_decay, **optimizer_kwargs})
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, args: HMSTrainingArguments, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``--lr_scheduler_type polynomial`` (the default): the reference's poly decay to zero, power ``--poly_power``
+    (2.0 when unset), after the optional warmup. Any other type: transformers' scheduler of that name."""
+    warmup_steps = args.get_warmup_steps(total_steps)
+    if args.lr_scheduler_type == "polynomial":
+        power = 2.0 if args.poly_power is None else args.poly_power
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, warmup_steps, power))
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
 
 
 def poly_schedule(total_steps: int, warmup_steps: int, power: float):
@@ -257,18 +283,12 @@ class HMSTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = sgd_parameter_groups(model or self.model, self.args.learning_rate, self.trunk_learning_rate_multiplier)
-            self.optimizer = torch.optim.SGD(
-                groups, lr=self.args.learning_rate, momentum=self.args.momentum, weight_decay=self.args.weight_decay
-            )
+            self.optimizer = create_optimizer(model or self.model, self.args, self.trunk_learning_rate_multiplier)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            # poly_power None: the Cityscapes recipe's 2.0 (run_training picks 1.0 for Mapillary)
-            power = 2.0 if self.args.poly_power is None else self.args.poly_power
-            schedule = poly_schedule(num_training_steps, self.args.get_warmup_steps(num_training_steps), power)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+            self.lr_scheduler = create_scheduler(optimizer or self.optimizer, self.args, num_training_steps)
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

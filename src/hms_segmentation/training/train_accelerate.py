@@ -35,12 +35,12 @@ from .train import (
     check_one_full_batch,
     check_output_dir,
     collate_samples,
+    create_optimizer,
+    create_scheduler,
     hub_repository,
     normalize_uint8_pixel_values,
-    poly_schedule,
     pooled_means,
     publish_model_folder,
-    sgd_parameter_groups,
     write_model_card,
 )
 
@@ -125,6 +125,9 @@ def run_training(
     if args.load_best_model_at_end or args.save_strategy == "best":
         raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
                          "train); this script saves the model of its last step")
+    if args.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise ValueError("--lr_scheduler_type reduce_lr_on_plateau steps on evaluation metrics: use the Trainer script "
+                         "(hms-segmentation train)")
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
     repo_id = hub_repository(args)
@@ -133,10 +136,9 @@ def run_training(
     if args.poly_power is None:
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
-    sgd = torch.optim.SGD(
-        sgd_parameter_groups(model, args.learning_rate, model_args.trunk_learning_rate_multiplier),
-        lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
-    )
+    if args.activation_checkpointing:  # or its old name --gradient_checkpointing; as the Trainer does
+        model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
+    sgd = create_optimizer(model, args, model_args.trunk_learning_rate_multiplier)
     is_map_style = hasattr(data.train, "__len__")
     train_loader = torch.utils.data.DataLoader(
         data.train,
@@ -155,9 +157,7 @@ def run_training(
         if steps_per_epoch is None:
             raise ValueError("a streaming training set needs --max_steps")
         args.max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        sgd, poly_schedule(args.max_steps, args.get_warmup_steps(args.max_steps), args.poly_power)
-    )
+    scheduler = create_scheduler(sgd, args, args.max_steps)
     # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
     # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
     # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
