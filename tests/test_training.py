@@ -183,6 +183,7 @@ def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_
     assert result.metric_value == round(100 * metrics["eval_mean_iou"], 2) and result.dataset_split == "val"
     assert f"started from: {tiny_model_dir}" in card.text and "optimizer steps: 3" in card.text
     assert "images per step: 2" in card.text and "crop: 64x64" in card.text
+    assert "optimizer: SGD (momentum 0.9), learning rate 0.01, weight decay 0.0001, poly decay (power 2.0)" in card.text
     with pytest.raises(Exception, match="pickle files"):  # training_args.bin: `push` re-saves only the model files
         check_hub_folder(output_dir)
 

@@ -190,18 +190,28 @@ def write_model_card(
             evaluation["eval_long_side"] = data_args.eval_long_side
     start = model_args.model_name_or_path or model_args.backbone or f"preset {model_args.preset}"
     details = {
-        "started from": start + (f" with ImageNet trunk {model_args.imagenet_trunk}" if model_args.imagenet_trunk else ""),
+        "started from": start + (f", ImageNet trunk {model_args.imagenet_trunk}" if model_args.imagenet_trunk else ""),
         "optimizer steps": metrics.get("train_steps", "n/a"),
         "images per step": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         * training_args.world_size,
         "crop": f"{data_args.crop_size}x{data_args.crop_width or data_args.crop_size}",
-        "optimizer": f"SGD, learning rate {training_args.learning_rate}, momentum {training_args.momentum}, weight "
-                     f"decay {training_args.weight_decay}, poly decay power {training_args.poly_power}",
+        "optimizer": optimizer_description(training_args),
         "precision": "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "fp32",
     }
     write_hub_files(output_dir, config, image_processor=image_processor_for(model_args), evaluation=evaluation,
                     dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
                     model_name=Path(output_dir).resolve().name)
+
+
+def optimizer_description(args: HMSTrainingArguments) -> str:
+    """One line on the optimizer and schedule `create_optimizer` and `create_scheduler` build from `args`."""
+    optim, schedule = (str(getattr(value, "value", value)) for value in (args.optim, args.lr_scheduler_type))
+    name = f"SGD (momentum {args.momentum})" if optim == "sgd" else optim
+    decay = f"poly decay (power {args.poly_power})" if schedule == "polynomial" else f"{schedule} schedule"
+    steps = args.warmup_steps  # transformers reads a value below 1 as a share of the steps
+    warmup = f" after {steps:.0%} of the steps as warmup" if 0 < steps < 1 else f" after {steps:g} warmup steps"
+    warmup = warmup if steps else ""
+    return f"{name}, learning rate {args.learning_rate}, weight decay {args.weight_decay}, {decay}{warmup}"
 
 
 def hub_repository(training_args: HMSTrainingArguments) -> str | None:
