@@ -138,7 +138,7 @@ def run_training(
     model = build_model(model_args, data.id2label)
     if args.activation_checkpointing:  # or its old name --gradient_checkpointing; as the Trainer does
         model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
-    sgd = create_optimizer(model, args, model_args.trunk_learning_rate_multiplier)
+    base_optimizer = create_optimizer(model, args, model_args.trunk_learning_rate_multiplier)
     is_map_style = hasattr(data.train, "__len__")
     train_loader = torch.utils.data.DataLoader(
         data.train,
@@ -147,7 +147,7 @@ def run_training(
         num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
     )
-    model, optimizer, train_loader = accelerator.prepare(model, sgd, train_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, base_optimizer, train_loader)
     # Counted as the Trainer counts them: batches of this process per epoch, and optimizer steps per epoch, the last
     # one on what is left when the batches do not divide by the accumulation steps (`accumulate` syncs at the end
     # of the loader)
@@ -157,7 +157,7 @@ def run_training(
         if steps_per_epoch is None:
             raise ValueError("a streaming training set needs --max_steps")
         args.max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = create_scheduler(sgd, args, args.max_steps)
+    scheduler = create_scheduler(base_optimizer, args, args.max_steps)
     # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
     # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
     # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
