@@ -258,6 +258,27 @@ def test_accelerate_script_reports_to_trackers(tiny_model_dir, synthetic_dir, tm
         train_accelerate.run_training(model_args, data_args, training_args)
 
 
+@pytest.mark.parametrize("flags, logged_steps, evaluated_steps", [
+    (("--logging_strategy", "no"), [], []),
+    (("--logging_strategy", "epoch", "--max_steps", "-1", "--num_train_epochs", "2"), [2, 4], []),
+    (("--eval_on_start", "true"), [1, 2, 3], [0]),
+], ids=["no_logging", "epoch_logging", "eval_on_start"])
+def test_accelerate_script_follows_logging_strategy_and_eval_on_start(tiny_model_dir, synthetic_dir, tmp_path, flags,
+                                                                       logged_steps, evaluated_steps):
+    from hms_segmentation.training import train_accelerate
+
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--do_eval", *flags)
+    train_accelerate.run_training(*parse_arguments(argv))
+    history = json.loads((output / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "loss" in entry] == logged_steps
+    assert [entry["step"] for entry in history if "eval_mean_iou" in entry] == evaluated_steps  # during training
+    assert "eval_mean_iou" in json.loads((output / "all_results.json").read_text())  # and the final one
+    with pytest.raises(ValueError, match="--torch_compile: this script does not compile the model"):
+        train_accelerate.run_training(*parse_arguments([*argv, "--torch_compile", "true", "--overwrite_output_dir",
+                                                        "true"]))
+
+
 def test_optimizer_and_schedule_flags_are_honoured(tiny_model_dir):
     """Defaults: the reference's SGD and poly decay. --optim / --lr_scheduler_type: transformers' own, over the same
     parameter groups (the trunk LR multiplier kept); flags that cannot apply are refused."""

@@ -125,6 +125,9 @@ def run_training(
     if args.load_best_model_at_end or args.save_strategy == "best":
         raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
                          "train); this script saves the model of its last step")
+    if args.torch_compile:
+        raise ValueError("--torch_compile: this script does not compile the model; use the Trainer script "
+                         "(hms-segmentation train)")
     if args.lr_scheduler_type == "reduce_lr_on_plateau":
         raise ValueError("--lr_scheduler_type reduce_lr_on_plateau steps on evaluation metrics: use the Trainer script "
                          "(hms-segmentation train)")
@@ -174,7 +177,8 @@ def run_training(
         accelerator.register_for_checkpointing(scheduler)
     if steps_per_epoch:
         epoch = global_step // steps_per_epoch
-    log_every = _interval(args.logging_steps, args.max_steps) if args.logging_steps else 0
+    logging_by_steps = args.logging_steps and args.logging_strategy == "steps"  # or "epoch" (at its end), or "no"
+    log_every = _interval(args.logging_steps, args.max_steps) if logging_by_steps else 0
     save_every = _interval(args.save_steps, args.max_steps) if args.save_strategy == "steps" and args.save_steps else 0
     evaluating = args.do_eval and data.eval is not None
     eval_every = _interval(args.eval_steps, args.max_steps) if evaluating and args.eval_strategy == "steps" else 0
@@ -192,7 +196,20 @@ def run_training(
         accelerator.log({**metrics, **{k: v for k, v in position.items() if k != "step"}},
                         step=position.get("step", global_step))
 
+    def log_training(learning_rate: float) -> None:
+        nonlocal metric_sums, metric_count
+        means = pooled_means(metric_sums, metric_count)  # over all processes, as the Trainer logs
+        logs = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in means.items()}
+        logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
+        history.append(logs)
+        accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
+        if "loss" in logs:  # absent when every step since the last log was skipped as non-finite
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        metric_sums, metric_count = {}, 0
+
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    if evaluating and args.eval_on_start and global_step == 0:
+        log_evaluation(step=0)
     model.train()
     while global_step < args.max_steps:
         if hasattr(data.train, "set_epoch"):
@@ -236,14 +253,7 @@ def run_training(
             global_step += 1
             progress.update(1)
             if log_every and global_step % log_every == 0:
-                means = pooled_means(metric_sums, metric_count)  # over all processes, as the Trainer logs
-                logs = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in means.items()}
-                logs.update(step=global_step, learning_rate=learning_rate, skipped_nonfinite_steps=skipped_nonfinite)
-                history.append(logs)
-                accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
-                if "loss" in logs:  # absent when every step since the last log was skipped as non-finite
-                    progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                metric_sums, metric_count = {}, 0
+                log_training(learning_rate)
             if eval_every and global_step % eval_every == 0:
                 log_evaluation(step=global_step)
             if save_every and global_step % save_every == 0:
@@ -255,6 +265,8 @@ def run_training(
                              f"{epoch}: is it empty (or every sample bad)?")
         # the epoch ran to its end (and the last step may have ended both)
         if global_step < args.max_steps or steps_per_epoch and global_step % steps_per_epoch == 0:
+            if args.logging_strategy == "epoch":
+                log_training(learning_rate)
             if evaluating and args.eval_strategy == "epoch":
                 log_evaluation(step=global_step, epoch=epoch + 1)
             if args.save_strategy == "epoch":
