@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -747,6 +748,18 @@ def test_quickstart_never_replaces_a_file_of_the_user_it_would_write(tmp_path, c
     assert cli_main(["quickstart", "--output-dir", str(output), "--max-steps", "1"]) == 2
     assert (output / name).read_text() == "the user's own" and sorted(p.name for p in output.iterdir()) == [name]
     assert f"already holds {name}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--hue-jitter", "0.7", r"the hue jitter must be in \[0, 0.5\] turns, got 0.7"),
+    ("--crop-size", "0", "--crop_size must be a positive number of pixels, got 0"),
+])
+def test_quickstart_names_a_bad_value_without_a_traceback(tmp_path, capsys, flag, value, message):
+    from hms_segmentation.cli import main as cli_main
+
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path / "qs"), flag, value]) == 2
+    assert re.search(f"^error: {message}", capsys.readouterr().err, flags=re.MULTILINE)
+    assert not (tmp_path / "qs").exists()  # nothing generated
 
 
 def test_fine_tuning_a_converted_model_to_five_classes_changes_heads_not_frozen_trunk(synthetic_dir, tmp_path):

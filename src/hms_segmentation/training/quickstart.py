@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, default=192)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--hue-jitter", type=float, default=0.0,
-                        help="largest hue shift of the colour jitter, in turns; the recipe's 0.25 cost 3.6 mIoU (chain 0.5,1.0) "
-                             "at this budget (BENCHMARKS.md, Quickstart hue jitter)")
+                        help="largest hue shift of the colour jitter, in turns; the recipe's 0.25 cost 3.6 mIoU "
+                             "(chain 0.5,1.0) at this budget (BENCHMARKS.md, Quickstart hue jitter)")
     parser.add_argument("--train-frames", type=int, default=200)
     parser.add_argument("--val-frames", type=int, default=30)
     parser.add_argument("--frame-height", type=int, default=256, help="height of the generated frames")
@@ -83,17 +83,9 @@ OUTPUTS = ("model", "run", "evaluation.json", "predictions.png", "report.json")
 """What the quickstart writes in `--output-dir` besides `data/`; none is replaced without `--overwrite`."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    output_dir = args.output_dir
-    model_dir, run_dir = output_dir / "model", output_dir / "run"
-    existing = [name for name in OUTPUTS if (output_dir / name).exists()]
-    if existing and not args.overwrite:
-        print(f"error: {output_dir} already holds {', '.join(existing)} (what the quickstart writes); pass --overwrite "
-              "to replace them or choose another --output-dir", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
+def build_arguments(args: argparse.Namespace) -> tuple[DataArguments, ModelArguments, HMSTrainingArguments]:
+    """The training scripts' arguments for the quickstart's settings; a `ValueError` names a bad value."""
+    output_dir, run_dir = args.output_dir, args.output_dir / "run"
     data_args = DataArguments(
         dataset="synthetic",
         data_dir=str(output_dir / "data"),
@@ -121,6 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
+    return data_args, model_args, training_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    output_dir = args.output_dir
+    model_dir = output_dir / "model"
+    existing = [name for name in OUTPUTS if (output_dir / name).exists()]
+    if existing and not args.overwrite:
+        print(f"error: {output_dir} already holds {', '.join(existing)} (what the quickstart writes); pass --overwrite "
+              "to replace them or choose another --output-dir", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:  # the argument dataclasses check the values (named as the training scripts spell them)
+        data_args, model_args, training_args = build_arguments(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"[1/4] synthetic street scenes -> {output_dir / 'data'}")
     data = build_datasets(data_args, seed=args.seed)
     torch.manual_seed(args.seed)
