@@ -622,14 +622,9 @@ def test_inference_mode_and_normal_mode_mix():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 19-class tiny model: the `evaluate` command's argument checks do not depend on its weights."""
-    from tiny_configs import TINY_HRNET
+    from tiny_configs import TINY_HRNET, save_tiny_model
 
-    from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    HMSForSemanticSegmentation(HMSConfig(**{**TINY_HRNET, "num_labels": 19})).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), TINY_HRNET, num_labels=19)
 
 
 def _odd_cityscapes(shared_data_dir: Path, root: Path, image: str) -> Path:

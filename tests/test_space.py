@@ -27,7 +27,7 @@ from packaging.version import Version
 from PIL import Image
 
 from conftest import REPO_ROOT, require_shared
-from tiny_configs import TINY_HRNET
+from tiny_configs import TINY_HRNET, save_tiny_model
 
 gr = pytest.importorskip("gradio")
 # Gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignor
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, HMSImageProcessor  # noqa: E402
+from hms_segmentation import HMSImageProcessor  # noqa: E402
 from hms_segmentation.data.io import load_image  # noqa: E402
 from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL  # noqa: E402
 
@@ -67,11 +67,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = HMSConfig(**{**TINY_HRNET, "num_labels": 19}, id2label=CITYSCAPES_ID2LABEL)
     folder = tmp_path_factory.mktemp("space") / "tiny"
-    HMSForSemanticSegmentation(config).eval().save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, TINY_HRNET, num_labels=19, id2label=CITYSCAPES_ID2LABEL)
 
 
 @pytest.fixture(scope="module")

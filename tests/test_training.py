@@ -13,16 +13,12 @@ import torch
 from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
 from hms_segmentation.training.arguments import parse_arguments
 from hms_segmentation.training.train import HMSTrainer, NonFiniteLossError, run_training
-from tiny_configs import TINY_HRNET, TINY_RESNET
+from tiny_configs import TINY_HRNET, TINY_RESNET, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    config = HMSConfig(**{**TINY_HRNET, "num_labels": 19}, ocr_dropout=0.0)
-    HMSForSemanticSegmentation(config).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), TINY_HRNET, num_labels=19, ocr_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -380,10 +376,7 @@ def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, 
 
 @pytest.fixture(scope="module")
 def tiny_deeplab_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_deeplab")
-    torch.manual_seed(0)
-    HMSForSemanticSegmentation(HMSConfig(**{**TINY_RESNET, "num_labels": 19})).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_deeplab"), TINY_RESNET, num_labels=19)
 
 
 @pytest.mark.parametrize("script", ["trainer", "accelerate"])

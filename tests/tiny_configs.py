@@ -1,5 +1,10 @@
 """Tiny model configurations shared by the tests (built in milliseconds, same code paths as the real sizes)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
 TINY_HRNET = {
     "trunk": "hrnet_ocr",
     "hrnet_preset": None,
@@ -25,3 +30,14 @@ TINY_RESNET = {
     "attention_bottleneck_channels": 8,
     "num_labels": 5,
 }
+
+
+def save_tiny_model(folder: Path, config: dict[str, Any], **overrides: Any) -> Path:
+    """A model of `config` (with `overrides`), randomly initialised with seed 0, saved in `folder` by save_pretrained."""
+    import torch
+
+    from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+
+    torch.manual_seed(0)
+    HMSForSemanticSegmentation(HMSConfig(**{**config, **overrides})).save_pretrained(folder)
+    return folder

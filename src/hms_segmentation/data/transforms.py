@@ -3,8 +3,8 @@
 Training (NVIDIA/semantic-segmentation recipe): random scale in [0.5, 2.0], random crop to `crop_size` with padding
 (image padded with the mean colour, label with the ignore index), horizontal flip, colour jitter (brightness,
 contrast, saturation and hue, in random order), optional Gaussian blur and additive Gaussian noise, then normalisation
-with the ImageNet mean/std. Labels are only ever resized with nearest-neighbour sampling, so they never gain a class that was
-not in the file.
+with the ImageNet mean/std. Labels are only ever resized with nearest-neighbour sampling, so they never gain a class
+that was not in the file.
 
 Scaling and cropping are done in one step: only the part of the image that ends up in the crop is resampled, which
 is much cheaper than resizing a 2048x1024 frame to 4096x2048 and cropping. The image is resampled by torch's
@@ -149,7 +149,7 @@ def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tenso
         if not any(names):
             continue
         matrix, offset = np.eye(3), np.zeros(3)  # the colour after the affine steps so far: matrix @ rgb + offset
-        mean_rgb = None  # of the image as it was when the run of affine steps started; read when a contrast step needs it
+        mean_rgb = None  # of the image when the run of affine steps started; read when a contrast step needs it
         for name, (_, factor) in zip(names, steps):
             if name is None:
                 continue
@@ -173,7 +173,7 @@ def apply_color_jitter_(pixels: torch.Tensor, plan: torch.Tensor) -> torch.Tenso
 
 
 def _apply_color_matrix_(image: torch.Tensor, matrix: np.ndarray, offset: np.ndarray) -> None:
-    """In place on float32 `(3, H, W)`: every pixel -> clamp(matrix @ rgb + offset, 0, 255); nothing for the identity."""
+    """In place on float32 `(3, H, W)`: every pixel -> clamp(matrix @ rgb + offset, 0, 255); the identity is skipped."""
     if np.array_equal(matrix, np.eye(3)) and not offset.any():
         return
     weights = torch.as_tensor(matrix, dtype=torch.float32, device=image.device)

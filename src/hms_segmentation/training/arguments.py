@@ -20,6 +20,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..configuration_hms import MODEL_PRESETS, validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..hub import check_model_source
+from ..label_tables import CITYSCAPES_ID2LABEL
 
 DATASETS = ("synthetic", "cityscapes", "mapillary")
 RECORD_AUTO_LABEL_CLASSES = (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -228,8 +229,9 @@ class DataArguments:
             classes = sorted({int(value) for value in values if str(value).strip()})
         except ValueError:
             raise ValueError(f"--auto_label_classes must be comma-separated trainIds, got {self.auto_label_classes!r}") from None
-        if not classes or not all(0 <= class_id < 19 for class_id in classes):
-            raise ValueError(f"--auto_label_classes must be Cityscapes trainIds in 0..18, got {self.auto_label_classes!r}")
+        if not classes or not all(0 <= class_id < len(CITYSCAPES_ID2LABEL) for class_id in classes):
+            raise ValueError(f"--auto_label_classes must be Cityscapes trainIds in 0..{len(CITYSCAPES_ID2LABEL) - 1}, "
+                             f"got {self.auto_label_classes!r}")
         self.auto_label_classes = ",".join(map(str, classes))
         conflicts = {"--dataset mapillary": self.dataset == "mapillary", "--streaming": self.streaming,
                      f"--auto_label_ratio {self.auto_label_ratio}": self.auto_label_ratio > 0,

@@ -179,9 +179,11 @@ def write_model_card(
     training_args: HMSTrainingArguments,
     metrics: dict[str, float],
     eval_images: int,
+    image_processor: HMSImageProcessor | None = None,
 ) -> None:
     """``README.md`` of a training run's output folder: the recipe and, when the run ended with an evaluation, its
-    results (model-index included), so that the folder is ready for `hms-segmentation push` as it is."""
+    results (model-index included), so that the folder is ready for `hms-segmentation push` as it is; with the image
+    processor (default: `image_processor_for(model_args)`)."""
     evaluation = None
     if "eval_mean_iou" in metrics:
         evaluation = {"dataset": data_args.dataset, "split": data_args.eval_split, "source": "all_results.json",
@@ -198,7 +200,8 @@ def write_model_card(
         "optimizer": optimizer_description(training_args),
         "precision": "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "fp32",
     }
-    write_hub_files(output_dir, config, image_processor=image_processor_for(model_args), evaluation=evaluation,
+    image_processor = image_processor or image_processor_for(model_args)
+    write_hub_files(output_dir, config, image_processor=image_processor, evaluation=evaluation,
                     dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
                     model_name=Path(output_dir).resolve().name)
 
@@ -452,7 +455,7 @@ def run_training(
     if training_args.do_train and trainer.is_world_process_zero():
         metrics.setdefault("train_steps", trainer.state.global_step)
         write_model_card(training_args.output_dir, model.config, model_args, data_args, training_args, metrics,
-                         len(data.eval) if data.eval is not None else 0)
+                         len(data.eval) if data.eval is not None else 0, image_processor=trainer.processing_class)
         if repo_id is not None:
             publish_model_folder(training_args, repo_id)
     return metrics
