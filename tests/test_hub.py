@@ -427,6 +427,10 @@ def test_failed_upload_leaves_nothing_behind(fake_hub, plain_folder):
 def test_push_command(fake_hub, plain_folder, capsys, monkeypatch):
     assert cli_main(["push", str(plain_folder), "someone/hms-tiny", "--private", "--token", "hf_test"]) == 0
     assert "https://huggingface.co/someone/hms-tiny/commit/0123abc" in capsys.readouterr().out
+    assert cli_main(["push", str(plain_folder), "someone/hms-tiny", "--token", "hf_test", "--revision", "v2"]) == 0
+    api = fake_hub.instances[-1]
+    assert api.branches == ["v2"] and api.commits[0]["revision"] == "v2"  # the main branch above: None
+    assert fake_hub.instances[0].commits[0]["revision"] is None
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert cli_main(["push", str(plain_folder), "someone/hms-tiny", "--token", "hf_test"]) == 1
     assert "offline mode" in capsys.readouterr().err

@@ -140,7 +140,11 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
                                  r"to --color_jitter\)"),
      (["--color_jitter", "-1"], "--color_jitter must be >= 0, got -1"),
      (["--hue_jitter", "0.7"], r"hue jitter must be in \[0, 0.5\] turns, got 0.7"),
-     (["--blur_probability", "2"], r"--blur_probability must be in \[0, 1\], got 2")],
+     (["--blur_probability", "2"], r"--blur_probability must be in \[0, 1\], got 2"),
+     # TrainingArguments that cannot apply to segmentation batches are refused by both scripts, not ignored
+     (["--remove_unused_columns", "true"], "--remove_unused_columns true would drop the colour-jitter plans"),
+     (["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy group_by_length groups samples"),
+     (["--do_predict"], "--do_predict: these scripts have no prediction split")],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
@@ -203,9 +207,14 @@ def test_push_to_hub_publishes_the_finished_model_folder(script, tiny_model_dir,
     fake_hub = install_fake_hub(monkeypatch)
     with pytest.raises(HubPublishingError, match="no Hugging Face token"):
         run(*parse_arguments(argv))
-    run(*parse_arguments([*argv, "--hub_token", "hf_test", "--overwrite_output_dir", "true"]))
+    with pytest.raises(ValueError, match="--hub_strategy checkpoint: checkpoints are never published"):
+        run(*parse_arguments([*argv, "--hub_token", "hf_test", "--hub_strategy", "checkpoint"]))
+    with pytest.raises(ValueError, match="--push_to_hub publishes the model this run trains: it needs --do_train"):
+        run(*parse_arguments([arg for arg in argv if arg != "--do_train"] + ["--hub_token", "hf_test"]))
+    run(*parse_arguments([*argv, "--hub_token", "hf_test", "--overwrite_output_dir", "true", "--hub_revision", "v2"]))
     (api,) = fake_hub.instances
     (commit,) = api.commits
+    assert api.branches == ["v2"] and commit["revision"] == "v2"  # --hub_revision: that branch
     assert api.repos == [{"repo_id": "someone/hms-tiny", "private": False, "exist_ok": True}]
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(commit["files"])
     assert not any(name.endswith(".bin") or name.startswith("checkpoint") for name in commit["files"])
@@ -274,6 +283,100 @@ def test_accelerate_script_follows_logging_strategy_and_eval_on_start(tiny_model
     with pytest.raises(ValueError, match="--torch_compile: this script does not compile the model"):
         train_accelerate.run_training(*parse_arguments([*argv, "--torch_compile", "true", "--overwrite_output_dir",
                                                         "true"]))
+
+
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_first_step_logging_and_eval_delay_are_followed_as_the_trainer_does(tiny_model_dir, synthetic_dir, tmp_path,
+                                                                             script, monkeypatch):
+    from hms_segmentation.training import train_accelerate
+
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--do_eval", "--logging_steps", "2",
+                              "--logging_first_step", "true", "--eval_strategy", "steps", "--eval_steps", "1",
+                              "--eval_delay", "2", "--disable_tqdm", "true", "--torch_empty_cache_steps", "1",
+                              "--dataloader_pin_memory", "false", "--data_seed", "5", "--log_level", "warning",
+                              "--full_determinism", "true")
+    seeded = []  # --full_determinism: deterministic algorithms, process-wide, so recorded here rather than switched on
+    monkeypatch.setattr("transformers.trainer.enable_full_determinism", seeded.append)
+    monkeypatch.setattr(train_accelerate, "enable_full_determinism", seeded.append)
+    (run_training if script == "trainer" else train_accelerate.run_training)(*parse_arguments(argv))
+    assert seeded and set(seeded) == {42}
+    history = logged_history(output, script)
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2]
+    assert [entry["step"] for entry in history if "eval_mean_iou" in entry] == [2, 3]
+
+
+@pytest.mark.parametrize("flags", [
+    ("--save_only_model", "true"), ("--fp16_full_eval", "true"), ("--eval_accumulation_steps", "2"),
+    ("--auto_find_batch_size", "true", "--skip_memory_metrics", "false"),
+], ids=["save_only_model", "fp16_full_eval", "eval_accumulation_steps", "two_flags"])
+def test_accelerate_script_refuses_what_it_does_not_follow(tiny_model_dir, synthetic_dir, tmp_path, flags):
+    """Every TrainingArguments flag is followed by the explicit loop or refused there, never ignored."""
+    import dataclasses
+
+    from hms_segmentation.training import train_accelerate
+    from hms_segmentation.training.arguments import HMSTrainingArguments
+
+    assert train_accelerate.FOLLOWED_TRAINING_ARGUMENTS <= {field.name for field in dataclasses.fields(HMSTrainingArguments)}
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train")
+    train_accelerate.check_followed_arguments(parse_arguments(argv)[2])  # the defaults (and these) pass
+    named = ", ".join(f"{name} {value}" for name, value in zip(flags[::2], flags[1::2]))
+    with pytest.raises(ValueError, match=named.replace("true", "True").replace("false", "False") + ": this script does not follow"):
+        train_accelerate.run_training(*parse_arguments([*argv, *flags]))
+    assert not output.exists()
+
+
+def test_accelerate_script_passes_ddp_and_dataloader_flags_on():
+    from hms_segmentation.training import train_accelerate
+
+    def ddp(*flags):
+        options = train_accelerate._ddp_options(parse_arguments(["--output_dir", "unused", *flags])[2])
+        return (options.find_unused_parameters, options.bucket_cap_mb, options.static_graph, options.broadcast_buffers)
+
+    assert ddp() == (True, 25, False, True)  # unused parameters looked for: the Trainer's default for a PreTrainedModel
+    assert ddp("--activation_checkpointing", "true")[0] is False
+    assert ddp("--ddp_find_unused_parameters", "false", "--ddp_bucket_cap_mb", "50", "--ddp_static_graph", "true",
+               "--ddp_broadcast_buffers", "false") == (False, 50, True, False)
+    options = train_accelerate._loader_options(parse_arguments([
+        "--output_dir", "unused", "--dataloader_num_workers", "2", "--dataloader_pin_memory", "false",
+        "--dataloader_persistent_workers", "true", "--dataloader_prefetch_factor", "4",
+        "--dataloader_multiprocessing_context", "spawn", "--dataloader_in_order", "false"])[2])
+    loader = torch.utils.data.DataLoader(list(range(4)), **options)
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor,
+            loader.in_order) == (2, False, True, 4, False)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+def test_accelerate_script_without_do_train_evaluates_the_model_as_given(tiny_model_dir, synthetic_dir, tmp_path):
+    from hms_segmentation.training import train_accelerate
+
+    common = ("--do_eval", "--report_to", "none")
+    by_trainer = run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "t", *common)))
+    by_accelerate = train_accelerate.run_training(*parse_arguments(tiny_run_arguments(
+        tiny_model_dir, synthetic_dir, tmp_path / "a", *common)))
+    assert by_accelerate["eval_mean_iou"] == pytest.approx(by_trainer["eval_mean_iou"])
+    assert json.loads((tmp_path / "a" / "all_results.json").read_text())["eval_mean_iou"] == by_accelerate["eval_mean_iou"]
+    assert not (tmp_path / "a" / "model.safetensors").exists()  # nothing trained, nothing saved
+
+
+def test_log_level_flags_set_this_package_and_transformers_logging(tmp_path):
+    import logging
+
+    import transformers
+
+    from hms_segmentation.training.train import configure_logging
+
+    package = logging.getLogger("hms_segmentation")
+    before = package.level, transformers.utils.logging.get_verbosity()
+    try:
+        configure_logging(parse_arguments(["--output_dir", str(tmp_path)])[2])
+        assert package.level == logging.INFO and transformers.utils.logging.get_verbosity() == before[1]  # passive
+        configure_logging(parse_arguments(["--output_dir", str(tmp_path), "--log_level", "error"])[2])
+        assert package.level == logging.ERROR == transformers.utils.logging.get_verbosity()
+    finally:
+        package.setLevel(before[0])
+        transformers.utils.logging.set_verbosity(before[1])
 
 
 def test_optimizer_and_schedule_flags_are_honoured(tiny_model_dir):
@@ -653,13 +756,37 @@ def _final_parameters(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in HMSForSemanticSegmentation.from_pretrained(folder).state_dict().items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("script", ["trainer", "accelerate", "accelerate_legacy_checkpoint", "trainer_stream",
-                                    "accelerate_stream"])
-def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_model_dir, synthetic_dir, tmp_path, script):
+def _train_until_killed(script: str, arguments, kill_after_first_save: bool) -> None:
+    """Run `script` (trainer / accelerate); with `kill_after_first_save`, die as a killed run would, just after the
+    first checkpoint is complete."""
     from transformers import TrainerCallback
 
     from hms_segmentation.training import train_accelerate
 
+    if script == "trainer":
+        class KillAfterSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                raise _Killed
+
+        run_training(*arguments, callbacks=[KillAfterSave()] if kill_after_first_save else None)
+        return
+    original = train_accelerate.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise _Killed
+
+    if kill_after_first_save:
+        train_accelerate.save_checkpoint = save_then_die
+    try:
+        train_accelerate.run_training(*arguments)
+    finally:
+        train_accelerate.save_checkpoint = original
+
+
+@pytest.mark.parametrize("script", ["trainer", "accelerate", "accelerate_legacy_checkpoint", "trainer_stream",
+                                    "accelerate_stream"])
+def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_model_dir, synthetic_dir, tmp_path, script):
     extra = ("--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--primary_loss",
              "cross_entropy", "--class_uniform_fraction", "0")
     if script.endswith("_stream"):
@@ -670,26 +797,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_
 
     def run(output_dir: Path, kill_after_first_save: bool) -> None:
         arguments = parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, output_dir, *extra))
-        if script == "trainer":
-            class KillAfterSave(TrainerCallback):
-                def on_save(self, args, state, control, **kwargs):
-                    raise _Killed
-
-            run_training(*arguments, callbacks=[KillAfterSave()] if kill_after_first_save else None)
-        else:
-            if kill_after_first_save:
-                original = train_accelerate.save_checkpoint
-
-                def save_then_die(*args, **kwargs):
-                    original(*args, **kwargs)
-                    raise _Killed
-
-                train_accelerate.save_checkpoint = save_then_die
-            try:
-                train_accelerate.run_training(*arguments)
-            finally:
-                if kill_after_first_save:
-                    train_accelerate.save_checkpoint = original
+        _train_until_killed("trainer" if script == "trainer" else "accelerate", arguments, kill_after_first_save)
 
     run(straight, kill_after_first_save=False)
     with pytest.raises(_Killed):
@@ -701,6 +809,26 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_as_if_never_stopped(tiny_
     expected, got = _final_parameters(straight), _final_parameters(resumed)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_ignore_data_skip_restarts_the_resumed_epoch_in_both_scripts(tiny_model_dir, synthetic_dir, tmp_path):
+    """Killed mid-epoch (after step 1 of 2 per epoch) and resumed with --ignore_data_skip: the epoch starts over from
+    its first batch in both scripts, so both end on the same weights, unlike a resume that skips the trained batch."""
+    extra = ("--do_train", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--primary_loss",
+             "cross_entropy", "--class_uniform_fraction", "0", "--train_sampling_strategy", "sequential")
+    final = {}
+    for script, ignore in (("trainer", "true"), ("accelerate", "true"), ("accelerate", "false")):
+        output = tmp_path / f"{script}_{ignore}"
+        arguments = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, *extra)
+        with pytest.raises(_Killed):
+            _train_until_killed(script, parse_arguments(arguments), kill_after_first_save=True)
+        _train_until_killed(script, parse_arguments([*arguments, "--ignore_data_skip", ignore]), False)
+        final[script, ignore] = _final_parameters(output)
+    for key, value in final["trainer", "true"].items():
+        torch.testing.assert_close(final["accelerate", "true"][key], value, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    key = "decode_head.classifier.weight"
+    assert not torch.allclose(final["accelerate", "false"][key], final["accelerate", "true"][key])
 
 
 def test_half_written_checkpoints_are_never_resumed(tmp_path):

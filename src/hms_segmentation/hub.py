@@ -503,6 +503,7 @@ def push_to_hub(
     split: str | None = None,
     license: str | None = None,
     commit_message: str | None = None,
+    revision: str | None = None,
 ) -> str:
     """
     Publish a `save_pretrained` folder of an HMS model to `repo_id` in one commit.
@@ -520,6 +521,7 @@ def push_to_hub(
         token: A Hugging Face token with write access; defaults to the logged-in one (`hf auth login`, `HF_TOKEN`).
         evaluation, dataset, split, license: For a generated card (see `build_model_card`).
         commit_message: Defaults to "Upload HMS model".
+        revision: The branch to commit to (created from the main branch if missing); default: the main branch.
 
     Returns:
         The URL of the commit.
@@ -555,8 +557,11 @@ def push_to_hub(
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
             commit = api.create_commit(
-                repo_id, operations, commit_message=commit_message or "Upload HMS model", repo_type="model"
+                repo_id, operations, commit_message=commit_message or "Upload HMS model", repo_type="model",
+                revision=revision,
             )
         except Exception as error:  # network, permission, quota: one message naming the repository
             raise HubPublishingError(f"publishing to {repo_id} failed: {error}. Nothing was committed; the local "
@@ -597,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="evaluated split (default: val)")
     parser.add_argument("--license", default=None, help=f"license of the weights (default: {PACKAGE_LICENSE})")
     parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
     return parser
 
 
@@ -606,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         url = push_to_hub(
             args.folder, args.repo_id, private=args.private, token=args.token, evaluation=args.results,
             dataset=args.dataset, split=args.split, license=args.license, commit_message=args.commit_message,
+            revision=args.revision,
         )
     except (HubPublishingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -292,6 +292,15 @@ class HMSTrainingArguments(TrainingArguments):
         if self.lr_scheduler_type == "polynomial" and self.lr_scheduler_kwargs:
             raise ValueError(f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs} with the polynomial schedule: its power "
                              "is --poly_power and it decays to zero, as the reference")
+        if self.remove_unused_columns:  # the Trainer would drop what forward() does not take: the jitter plans
+            raise ValueError("--remove_unused_columns true would drop the colour-jitter plans that training batches "
+                             "carry beside pixel_values and labels (they hold nothing else); leave it false")
+        if self.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} groups samples by token length; "
+                             "segmentation crops all have one size: use random (the default) or sequential")
+        if self.do_predict:
+            raise ValueError("--do_predict: these scripts have no prediction split; predict with hms-segmentation "
+                             "autolabel (label maps) or evaluate (scores), or pipeline('image-segmentation', ...)")
 
 
 def parse_scales(text: str | float | list[float]) -> list[float]:

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler, set_seed
 
 from ..configuration_hms import HMSConfig
@@ -217,13 +218,33 @@ def optimizer_description(args: HMSTrainingArguments) -> str:
     return f"{name}, learning rate {args.learning_rate}, weight decay {args.weight_decay}, {decay}{warmup}"
 
 
+def configure_logging(training_args: HMSTrainingArguments) -> None:
+    """``--log_level`` / ``--log_level_replica`` / ``--log_on_each_node`` for this package's messages and transformers'
+    (as the Trainer applies them). Left passive, this package logs info on the main process(es), warnings elsewhere,
+    and transformers keeps its own verbosity."""
+    level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    chosen = training_args.log_level if training_args.should_log else training_args.log_level_replica
+    if chosen == "passive":
+        level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.getLogger("hms_segmentation").setLevel(level)
+
+
 def hub_repository(training_args: HMSTrainingArguments) -> str | None:
     """With ``--push_to_hub``: the repository the finished model folder goes to (``--hub_model_id``, else the output
     folder's name), checked before any training (offline mode, token, id). The Trainer's own pushes are turned off:
     they would publish ``training_args.bin`` (a pickle) and a generic card; `publish_model_folder` sends the model
-    folder as `hms-segmentation push` does."""
+    folder as `hms-segmentation push` does, once, at the end (``--hub_strategy`` end or every_save, the default;
+    checkpoints are never published)."""
     if not training_args.push_to_hub:
         return None
+    if not training_args.do_train:
+        raise ValueError("--push_to_hub publishes the model this run trains: it needs --do_train (to publish an existing "
+                         "model folder: hms-segmentation push FOLDER REPO_ID)")
+    strategy = getattr(training_args.hub_strategy, "value", training_args.hub_strategy)  # a HubStrategy
+    if strategy not in ("every_save", "end"):
+        raise ValueError(f"--hub_strategy {strategy}: checkpoints are never published (they hold "
+                         "pickles); the finished model folder is, once at the end (--hub_strategy end or every_save)")
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
     check_can_publish(repo_id, training_args.hub_token)
     training_args.push_to_hub = False
@@ -233,7 +254,8 @@ def hub_repository(training_args: HMSTrainingArguments) -> str | None:
 def publish_model_folder(training_args: HMSTrainingArguments, repo_id: str) -> str:
     """Publish the run's output folder (weights, config, remote code, image processor, card) to `repo_id`."""
     url = push_to_hub(training_args.output_dir, repo_id, private=bool(training_args.hub_private_repo),
-                      token=training_args.hub_token, commit_message="Upload HMS model trained with hms-segmentation")
+                      token=training_args.hub_token, revision=training_args.hub_revision,
+                      commit_message="Upload HMS model trained with hms-segmentation")
     logger.info("published %s -> %s", training_args.output_dir, url)
     return url
 
@@ -418,6 +440,7 @@ def run_training(
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, float]:
     """Train and/or evaluate as the arguments say (extra `TrainerCallback`s welcome); returns the final metrics."""
+    configure_logging(training_args)
     set_seed(training_args.seed)
     resume_from = check_output_dir(training_args)
     repo_id = hub_repository(training_args)

@@ -11,6 +11,7 @@ at the same LR-schedule position and data order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,8 +23,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, LoggerType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    LoggerType,
+    ProjectConfiguration,
+)
+from accelerate.utils.memory import clear_device_cache
 from tqdm.auto import tqdm
+from transformers.trainer_pt_utils import AcceleratorConfig
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
 
@@ -35,6 +44,7 @@ from .train import (
     check_one_full_batch,
     check_output_dir,
     collate_samples,
+    configure_logging,
     create_optimizer,
     create_scheduler,
     hub_repository,
@@ -46,6 +56,33 @@ from .train import (
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+# The TrainingArguments this loop follows. Any other must keep its default here (`check_followed_arguments`): the
+# Trainer script follows them all. (--tf32, --ddp_backend and --ddp_timeout act when the arguments are parsed.)
+FOLLOWED_TRAINING_ARGUMENTS = frozenset({
+    # the run
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "resume_from_checkpoint", "ignore_data_skip", "seed",
+    "data_seed", "full_determinism", "use_cpu", "local_rank", "fp16", "bf16", "tf32", "stop_on_nonfinite_loss",
+    "torch_empty_cache_steps", "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+    # batches and data loading
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "train_sampling_strategy", "dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "dataloader_in_order",
+    # optimisation
+    "num_train_epochs", "max_steps", "learning_rate", "momentum", "weight_decay", "optim", "optim_args", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "poly_power",
+    "max_grad_norm", "label_smoothing_factor",
+    # many processes
+    "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
+    "ddp_static_graph",
+    # logging, evaluation, checkpoints, publishing
+    "logging_strategy", "logging_steps", "logging_first_step", "log_level", "log_level_replica", "log_on_each_node",
+    "disable_tqdm", "report_to", "run_name", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
+    "save_strategy", "save_steps", "save_total_limit", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
+    "hub_strategy", "hub_revision", "hub_always_push",
+})
 
 
 def _mixed_precision(args: HMSTrainingArguments) -> str:
@@ -74,7 +111,7 @@ def _legacy_scheduler_state(checkpoint: str | None) -> Path | None:
 
 def evaluate(
     model: torch.nn.Module, eval_dataset: torch.utils.data.Dataset, accelerator: Accelerator, id2label: dict[int, str],
-    batch_size: int = 1,
+    batch_size: int = 1, show_progress: bool = True,
 ) -> dict[str, float]:
     """Chained multi-scale evaluation (`config.inference_scales`), the confusion matrix summed over processes.
 
@@ -90,7 +127,7 @@ def evaluate(
     network.eval()
     with torch.inference_mode():
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate_samples)
-        for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+        for batch in tqdm(loader, desc="evaluating", disable=not (show_progress and accelerator.is_local_main_process)):
             labels = batch["labels"].to(accelerator.device)
             with accelerator.autocast():
                 logits = network(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
@@ -112,33 +149,34 @@ def run_training(
 ) -> dict[str, float]:
     """Train (and evaluate) as the arguments say. `on_train_end(model, accelerator)` runs on every process after the
     last step, before saving (e.g. to inspect the per-process model)."""
+    check_followed_arguments(args)
+    configure_logging(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=_mixed_precision(args),
         cpu=args.use_cpu,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.data_seed),
+        kwargs_handlers=[_ddp_options(args)],
         log_with=_trackers(args.report_to),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir) / "runs")),
     )
-    set_seed(args.seed)
-    if args.load_best_model_at_end or args.save_strategy == "best":
-        raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
-                         "train); this script saves the model of its last step")
-    if args.torch_compile:
-        raise ValueError("--torch_compile: this script does not compile the model; use the Trainer script "
-                         "(hms-segmentation train)")
-    if args.lr_scheduler_type == "reduce_lr_on_plateau":
-        raise ValueError("--lr_scheduler_type reduce_lr_on_plateau steps on evaluation metrics: use the Trainer script "
-                         "(hms-segmentation train)")
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
     repo_id = hub_repository(args)
     data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
-    check_one_full_batch(data.train, args)
+    if args.do_train:
+        check_one_full_batch(data.train, args)
     if args.poly_power is None:
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
+    evaluating = args.do_eval and data.eval is not None
+    if not args.do_train:  # as the Trainer script: only the evaluation, of the model as given
+        return _evaluate_only(model, data, accelerator, args) if evaluating else {}
     if args.activation_checkpointing:  # or its old name --gradient_checkpointing; as the Trainer does
         model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
     base_optimizer = create_optimizer(model, args, model_args.trunk_learning_rate_multiplier)
@@ -147,8 +185,8 @@ def run_training(
         data.train,
         batch_size=args.per_device_train_batch_size,
         shuffle=is_map_style and args.train_sampling_strategy != "sequential",
-        num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
+        **_loader_options(args),
     )
     model, optimizer, train_loader = accelerator.prepare(model, base_optimizer, train_loader)
     # Counted as the Trainer counts them: batches of this process per epoch, and optimizer steps per epoch, the last
@@ -180,8 +218,8 @@ def run_training(
     logging_by_steps = args.logging_steps and args.logging_strategy == "steps"  # or "epoch" (at its end), or "no"
     log_every = _interval(args.logging_steps, args.max_steps) if logging_by_steps else 0
     save_every = _interval(args.save_steps, args.max_steps) if args.save_strategy == "steps" and args.save_steps else 0
-    evaluating = args.do_eval and data.eval is not None
     eval_every = _interval(args.eval_steps, args.max_steps) if evaluating and args.eval_strategy == "steps" else 0
+    show_progress = accelerator.is_local_main_process and not args.disable_tqdm
     output_dir = Path(args.output_dir)
     metric_sums: dict[str, float] = {}
     metric_count, skipped_nonfinite = 0, 0
@@ -191,7 +229,8 @@ def run_training(
     accelerator.init_trackers(args.run_name or "hms-segmentation", config=_hyperparameters(model_args, data_args, args))
 
     def log_evaluation(**position: int) -> None:
-        metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size)
+        metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
+                           show_progress)
         history.append({**metrics, **position})
         accelerator.log({**metrics, **{k: v for k, v in position.items() if k != "step"}},
                         step=position.get("step", global_step))
@@ -207,7 +246,7 @@ def run_training(
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
         metric_sums, metric_count = {}, 0
 
-    progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=args.max_steps, initial=global_step, disable=not show_progress)
     if evaluating and args.eval_on_start and global_step == 0:
         log_evaluation(step=0)
     model.train()
@@ -217,14 +256,13 @@ def run_training(
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         loader, done_in_epoch = train_loader, 0  # batches
-        if steps_per_epoch and global_step:
-            done_in_epoch = max(0, (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps)
+        if global_step and not args.ignore_data_skip:  # (--ignore_data_skip: a resumed epoch starts over, as the Trainer's)
+            if steps_per_epoch:
+                done_in_epoch = max(0, (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps)
+            else:  # a stream chains its epochs into one iteration (`ConsecutiveEpochs`): skip every batch trained so far
+                done_in_epoch = global_step * args.gradient_accumulation_steps
             if done_in_epoch > 0:
                 loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
-        elif global_step and not is_map_style:
-            # a stream chains its epochs into one iteration (`ConsecutiveEpochs`): skip every batch trained so far
-            done_in_epoch = global_step * args.gradient_accumulation_steps
-            loader = accelerator.skip_first_batches(train_loader, done_in_epoch)
         batch_index = None
         for batch_index, batch in enumerate(loader, start=done_in_epoch):
             with accelerator.accumulate(model):
@@ -252,9 +290,11 @@ def run_training(
                 scheduler.step()
             global_step += 1
             progress.update(1)
-            if log_every and global_step % log_every == 0:
+            if args.torch_empty_cache_steps and global_step % args.torch_empty_cache_steps == 0:
+                clear_device_cache()
+            if log_every and global_step % log_every == 0 or args.logging_first_step and global_step == 1:
                 log_training(learning_rate)
-            if eval_every and global_step % eval_every == 0:
+            if eval_every and global_step % eval_every == 0 and global_step >= args.eval_delay:
                 log_evaluation(step=global_step)
             if save_every and global_step % save_every == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
@@ -267,7 +307,7 @@ def run_training(
         if global_step < args.max_steps or steps_per_epoch and global_step % steps_per_epoch == 0:
             if args.logging_strategy == "epoch":
                 log_training(learning_rate)
-            if evaluating and args.eval_strategy == "epoch":
+            if evaluating and args.eval_strategy == "epoch" and epoch + 1 >= args.eval_delay:
                 log_evaluation(step=global_step, epoch=epoch + 1)
             if args.save_strategy == "epoch":
                 save_checkpoint(accelerator, output_dir, global_step, args.save_total_limit)
@@ -286,8 +326,9 @@ def run_training(
     del model
     accelerator.free_memory()
     metrics: dict[str, float] = {"train_steps": global_step}
-    if args.do_eval and data.eval is not None:
-        metrics.update(evaluate(unwrapped, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size))
+    if evaluating:
+        metrics.update(evaluate(unwrapped, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
+                                show_progress))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "log_history.json").write_text(metrics_to_json(history))
         (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
@@ -295,6 +336,82 @@ def run_training(
                          len(data.eval) if data.eval is not None else 0)
         if repo_id is not None:
             publish_model_folder(args, repo_id)
+    accelerator.end_training()
+    return metrics
+
+
+def check_followed_arguments(args: HMSTrainingArguments) -> None:
+    """Refuse any TrainingArguments value this loop would not follow (the Trainer script follows them all): set, it
+    would be ignored without a word."""
+    if args.load_best_model_at_end or args.save_strategy == "best":
+        raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
+                         "train); this script saves the model of its last step")
+    if args.torch_compile:
+        raise ValueError("--torch_compile: this script does not compile the model; use the Trainer script "
+                         "(hms-segmentation train)")
+    if args.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise ValueError("--lr_scheduler_type reduce_lr_on_plateau steps on evaluation metrics: use the Trainer script "
+                         "(hms-segmentation train)")
+    unfollowed = [f"--{field.name} {getattr(getattr(args, field.name), 'value', getattr(args, field.name))}"
+                  for field in dataclasses.fields(args)
+                  if field.init and field.name not in FOLLOWED_TRAINING_ARGUMENTS and _is_set(args, field)]
+    if unfollowed:
+        raise ValueError(f"{', '.join(unfollowed)}: this script does not follow "
+                         f"{'this argument' if len(unfollowed) == 1 else 'these arguments'}; use the Trainer script "
+                         "(hms-segmentation train), which follows every TrainingArguments flag, or leave "
+                         f"{'it' if len(unfollowed) == 1 else 'them'} at the default")
+
+
+def _is_set(args: HMSTrainingArguments, field: dataclasses.Field) -> bool:
+    """Whether `field` differs from its default (an empty value counts as unset, as TrainingArguments normalises
+    some: `debug` '' becomes [], `accelerator_config` None becomes the default `AcceleratorConfig`)."""
+    value = getattr(args, field.name)
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return True
+    if field.name == "accelerator_config":
+        return value is not None and value != AcceleratorConfig()
+    unset = (None, "", [], {})
+    return value != default and not (value in unset and default in unset)
+
+
+def _ddp_options(args: HMSTrainingArguments) -> DistributedDataParallelKwargs:
+    """DistributedDataParallel's options from --ddp_*, with the Trainer's default for unused parameters (looked for,
+    unless activation checkpointing is on)."""
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        find_unused = not args.activation_checkpointing
+    options = {"find_unused_parameters": find_unused}
+    for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
+        if getattr(args, f"ddp_{name}") is not None:
+            options[name] = getattr(args, f"ddp_{name}")
+    return DistributedDataParallelKwargs(**options)
+
+
+def _loader_options(args: HMSTrainingArguments) -> dict:
+    """The training DataLoader's --dataloader_* options, as the Trainer passes them."""
+    return {
+        "num_workers": args.dataloader_num_workers,
+        "pin_memory": args.dataloader_pin_memory,
+        "persistent_workers": args.dataloader_persistent_workers,
+        "prefetch_factor": args.dataloader_prefetch_factor,
+        "multiprocessing_context": args.dataloader_multiprocessing_context,
+        "in_order": args.dataloader_in_order,
+    }
+
+
+def _evaluate_only(model: torch.nn.Module, data, accelerator: Accelerator, args: HMSTrainingArguments
+                   ) -> dict[str, float]:
+    """--do_eval without --do_train: the model as given, evaluated; its metrics in ``all_results.json``."""
+    model = model.to(accelerator.device)
+    metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
+                       not args.disable_tqdm)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
     accelerator.end_training()
     return metrics
 
