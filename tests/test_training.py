@@ -144,7 +144,10 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
      # TrainingArguments that cannot apply to segmentation batches are refused by both scripts, not ignored
      (["--remove_unused_columns", "true"], "--remove_unused_columns true would drop the colour-jitter plans"),
      (["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy group_by_length groups samples"),
-     (["--do_predict"], "--do_predict: these scripts have no prediction split")],
+     (["--do_predict"], "--do_predict: these scripts have no prediction split"),
+     (["--neftune_noise_alpha", "5"], "--neftune_noise_alpha works on the token embeddings"),
+     (["--use_liger_kernel", "true"], "--use_liger_kernel works on the token embeddings"),
+     (["--include_num_input_tokens_seen", "true"], "--include_num_input_tokens_seen works on")],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):

@@ -298,6 +298,13 @@ class HMSTrainingArguments(TrainingArguments):
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} groups samples by token length; "
                              "segmentation crops all have one size: use random (the default) or sequential")
+        language_model_only = {"--neftune_noise_alpha": self.neftune_noise_alpha is not None,
+                               "--use_liger_kernel": self.use_liger_kernel,
+                               "--include_num_input_tokens_seen": self.include_num_input_tokens_seen not in ("no", False)}
+        for flag, is_set in language_model_only.items():
+            if is_set:
+                raise ValueError(f"{flag} works on the token embeddings or token counts of a language model; an HMS "
+                                 "model takes images: leave it unset")
         if self.do_predict:
             raise ValueError("--do_predict: these scripts have no prediction split; predict with hms-segmentation "
                              "autolabel (label maps) or evaluate (scores), or pipeline('image-segmentation', ...)")
