@@ -459,8 +459,11 @@ def test_auto_label_classes_use_auto_labelled_frames_only_as_class_uniform_crops
     root = _fresh_copy(extra_root, tmp_path)
     assert main(["--model", str(teacher_dir), "--input", str(root / "leftImg8bit" / "train_extra"), *FAST]) == 0
     classes = {0, 2, 8}  # road, building, vegetation: in every synthetic frame
-    args = DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_classes="8,2,0", auto_label_epochs=2,
-                         class_uniform_fraction=1.0, crop_size=64)
+    # the few fine frames share each epoch's class-uniform crops among more classes: enough epochs to draw the boost
+    # classes' auto-labelled centroids
+    epochs = 12
+    args = DataArguments(dataset="cityscapes", data_dir=str(root), auto_label_classes="8,2,0",
+                         auto_label_epochs=epochs, class_uniform_fraction=1.0, crop_size=64)
     assert args.auto_label_classes == "0,2,8"
     train = build_datasets(args, seed=0, do_eval=False).train
     fine = len(list((root / "leftImg8bit" / "train").glob("*/*.png")))
@@ -469,14 +472,14 @@ def test_auto_label_classes_use_auto_labelled_frames_only_as_class_uniform_crops
     assert set(ids[fine:]) == {path.name[: -len("_leftImg8bit.png")]
                                for path in (root / "leftImg8bit" / "train_extra").glob("*/*.png")}
     auto_picks = []
-    for epoch in range(2):
+    for epoch in range(epochs):
         train.set_epoch(epoch)
         assert len(train.plan) == fine
         auto_picks += [(row, centroid) for row, centroid in train.plan if row >= fine]
     assert auto_picks and all(centroid is not None for _, centroid in auto_picks)  # never a plain crop
     for row, (x, y) in auto_picks:  # and always centred on a boost class of its auto-label
         assert load_label(train.rows[row]["label"])[y, x] in classes
-    train.set_epoch(2)  # past --auto_label_epochs: fine frames only
+    train.set_epoch(epochs)  # past --auto_label_epochs: fine frames only
     assert len(train.plan) == fine and all(row < fine for row, _ in train.plan)
     sample = train[0]
     assert sample["pixel_values"].shape[-2:] == (64, 64)

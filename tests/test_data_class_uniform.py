@@ -134,6 +134,32 @@ def test_epoch_plan_mixes_random_and_class_uniform_crops(train_set):
     assert plan != index.plan_epoch(ids, 0.5, np.random.default_rng(1))
 
 
+def test_epoch_plan_gives_every_class_an_equal_share_of_distinct_centroids(train_set):
+    """As the reference's build_epoch: int(N * fraction / C) crops per class (the remainder one each to some
+    classes, so that a dataset smaller than its class count still gets class-uniform crops), each class's centroids
+    taken without replacement until all are used."""
+    from collections import Counter
+
+    index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))
+    ids = list(train_set["id"])
+    classes = sorted(class_id for class_id, entries in index.by_class.items() if entries)
+    owner = {(ids.index(sample_id), tuple(point)): class_id
+             for class_id, entries in index.by_class.items() for sample_id, point in entries}
+    for seed in range(3):
+        plan = index.plan_epoch(ids, 1.0, np.random.default_rng(seed))
+        uniform = [(row, tuple(centroid)) for row, centroid in plan if centroid is not None]
+        assert len(uniform) == len(ids)
+        per_class = Counter(owner[row, centroid] for row, centroid in uniform)
+        shares = [per_class.get(class_id, 0) for class_id in classes]  # 12 crops, 15 classes: 0 or 1 each
+        assert set(per_class) <= set(classes) and max(shares) - min(shares) <= 1
+        for class_id in classes:
+            drawn = Counter((row, centroid) for row, centroid in uniform if owner[row, centroid] == class_id)
+            available = len({(row, centroid) for (row, centroid), owned in owner.items() if owned == class_id})
+            # a shuffled cycle: no centroid repeats before every one of its class is used
+            assert len(drawn) == min(per_class[class_id], available)
+            assert max(drawn.values(), default=0) <= -(-per_class[class_id] // available)
+
+
 def test_rows_beyond_epoch_rows_give_only_their_restricted_centroids(train_set):
     """The reference's coarse boost: the last rows only add centroids of some classes; the epoch is the first rows."""
     index = ClassCentroidIndex.build(train_set, NUM_LABELS, ClassUniformOptions(tile_size=32))

@@ -7,10 +7,13 @@ whenever a label file changes.
 
 During training a configurable fraction of crops is centred on a centroid:
 
-- map-style: each epoch's plan draws that fraction of its samples as (class chosen uniformly, then one of its
-  centroids anywhere in the dataset), the rest as ordinary random crops, like the reference's ``build_epoch``, with
-  one difference: the reference gives every class exactly ``int(N * fraction / C)`` crops and takes its centroids
-  without replacement, where these draws are independent (the same expected counts, with more spread);
+- map-style: each epoch's plan, like the reference's ``build_epoch``, gives that fraction of its samples to the
+  classes in equal shares, each class's crops centred on its centroids (anywhere in the dataset) taken in a shuffled
+  order without replacement, and the rest to ordinary random crops of distinct images. One difference: the reference
+  gives every class exactly ``int(N * fraction / C)`` crops and the remainder to random crops; here the remainder goes
+  one crop each to randomly chosen classes, so that a small dataset (``N * fraction < C``) still gets its
+  class-uniform share. ``C`` counts the classes that occur (the reference's epoch would shrink by an absent class's
+  share);
 - streaming: samples arrive one by one, so a crop is centred on a class present in the current image, chosen with
   probability proportional to 1 / (number of images that contain the class), which gives rare classes the same boost.
 """
@@ -177,11 +180,13 @@ class ClassCentroidIndex:
                    epoch_rows: int | None = None) -> list[tuple[int, Centroid | None]]:
         """One epoch of a map-style dataset: `(row index, centroid or None)` for each of its steps.
 
-        The epoch has `epoch_rows` steps (default: one per row). A `fraction` of them picks a class uniformly among
-        the classes that occur, then one of its centroids in any row of `sample_ids`; the others are ordinary random
-        crops of distinct rows among the first `epoch_rows`. The whole plan is shuffled. Rows beyond `epoch_rows` are
-        thus only seen through their centroids: the reference's use of coarse (auto-labelled) frames, whose centroids
-        join the fine frames' for some classes (see `restricted`).
+        The epoch has `epoch_rows` steps (default: one per row). `int(epoch_rows * fraction)` of them are shared
+        equally by the classes that occur in the rows of `sample_ids` (the remainder, one more each, by randomly
+        chosen classes), each class's share centred on its centroids in a shuffled order, without replacement until
+        they are all used; the others are ordinary random crops of distinct rows among the first `epoch_rows`. The
+        whole plan is shuffled. Rows beyond `epoch_rows` are thus only seen through their centroids: the reference's
+        use of coarse (auto-labelled) frames, whose centroids join the fine frames' for some classes (see
+        `restricted`).
         """
         epoch_rows = len(sample_ids) if epoch_rows is None else epoch_rows
         if not 0 <= epoch_rows <= len(sample_ids):
@@ -193,9 +198,14 @@ class ClassCentroidIndex:
         num_uniform = int(epoch_rows * fraction) if classes else 0
         plan: list[tuple[int, Centroid | None]] = [
             (int(index), None) for index in rng.permutation(epoch_rows)[: epoch_rows - num_uniform]]
-        for class_position in rng.integers(len(classes), size=num_uniform) if num_uniform else ():
-            entries = entries_by_class[classes[class_position]]
-            plan.append(entries[rng.integers(len(entries))])
+        if num_uniform:
+            per_class, remainder = divmod(num_uniform, len(classes))
+            counts = np.full(len(classes), per_class)
+            counts[rng.permutation(len(classes))[:remainder]] += 1
+            for class_id, count in zip(classes, counts):
+                entries = entries_by_class[class_id]
+                order = rng.permutation(len(entries))
+                plan.extend(entries[order[step % len(entries)]] for step in range(count))
         return [plan[index] for index in rng.permutation(len(plan))]
 
     def restricted(self, sample_ids: Collection[str], classes: Collection[int]) -> ClassCentroidIndex:

@@ -141,7 +141,11 @@ class DataArguments:
                           "and are normalised on the device, same values; float32: normalised on the CPU",
                   "choices": ["uint8", "float32"]},
     )
-    class_uniform_fraction: float = field(default=0.5, metadata={"help": "share of crops centred on a uniformly drawn class"})
+    class_uniform_fraction: float = field(
+        default=0.5,
+        metadata={"help": "share of crops centred on class centroids, in equal shares per class (the reference's "
+                          "CLASS_UNIFORM_PCT)"},
+    )
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and count) unreadable samples instead of stopping"})
