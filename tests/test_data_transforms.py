@@ -107,6 +107,30 @@ def test_small_images_are_padded_with_ignore_labels_and_the_mean_colour(scene):
     assert sample["pixel_values"][:, padding].abs().max() < 0.02  # the mean colour normalises to ~0
 
 
+def test_centre_pad_placement_puts_a_small_image_where_the_references_padding_does(scene):
+    """The reference's recipes pad each short side by (crop - side) // 2 + 1 and crop at random: an 80x48 image in a
+    256x128 crop starts 87-89 columns and 39-41 rows in (centred, give or take a pixel); the default places it
+    anywhere."""
+    image, label = scene
+    label = np.where(label == 255, 0, label).astype(np.uint8)
+
+    def corners(placement: str) -> set[tuple[int, int]]:
+        transform = SegmentationTrainTransform(TrainAugmentationOptions(
+            crop_size=(128, 256), scale_min=0.5, scale_max=0.5, flip_probability=0.0, pad_placement=placement,
+            **NO_COLOR))
+        found = set()
+        for index in range(40):
+            rows, columns = np.nonzero((transform(image, label, sample_generator(0, index, 0))["labels"] != 255).numpy())
+            found.add((int(rows.min()), int(columns.min())))
+        return found
+
+    centred = {(row, column) for row in (39, 40, 41) for column in (87, 88, 89)}
+    assert corners("centre") == centred
+    assert len(corners("random")) > 20 and not corners("random") <= centred
+    with pytest.raises(ValueError, match="pad_placement must be 'random' or 'centre', got 'middle'"):
+        TrainAugmentationOptions(pad_placement="middle")
+
+
 @pytest.mark.parametrize("output_dtype", ["float32", "uint8"])
 @pytest.mark.parametrize("color", [NO_COLOR, {}], ids=["no colour jitter", "colour jitter"])
 def test_horizontal_flip_mirrors_image_and_label(scene, color, output_dtype):

@@ -123,7 +123,7 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
         assert (data_args.pre_size, data_args.eval_long_side, data_args.blur_probability) == (2177, 2177, 1.0)
         assert (training_args.learning_rate, training_args.poly_power, training_args.num_train_epochs) == (0.005, 1, 200)
         assert model_args.preset == "hrnet_w48_ocr" and training_args.per_device_train_batch_size == 2
-    assert recipe["fp16"] is True
+    assert recipe["fp16"] is True and data_args.crop_padding == "centre"  # no --translate_aug_fix in either
     with pytest.raises(ValueError, match="croop_size"):  # a misspelt key is refused, not ignored
         (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**local, "croop_size": 512}))
         parse_arguments([str(tmp_path / "typo.yaml")])
@@ -152,6 +152,12 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
 def test_bad_arguments_are_named(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         parse_arguments(["--output_dir", str(tmp_path), *argv])
+
+
+def test_a_bad_crop_padding_from_a_file_is_named(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(f"output_dir: {tmp_path / 'run'}\ncrop_padding: middle\n")
+    with pytest.raises(ValueError, match="--crop_padding must be random or centre, got 'middle'"):
+        parse_arguments([str(tmp_path / "recipe.yaml")])
 
 
 def test_an_output_dir_that_is_a_file_is_refused_and_kept(tiny_model_dir, synthetic_dir, tmp_path):

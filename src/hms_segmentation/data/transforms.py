@@ -207,8 +207,9 @@ class TrainAugmentationOptions:
     brightness, contrast, saturation and hue 0.25), with these differences: the colour steps run in float with one
     clamp per run of affine steps where the reference rounds to 8 bits after each, and after the optional blur (the
     reference blurs the jittered crop; the jitter runs on the device here); image padding is the mean colour
-    (0 after normalisation) rather than black, and an image smaller than the crop lands at a random offset in it (the
-    reference centres it); padded labels are ignored either way.
+    (0 after normalisation) rather than black; padded labels are ignored either way. An image side smaller than the
+    crop lands at a random offset in it by default (the reference's ``--translate_aug_fix``); ``pad_placement="centre"``
+    centres it as the reference's recipes do.
 
     Args:
         crop_size: Output `(height, width)` (or one int for a square crop).
@@ -231,6 +232,9 @@ class TrainAugmentationOptions:
         ignore_index: Label value of padding (and of ignored pixels).
         image_resample: ``"bicubic"`` (the reference) or ``"bilinear"`` (about 30% cheaper to scale a 1024x1024 crop)
             for images; labels always use nearest.
+        pad_placement: Where a scaled image side shorter than the crop lands in it: ``"random"``, anywhere (the
+            reference's ``--translate_aug_fix``); ``"centre"``, as the reference's recipes, which pad each side by
+            ``(crop - side) // 2 + 1`` and then crop at random: centred, give or take a pixel.
         output_dtype: ``"float32"``: normalised ``pixel_values`` float32 and ``labels`` int64, ready for the model.
             ``"uint8"``: the augmented crop as ``pixel_values`` uint8 and ``labels`` uint8 (and the ``color_jitter``
             plan), to be colour-jittered and normalised on the device with `normalize_pixel_values` (the training
@@ -257,12 +261,15 @@ class TrainAugmentationOptions:
     image_std: tuple[float, float, float] = IMAGENET_STD
     ignore_index: int = IGNORE_INDEX
     image_resample: Literal["bicubic", "bilinear"] = "bicubic"
+    pad_placement: Literal["random", "centre"] = "random"
     output_dtype: Literal["float32", "uint8"] = "float32"
 
     def __post_init__(self) -> None:
         self.crop_size = _pair(self.crop_size, "crop_size")
         if self.image_resample not in RESAMPLING:
             raise ValueError(f"image_resample must be one of {sorted(RESAMPLING)}, got {self.image_resample!r}")
+        if self.pad_placement not in ("random", "centre"):
+            raise ValueError(f"pad_placement must be 'random' or 'centre', got {self.pad_placement!r}")
         if self.output_dtype not in ("float32", "uint8"):
             raise ValueError(f"output_dtype must be 'float32' or 'uint8', got {self.output_dtype!r}")
         if self.output_dtype == "uint8":
@@ -315,9 +322,13 @@ def _resample_region(
     return Image.merge("RGB", [Image.fromarray(plane.numpy()) for plane in scaled[0, :, :out_height, :out_width]])
 
 
-def _crop_origin(scaled: int, crop: int, center: int | None, rng: np.random.Generator) -> int:
-    """Top/left of the crop in scaled-image pixels; negative when the image is smaller than the crop (padding)."""
+def _crop_origin(scaled: int, crop: int, center: int | None, rng: np.random.Generator, centred: bool = False) -> int:
+    """Top/left of the crop in scaled-image pixels; negative when the image is smaller than the crop (padding), which
+    places the image anywhere in the crop, or with `centred` where the reference's padding puts it."""
     low, high = min(0, scaled - crop), max(0, scaled - crop)
+    if centred and scaled < crop:
+        pad = (crop - scaled) // 2 + 1
+        low, high = -pad, scaled + pad - crop
     if center is None:
         return int(rng.integers(low, high + 1))
     # As in the reference: any crop that contains the centroid, then pushed back inside the image.
@@ -417,8 +428,9 @@ class SegmentationTrainTransform:
             scale *= self.options.pre_size / max(width, height)
         scaled_width, scaled_height = max(1, int(width * scale)), max(1, int(height * scale))
         center_x, center_y = (None, None) if centroid is None else (int(centroid[0] * scale), int(centroid[1] * scale))
-        left = _crop_origin(scaled_width, crop_width, center_x, rng)
-        top = _crop_origin(scaled_height, crop_height, center_y, rng)
+        centred = self.options.pad_placement == "centre"
+        left = _crop_origin(scaled_width, crop_width, center_x, rng, centred)
+        top = _crop_origin(scaled_height, crop_height, center_y, rng, centred)
         # The part of the crop covered by the scaled image, in crop pixels; its source region starts on a whole pixel.
         x0, x1 = max(0, -left), min(crop_width, scaled_width - left)
         y0, y1 = max(0, -top), min(crop_height, scaled_height - top)

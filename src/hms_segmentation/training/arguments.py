@@ -141,6 +141,12 @@ class DataArguments:
                           "and are normalised on the device, same values; float32: normalised on the CPU",
                   "choices": ["uint8", "float32"]},
     )
+    crop_padding: str = field(
+        default="random",
+        metadata={"help": "where an image side shorter than the crop lands in it: random (anywhere; the reference's "
+                          "--translate_aug_fix) or centre (the reference's recipes: padded evenly, centred give or "
+                          "take a pixel)", "choices": ["random", "centre"]},
+    )
     class_uniform_fraction: float = field(
         default=0.5,
         metadata={"help": "share of crops centred on class centroids, in equal shares per class (the reference's "
@@ -206,6 +212,8 @@ class DataArguments:
                              "to --color_jitter)")
         if not 0 <= self.blur_probability <= 1:
             raise ValueError(f"--blur_probability must be in [0, 1], got {self.blur_probability}")
+        if self.crop_padding not in ("random", "centre"):
+            raise ValueError(f"--crop_padding must be random or centre, got {self.crop_padding!r}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:

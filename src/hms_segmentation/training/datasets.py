@@ -180,7 +180,8 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         TrainAugmentationOptions(crop_size=(args.crop_size, args.crop_width or args.crop_size), scale_min=args.scale_min,
                                  scale_max=args.scale_max, pre_size=args.pre_size or None, brightness=args.color_jitter, contrast=args.color_jitter,
                                  saturation=args.color_jitter, hue=args.hue,
-                                 blur_probability=args.blur_probability, output_dtype=args.train_sample_dtype)
+                                 blur_probability=args.blur_probability, pad_placement=args.crop_padding,
+                                 output_dtype=args.train_sample_dtype)
     )
     centroids = None
     if args.class_uniform_fraction > 0:
