@@ -431,6 +431,9 @@ def test_push_command(fake_hub, plain_folder, capsys, monkeypatch):
     api = fake_hub.instances[-1]
     assert api.branches == ["v2"] and api.commits[0]["revision"] == "v2"  # the main branch above: None
     assert fake_hub.instances[0].commits[0]["revision"] is None
+    # the card's code loads from that branch
+    assert 'model="someone/hms-tiny", revision="v2"' in api.commits[0]["files"]["README.md"].decode()
+    assert "revision=" not in fake_hub.instances[0].commits[0]["files"]["README.md"].decode()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert cli_main(["push", str(plain_folder), "someone/hms-tiny", "--token", "hf_test"]) == 1
     assert "offline mode" in capsys.readouterr().err

@@ -227,7 +227,7 @@ def test_push_to_hub_publishes_the_finished_model_folder(script, tiny_model_dir,
     assert api.repos == [{"repo_id": "someone/hms-tiny", "private": False, "exist_ok": True}]
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(commit["files"])
     assert not any(name.endswith(".bin") or name.startswith("checkpoint") for name in commit["files"])
-    assert 'model="someone/hms-tiny"' in commit["files"]["README.md"].decode()
+    assert 'model="someone/hms-tiny", revision="v2"' in commit["files"]["README.md"].decode()
 
 
 def test_accelerate_script_reports_to_trackers(tiny_model_dir, synthetic_dir, tmp_path):

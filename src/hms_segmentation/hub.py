@@ -224,6 +224,7 @@ def build_model_card(
     training_details: Mapping[str, Any] | None = None,
     provenance: str | None = None,
     model_name: str | None = None,
+    revision: str | None = None,
 ) -> ModelCard:
     """
     The model card of an HMS checkpoint, with `huggingface_hub`'s `ModelCard` / `ModelCardData`.
@@ -240,6 +241,7 @@ def build_model_card(
         training_details: Extra lines for the training recipe (e.g. steps, batch size, learning rate).
         provenance: One paragraph on where the weights come from (e.g. a converted NVIDIA checkpoint).
         model_name: Title and `model-index` name; defaults to the last part of `repo_id`, else ``hms-<trunk>``.
+        revision: The branch the card will live on, when not the main one: the usage code loads from it.
     """
     evaluation = load_evaluation_results(evaluation) if evaluation is not None else None
     dataset = dataset or (evaluation or {}).get("dataset")
@@ -268,7 +270,7 @@ def build_model_card(
         _summary(config, described),
         provenance or "",
         "## Results\n\n" + _results_section(evaluation, described, split),
-        "## How to use\n\n" + _usage_section(config, model_id),
+        "## How to use\n\n" + _usage_section(config, model_reference(model_id, revision)),
         "## Training recipe\n\n" + _recipe_section(config, training_details),
         "## Classes\n\n" + ", ".join(f"{index}: {name}" for index, name in sorted(config.id2label.items())),
         "## Credits\n\n" + _credits_section(),
@@ -313,7 +315,12 @@ def _results_section(evaluation: Mapping[str, Any] | None, dataset: DatasetDescr
     return header + "\n\n" + "\n".join(lines)
 
 
-def _usage_section(config: HMSConfig, model_id: str) -> str:
+def model_reference(model_id: str, revision: str | None = None) -> str:
+    """How the card's code names the model: `"user/name"`, with `revision="branch"` when it lives on a branch."""
+    return f'"{model_id}"' + (f', revision="{revision}"' if revision else "")
+
+
+def _usage_section(config: HMSConfig, reference: str) -> str:
     scales = ", ".join(map(str, config.inference_scales))
     return f"""The code next to the weights loads with `trust_remote_code=True`, without installing anything beyond
 `transformers`, `torch` and `pillow`; with `pip install hms-segmentation` and `import hms_segmentation` the installed
@@ -323,7 +330,7 @@ classes are used instead.
 from PIL import Image
 from transformers import pipeline
 
-segmenter = pipeline("image-segmentation", model="{model_id}", trust_remote_code=True)
+segmenter = pipeline("image-segmentation", model={reference}, trust_remote_code=True)
 image = Image.new("RGB", (256, 128), (90, 120, 150))  # or Image.open("street.jpg")
 for segment in segmenter(image):  # one mask per predicted class
     print(segment["label"], segment["mask"].size)
@@ -334,8 +341,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-processor = AutoImageProcessor.from_pretrained("{model_id}", trust_remote_code=True)
-model = AutoModelForSemanticSegmentation.from_pretrained("{model_id}", trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained({reference}, trust_remote_code=True)
+model = AutoModelForSemanticSegmentation.from_pretrained({reference}, trust_remote_code=True).eval()
 image = Image.new("RGB", (256, 128), (90, 120, 150))
 inputs = processor(images=image, return_tensors="pt")
 with torch.no_grad():
@@ -542,13 +549,13 @@ def push_to_hub(
         card, existing_license = None, None
         if (folder / "README.md").is_file():
             content = (folder / "README.md").read_text(encoding="utf-8")
-            card = ModelCard(content.replace(f'"{LOCAL_MODEL_ID}"', f'"{repo_id}"'))
+            card = ModelCard(content.replace(f'"{LOCAL_MODEL_ID}"', model_reference(repo_id, revision)))
             existing_license = card.data.license
         if evaluation is not None:  # new results: a new card, keeping the license of the old one
             card = None
         save_for_hub(
             model, staging, image_processor=processor, card=card, evaluation=evaluation, dataset=dataset,
-            split=split, repo_id=repo_id, license=license or existing_license or PACKAGE_LICENSE,
+            split=split, repo_id=repo_id, license=license or existing_license or PACKAGE_LICENSE, revision=revision,
         )
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
