@@ -154,6 +154,17 @@ def test_bad_arguments_are_named(tmp_path, argv, message):
         parse_arguments(["--output_dir", str(tmp_path), *argv])
 
 
+def test_the_card_describes_the_augmentation_of_a_recipe():
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.train import augmentation_description
+
+    recipe = DataArguments(pre_size=2177, blur_probability=1.0, crop_padding="centre", hue_jitter=0.0,
+                           class_uniform_fraction=0.0)
+    assert augmentation_description(recipe) == (
+        "random scale 0.5-2 of a 2177-pixel long side, horizontal flip, colour jitter 0.25 (hue 0), Gaussian blur on "
+        "100% of the crops, frames smaller than the crop placed centred")
+
+
 def test_a_bad_crop_padding_from_a_file_is_named(tmp_path):
     (tmp_path / "recipe.yaml").write_text(f"output_dir: {tmp_path / 'run'}\ncrop_padding: middle\n")
     with pytest.raises(ValueError, match="--crop_padding must be random or centre, got 'middle'"):
@@ -193,6 +204,8 @@ def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_
     assert result.metric_value == round(100 * metrics["eval_mean_iou"], 2) and result.dataset_split == "val"
     assert f"started from: {tiny_model_dir}" in card.text and "optimizer steps: 3" in card.text
     assert "images per step: 2" in card.text and "crop: 64x64" in card.text
+    assert ("augmentation: random scale 0.5-2, horizontal flip, colour jitter 0.25 (hue 0.25), 50% of the crops "
+            "class-uniform, frames smaller than the crop placed at random") in card.text
     assert "optimizer: SGD (momentum 0.9), learning rate 0.01, weight decay 0.0001, poly decay (power 2.0)" in card.text
     with pytest.raises(Exception, match="pickle files"):  # training_args.bin: `push` re-saves only the model files
         check_hub_folder(output_dir)

@@ -198,6 +198,7 @@ def write_model_card(
         "images per step": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         * training_args.world_size,
         "crop": f"{data_args.crop_size}x{data_args.crop_width or data_args.crop_size}",
+        "augmentation": augmentation_description(data_args),
         "optimizer": optimizer_description(training_args),
         "precision": "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "fp32",
     }
@@ -205,6 +206,19 @@ def write_model_card(
     write_hub_files(output_dir, config, image_processor=image_processor, evaluation=evaluation,
                     dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
                     model_name=Path(output_dir).resolve().name)
+
+
+def augmentation_description(args: DataArguments) -> str:
+    """One line on the training augmentation `build_datasets` sets up from `args`."""
+    scale = f"random scale {args.scale_min:g}-{args.scale_max:g}"
+    scale += f" of a {args.pre_size}-pixel long side" if args.pre_size else ""
+    parts = [scale, "horizontal flip", f"colour jitter {args.color_jitter:g} (hue {args.hue:g})"]
+    if args.blur_probability:
+        parts.append(f"Gaussian blur on {args.blur_probability:.0%} of the crops")
+    if args.class_uniform_fraction:
+        parts.append(f"{args.class_uniform_fraction:.0%} of the crops class-uniform")
+    parts.append(f"frames smaller than the crop placed {'centred' if args.crop_padding == 'centre' else 'at random'}")
+    return ", ".join(parts)
 
 
 def optimizer_description(args: HMSTrainingArguments) -> str:
