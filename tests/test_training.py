@@ -54,7 +54,7 @@ def test_arguments_have_the_paper_defaults(tmp_path):
     assert (data_args.color_jitter, data_args.blur_probability) == (0.25, 0.0)  # the reference's --color_aug, no --gblur
 
 
-def test_color_jitter_and_blur_reach_the_training_transform(synthetic_dir, tmp_path):
+def test_color_jitter_blur_and_padding_reach_the_training_transform(synthetic_dir, tmp_path):
     from hms_segmentation.training.datasets import build_datasets
 
     ensure_tiny_synthetic(synthetic_dir)
@@ -62,12 +62,13 @@ def test_color_jitter_and_blur_reach_the_training_transform(synthetic_dir, tmp_p
               "--synthetic_val_frames", "2", "--synthetic_height", "64", "--synthetic_width", "128", "--crop_size", "32"]
     options = build_datasets(parse_arguments(common)[1], seed=0, do_eval=False).train.transform.options
     assert (options.brightness, options.contrast, options.saturation, options.hue) == (0.25,) * 4
-    assert options.blur_probability == 0.0
-    data = build_datasets(parse_arguments([*common, "--color_jitter", "0", "--blur_probability", "1"])[1], seed=0,
-                          do_eval=False)
+    assert options.blur_probability == 0.0 and options.pad_placement == "random"
+    data = build_datasets(parse_arguments([*common, "--color_jitter", "0", "--blur_probability", "1", "--crop_padding",
+                                           "centre"])[1], seed=0, do_eval=False)
     options = data.train.transform.options
     assert (options.brightness, options.contrast, options.saturation, options.hue, options.blur_probability) == (
         0, 0, 0, 0, 1)
+    assert options.pad_placement == "centre"
     assert "color_jitter" not in data.train[0]  # nothing left to jitter on the device
     options = build_datasets(parse_arguments([*common, "--color_jitter", "0.6", "--hue_jitter", "0"])[1], seed=0,
                              do_eval=False).train.transform.options
