@@ -101,6 +101,8 @@ def normalize_pixel_values(
 
 COLOR_JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
 """Step ids of a colour-jitter plan: row `(step id, factor)`, id -1 = nothing."""
+PAD_PLACEMENTS = ("random", "centre")
+"""Where a scaled image side shorter than the crop lands in it (`TrainAugmentationOptions.pad_placement`)."""
 
 
 def _empty_color_jitter_plan() -> torch.Tensor:
@@ -268,7 +270,7 @@ class TrainAugmentationOptions:
         self.crop_size = _pair(self.crop_size, "crop_size")
         if self.image_resample not in RESAMPLING:
             raise ValueError(f"image_resample must be one of {sorted(RESAMPLING)}, got {self.image_resample!r}")
-        if self.pad_placement not in ("random", "centre"):
+        if self.pad_placement not in PAD_PLACEMENTS:
             raise ValueError(f"pad_placement must be 'random' or 'centre', got {self.pad_placement!r}")
         if self.output_dtype not in ("float32", "uint8"):
             raise ValueError(f"output_dtype must be 'float32' or 'uint8', got {self.output_dtype!r}")

@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_hms import MODEL_PRESETS, validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
+from ..data.transforms import PAD_PLACEMENTS
 from ..hub import check_model_source
 from ..label_tables import CITYSCAPES_ID2LABEL
 
@@ -145,7 +146,7 @@ class DataArguments:
         default="random",
         metadata={"help": "where an image side shorter than the crop lands in it: random (anywhere; the reference's "
                           "--translate_aug_fix) or centre (the reference's recipes: padded evenly, centred give or "
-                          "take a pixel)", "choices": ["random", "centre"]},
+                          "take a pixel)", "choices": list(PAD_PLACEMENTS)},
     )
     class_uniform_fraction: float = field(
         default=0.5,
@@ -212,8 +213,8 @@ class DataArguments:
                              "to --color_jitter)")
         if not 0 <= self.blur_probability <= 1:
             raise ValueError(f"--blur_probability must be in [0, 1], got {self.blur_probability}")
-        if self.crop_padding not in ("random", "centre"):
-            raise ValueError(f"--crop_padding must be random or centre, got {self.crop_padding!r}")
+        if self.crop_padding not in PAD_PLACEMENTS:
+            raise ValueError(f"--crop_padding must be {' or '.join(PAD_PLACEMENTS)}, got {self.crop_padding!r}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:
