@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
-from hms_segmentation.training.arguments import parse_arguments
+from hms_segmentation.training.arguments import HMSTrainingArguments, parse_arguments
 from hms_segmentation.training.train import HMSTrainer, NonFiniteLossError, run_training
 from tiny_configs import TINY_HRNET, TINY_RESNET, save_tiny_model
 
@@ -125,6 +125,7 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
         assert (training_args.learning_rate, training_args.poly_power, training_args.num_train_epochs) == (0.005, 1, 200)
         assert model_args.preset == "hrnet_w48_ocr" and training_args.per_device_train_batch_size == 2
     assert recipe["fp16"] is True and data_args.crop_padding == "centre"  # no --translate_aug_fix in either
+    assert training_args.poly_decay_unit == "epoch"  # its LambdaLR steps once per epoch
     with pytest.raises(ValueError, match="croop_size"):  # a misspelt key is refused, not ignored
         (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**local, "croop_size": 512}))
         parse_arguments([str(tmp_path / "typo.yaml")])
@@ -338,7 +339,6 @@ def test_accelerate_script_refuses_what_it_does_not_follow(tiny_model_dir, synth
     import dataclasses
 
     from hms_segmentation.training import train_accelerate
-    from hms_segmentation.training.arguments import HMSTrainingArguments
 
     assert train_accelerate.FOLLOWED_TRAINING_ARGUMENTS <= {field.name for field in dataclasses.fields(HMSTrainingArguments)}
     output = tmp_path / "run"
@@ -433,6 +433,45 @@ def test_optimizer_and_schedule_flags_are_honoured(tiny_model_dir):
         parse_arguments(["--output_dir", "unused", "--lr_scheduler_kwargs", '{"power": 3}'])
 
 
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_poly_decay_per_epoch_holds_the_lr_through_each_epoch(tiny_model_dir, synthetic_dir, tmp_path, script):
+    """--poly_decay_unit epoch: the reference's schedule, its LambdaLR stepped once at the end of each epoch."""
+    from hms_segmentation.training import train_accelerate
+
+    # 4 frames in batches of 2 over 3 epochs: 2 optimizer steps per epoch (one per epoch when accumulating 2)
+    for accumulation, steps_per_epoch in (("1", 2), ("2", 1)):
+        output_dir = tmp_path / f"{script}_{accumulation}"
+        arguments = parse_arguments(tiny_run_arguments(
+            tiny_model_dir, synthetic_dir, output_dir, "--do_train", "--primary_loss", "cross_entropy", "--max_steps",
+            "-1", "--num_train_epochs", "3", "--poly_decay_unit", "epoch", "--gradient_accumulation_steps", accumulation))
+        (run_training if script == "trainer" else train_accelerate.run_training)(*arguments)
+        expected = [0.01 * (1 - epoch / 3) ** 2 for epoch in range(3) for _ in range(steps_per_epoch)]
+        assert logged_learning_rates(output_dir, script) == pytest.approx(expected)
+        assert "poly decay (power 2.0) once per epoch" in (output_dir / "README.md").read_text()
+
+
+def test_poly_decay_per_epoch_refuses_what_it_cannot_follow(tiny_model_dir):
+    from hms_segmentation.training.train import create_optimizer, create_scheduler
+
+    with pytest.raises(ValueError, match="applies to the polynomial schedule, not --lr_scheduler_type cosine"):
+        parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch", "--lr_scheduler_type", "cosine"])
+    with pytest.raises(ValueError, match="which has no warmup; got --warmup_steps 10"):
+        parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch", "--warmup_steps", "10"])
+    with pytest.raises(ValueError, match="--poly_decay_unit must be one of step, epoch, got 'iteration'"):
+        HMSTrainingArguments(output_dir="unused", poly_decay_unit="iteration")
+    _, _, per_epoch = parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch"])
+    sgd = create_optimizer(HMSForSemanticSegmentation.from_pretrained(tiny_model_dir), per_epoch)
+    with pytest.raises(ValueError, match="a streamed training set has no epoch length"):
+        create_scheduler(sgd, per_epoch, total_steps=10, steps_per_epoch=None)
+    # 10 steps of 4 per epoch begin 3 epochs; the last epoch is cut short, as the reference's --max_iter would
+    schedule = create_scheduler(sgd, per_epoch, total_steps=10, steps_per_epoch=4)
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.get_last_lr()[0])
+        sgd.step(), schedule.step()
+    assert rates == pytest.approx([0.01] * 4 + [0.01 * (2 / 3) ** 2] * 4 + [0.01 * (1 / 3) ** 2] * 2)
+
+
 def test_a_non_empty_output_folder_is_not_overwritten(tiny_model_dir, synthetic_dir, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
@@ -479,7 +518,8 @@ def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_d
     ("--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--learning_rate", "0.001"),
     ("--activation_checkpointing", "true"),
     ("--train_sampling_strategy", "random", "--data_seed", "7"),  # the seedable sampler draws the Trainer's order
-], ids=["steps", "accumulated", "epochs", "adamw_cosine", "checkpointing", "random_data_seed"])
+    ("--max_steps", "-1", "--num_train_epochs", "2", "--poly_decay_unit", "epoch"),
+], ids=["steps", "accumulated", "epochs", "adamw_cosine", "checkpointing", "random_data_seed", "poly_per_epoch"])
 def test_accelerate_script_matches_the_trainer_on_the_same_seed(tiny_model_dir, synthetic_dir, tmp_path, schedule):
     from hms_segmentation.training import train_accelerate
 

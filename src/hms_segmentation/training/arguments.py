@@ -34,6 +34,7 @@ also sets its evaluation size, and ``gblur``). Its learning rate, 5e-3, is `--le
 OTHER_RECIPE = {"pre_size": 0, "eval_long_side": 0, "blur_probability": 0.0}
 """`DataArguments` defaults for Cityscapes and the synthetic set (the Cityscapes recipe): full size, no blur."""
 TRAINING_STAGES = (0, 1, 2, 3)
+POLY_DECAY_UNITS = ("step", "epoch")
 
 
 @dataclass
@@ -278,6 +279,12 @@ class HMSTrainingArguments(TrainingArguments):
     poly_power: float | None = field(
         default=None, metadata={"help": "power of the polynomial LR decay (default 2.0; 1.0 for Mapillary)"}
     )
+    poly_decay_unit: str = field(
+        default="step",
+        metadata={"help": "step (the default): the poly decay lowers the LR at every optimizer step; epoch: it holds for "
+                          "an epoch and decays at its end, as the reference's scheduler (stepped once per epoch)",
+                  "choices": POLY_DECAY_UNITS},
+    )
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as the reference)"})
     remove_unused_columns: bool = field(default=False)
     per_device_train_batch_size: int = field(
@@ -305,6 +312,14 @@ class HMSTrainingArguments(TrainingArguments):
         if self.lr_scheduler_type == "polynomial" and self.lr_scheduler_kwargs:
             raise ValueError(f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs} with the polynomial schedule: its power "
                              "is --poly_power and it decays to zero, as the reference")
+        if self.poly_decay_unit not in POLY_DECAY_UNITS:
+            raise ValueError(f"--poly_decay_unit must be one of {', '.join(POLY_DECAY_UNITS)}, got {self.poly_decay_unit!r}")
+        if self.poly_decay_unit == "epoch" and self.lr_scheduler_type != "polynomial":
+            raise ValueError(f"--poly_decay_unit epoch applies to the polynomial schedule, not --lr_scheduler_type "
+                             f"{getattr(self.lr_scheduler_type, 'value', self.lr_scheduler_type)}")
+        if self.poly_decay_unit == "epoch" and self.warmup_steps:
+            raise ValueError(f"--poly_decay_unit epoch follows the reference's schedule, which has no warmup; got "
+                             f"--warmup_steps {self.warmup_steps:g}: drop it, or decay per step")
         if self.remove_unused_columns:  # the Trainer would drop what forward() does not take: the jitter plans
             raise ValueError("--remove_unused_columns true would drop the colour-jitter plans that training batches "
                              "carry beside pixel_values and labels (they hold nothing else); leave it false")

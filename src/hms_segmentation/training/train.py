@@ -16,11 +16,13 @@ import contextlib
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler, set_seed
+from transformers.trainer_utils import has_length
 
 from ..configuration_hms import HMSConfig
 from ..convert_nvidia import load_imagenet_trunk
@@ -139,13 +141,20 @@ def create_optimizer(
 
 
 def create_scheduler(
-    optimizer: torch.optim.Optimizer, args: HMSTrainingArguments, total_steps: int
+    optimizer: torch.optim.Optimizer, args: HMSTrainingArguments, total_steps: int, steps_per_epoch: int | None = None
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``--lr_scheduler_type polynomial`` (the default): the reference's poly decay to zero, power ``--poly_power``
-    (2.0 when unset), after the optional warmup. Any other type: transformers' scheduler of that name."""
+    (2.0 when unset), after the optional warmup; with ``--poly_decay_unit epoch`` the LR holds for an epoch of
+    `steps_per_epoch` optimizer steps and decays at its end, as the reference's scheduler does. Any other type:
+    transformers' scheduler of that name."""
     warmup_steps = args.get_warmup_steps(total_steps)
     if args.lr_scheduler_type == "polynomial":
         power = 2.0 if args.poly_power is None else args.poly_power
+        if args.poly_decay_unit == "epoch":
+            if steps_per_epoch is None:
+                raise ValueError("--poly_decay_unit epoch decays the LR at the end of each epoch, and a streamed "
+                                 "training set has no epoch length: use --poly_decay_unit step with --streaming")
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, epoch_poly_schedule(total_steps, steps_per_epoch, power))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, warmup_steps, power))
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps,
                          num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
@@ -159,6 +168,17 @@ def poly_schedule(total_steps: int, warmup_steps: int, power: float):
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return (1.0 - progress) ** power
+
+    return factor
+
+
+def epoch_poly_schedule(total_steps: int, steps_per_epoch: int, power: float):
+    """LR factor of the reference's poly decay counted in epochs, `(1 - epoch / epochs) ** power` for every step of an
+    epoch, `epochs` being the epochs that `total_steps` begin (its LambdaLR steps once at each epoch's end)."""
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    def factor(step: int) -> float:
+        return (1.0 - min(step // steps_per_epoch, epochs) / epochs) ** power
 
     return factor
 
@@ -225,7 +245,8 @@ def optimizer_description(args: HMSTrainingArguments) -> str:
     """One line on the optimizer and schedule `create_optimizer` and `create_scheduler` build from `args`."""
     optim, schedule = (str(getattr(value, "value", value)) for value in (args.optim, args.lr_scheduler_type))
     name = f"SGD (momentum {args.momentum})" if optim == "sgd" else optim
-    decay = f"poly decay (power {args.poly_power})" if schedule == "polynomial" else f"{schedule} schedule"
+    per_epoch = " once per epoch" if args.poly_decay_unit == "epoch" else ""
+    decay = f"poly decay (power {args.poly_power}){per_epoch}" if schedule == "polynomial" else f"{schedule} schedule"
     steps = args.warmup_steps  # transformers reads a value below 1 as a share of the steps
     warmup = f" after {steps:.0%} of the steps as warmup" if 0 < steps < 1 else f" after {steps:g} warmup steps"
     warmup = warmup if steps else ""
@@ -335,9 +356,17 @@ class HMSTrainer(Trainer):
             self.optimizer = create_optimizer(model or self.model, self.args, self.trunk_learning_rate_multiplier)
         return self.optimizer
 
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # optimizer steps per epoch, counted as the Trainer counts them, for --poly_decay_unit epoch
+        self._steps_per_epoch = (max(1, math.ceil(len(loader) / self.args.gradient_accumulation_steps))
+                                 if has_length(loader) else None)
+        return loader
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = create_scheduler(optimizer or self.optimizer, self.args, num_training_steps)
+            self.lr_scheduler = create_scheduler(optimizer or self.optimizer, self.args, num_training_steps,
+                                                 steps_per_epoch=getattr(self, "_steps_per_epoch", None))
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -73,7 +73,7 @@ FOLLOWED_TRAINING_ARGUMENTS = frozenset({
     # optimisation
     "num_train_epochs", "max_steps", "learning_rate", "momentum", "weight_decay", "optim", "optim_args", "adam_beta1",
     "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "poly_power",
-    "max_grad_norm", "label_smoothing_factor",
+    "poly_decay_unit", "max_grad_norm", "label_smoothing_factor",
     # many processes
     "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
     "ddp_static_graph",
@@ -198,7 +198,7 @@ def run_training(
         if steps_per_epoch is None:
             raise ValueError("a streaming training set needs --max_steps")
         args.max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = create_scheduler(base_optimizer, args, args.max_steps)
+    scheduler = create_scheduler(base_optimizer, args, args.max_steps, steps_per_epoch=steps_per_epoch)
     # The scheduler is not prepared: accelerate's wrapper steps it once per process on every optimizer step (it
     # assumes a schedule counted in per-process batches), which on N processes would run the poly decay N times too
     # fast. Like the Trainer, it steps once per optimizer step; it is registered so save_state/load_state keep it.
