@@ -20,7 +20,7 @@ from hms_segmentation.data import (
     load_cityscapes,
     sample_generator,
 )
-from hms_segmentation.data.transforms import normalize_pixel_values
+from hms_segmentation.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_pixel_values
 from hms_segmentation.label_tables import IMAGENET_MEAN, IMAGENET_STD
 
 NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
@@ -105,6 +105,25 @@ def test_small_images_are_padded_with_ignore_labels_and_the_mean_colour(scene):
     padding = sample["labels"] == 255
     assert padding.float().mean() > 0.75  # an 80x48 image inside a 256x128 crop
     assert sample["pixel_values"][:, padding].abs().max() < 0.02  # the mean colour normalises to ~0
+
+
+@pytest.mark.parametrize("output_dtype", ["float32", "uint8"])
+def test_black_pad_fill_pads_as_the_reference(scene, output_dtype):
+    image, label = scene
+    label = np.where(label == 255, 0, label).astype(np.uint8)
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(
+        crop_size=(128, 256), scale_min=0.5, scale_max=0.5, pad_fill="black", output_dtype=output_dtype, **NO_COLOR))
+    sample = transform(image, label, sample_generator(0, 0, 0))
+    padding = sample["labels"] == 255
+    pixels = sample["pixel_values"][:, padding]
+    if output_dtype == "uint8":
+        assert pixels.max() == 0
+    else:  # black, normalised: -mean / std per channel
+        expected = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1)
+        torch.testing.assert_close(pixels, expected.expand_as(pixels))
+    assert not padding.all() and sample["pixel_values"][:, ~padding].float().std() > 0
+    with pytest.raises(ValueError, match="pad_fill must be 'mean' or 'black', got 'grey'"):
+        TrainAugmentationOptions(pad_fill="grey")
 
 
 def test_centre_pad_placement_puts_a_small_image_where_the_references_padding_does(scene):

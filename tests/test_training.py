@@ -62,13 +62,13 @@ def test_color_jitter_blur_and_padding_reach_the_training_transform(synthetic_di
               "--synthetic_val_frames", "2", "--synthetic_height", "64", "--synthetic_width", "128", "--crop_size", "32"]
     options = build_datasets(parse_arguments(common)[1], seed=0, do_eval=False).train.transform.options
     assert (options.brightness, options.contrast, options.saturation, options.hue) == (0.25,) * 4
-    assert options.blur_probability == 0.0 and options.pad_placement == "random"
+    assert options.blur_probability == 0.0 and (options.pad_placement, options.pad_fill) == ("random", "mean")
     data = build_datasets(parse_arguments([*common, "--color_jitter", "0", "--blur_probability", "1", "--crop_padding",
-                                           "centre"])[1], seed=0, do_eval=False)
+                                           "centre", "--crop_pad_fill", "black"])[1], seed=0, do_eval=False)
     options = data.train.transform.options
     assert (options.brightness, options.contrast, options.saturation, options.hue, options.blur_probability) == (
         0, 0, 0, 0, 1)
-    assert options.pad_placement == "centre"
+    assert (options.pad_placement, options.pad_fill) == ("centre", "black")
     assert "color_jitter" not in data.train[0]  # nothing left to jitter on the device
     options = build_datasets(parse_arguments([*common, "--color_jitter", "0.6", "--hue_jitter", "0"])[1], seed=0,
                              do_eval=False).train.transform.options
@@ -125,6 +125,7 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
         assert (training_args.learning_rate, training_args.poly_power, training_args.num_train_epochs) == (0.005, 1, 200)
         assert model_args.preset == "hrnet_w48_ocr" and training_args.per_device_train_batch_size == 2
     assert recipe["fp16"] is True and data_args.crop_padding == "centre"  # no --translate_aug_fix in either
+    assert data_args.crop_pad_fill == "black"
     assert training_args.poly_decay_unit == "epoch"  # its LambdaLR steps once per epoch
     with pytest.raises(ValueError, match="croop_size"):  # a misspelt key is refused, not ignored
         (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**local, "croop_size": 512}))
@@ -164,7 +165,8 @@ def test_the_card_describes_the_augmentation_of_a_recipe():
                            class_uniform_fraction=0.0)
     assert augmentation_description(recipe) == (
         "random scale 0.5-2 of a 2177-pixel long side, horizontal flip, colour jitter 0.25 (hue 0), Gaussian blur on "
-        "100% of the crops, frames smaller than the crop placed centred")
+        "100% of the crops, frames smaller than the crop placed centred and padded with the mean colour")
+    assert augmentation_description(DataArguments(crop_pad_fill="black")).endswith("padded with black")
 
 
 def test_a_bad_crop_padding_from_a_file_is_named(tmp_path):
@@ -207,7 +209,7 @@ def test_trainer_trains_logs_loss_terms_and_evaluates(tiny_model_dir, synthetic_
     assert f"started from: {tiny_model_dir}" in card.text and "optimizer steps: 3" in card.text
     assert "images per step: 2" in card.text and "crop: 64x64" in card.text
     assert ("augmentation: random scale 0.5-2, horizontal flip, colour jitter 0.25 (hue 0.25), 50% of the crops "
-            "class-uniform, frames smaller than the crop placed at random") in card.text
+            "class-uniform, frames smaller than the crop placed at random and padded with the mean colour") in card.text
     assert "optimizer: SGD (momentum 0.9), learning rate 0.01, weight decay 0.0001, poly decay (power 2.0)" in card.text
     with pytest.raises(Exception, match="pickle files"):  # training_args.bin: `push` re-saves only the model files
         check_hub_folder(output_dir)

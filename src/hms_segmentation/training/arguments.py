@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_hms import MODEL_PRESETS, validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
-from ..data.transforms import PAD_PLACEMENTS
+from ..data.transforms import PAD_FILLS, PAD_PLACEMENTS
 from ..hub import check_model_source
 from ..label_tables import CITYSCAPES_ID2LABEL
 
@@ -149,6 +149,11 @@ class DataArguments:
                           "--translate_aug_fix) or centre (the reference's recipes: padded evenly, centred give or "
                           "take a pixel)", "choices": list(PAD_PLACEMENTS)},
     )
+    crop_pad_fill: str = field(
+        default="mean",
+        metadata={"help": "colour of that padding: mean (the normalisation mean, 0 once normalised) or black (the "
+                          "reference's); its labels are ignored either way", "choices": list(PAD_FILLS)},
+    )
     class_uniform_fraction: float = field(
         default=0.5,
         metadata={"help": "share of crops centred on class centroids, in equal shares per class (the reference's "
@@ -216,6 +221,8 @@ class DataArguments:
             raise ValueError(f"--blur_probability must be in [0, 1], got {self.blur_probability}")
         if self.crop_padding not in PAD_PLACEMENTS:
             raise ValueError(f"--crop_padding must be {' or '.join(PAD_PLACEMENTS)}, got {self.crop_padding!r}")
+        if self.crop_pad_fill not in PAD_FILLS:
+            raise ValueError(f"--crop_pad_fill must be {' or '.join(PAD_FILLS)}, got {self.crop_pad_fill!r}")
         if not 0 <= self.class_uniform_fraction <= 1:
             raise ValueError(f"--class_uniform_fraction must be in [0, 1], got {self.class_uniform_fraction}")
         if not 0 <= self.auto_label_ratio <= 1:

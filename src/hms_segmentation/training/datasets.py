@@ -181,7 +181,7 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
                                  scale_max=args.scale_max, pre_size=args.pre_size or None, brightness=args.color_jitter, contrast=args.color_jitter,
                                  saturation=args.color_jitter, hue=args.hue,
                                  blur_probability=args.blur_probability, pad_placement=args.crop_padding,
-                                 output_dtype=args.train_sample_dtype)
+                                 pad_fill=args.crop_pad_fill, output_dtype=args.train_sample_dtype)
     )
     centroids = None
     if args.class_uniform_fraction > 0:

@@ -237,7 +237,9 @@ def augmentation_description(args: DataArguments) -> str:
         parts.append(f"Gaussian blur on {args.blur_probability:.0%} of the crops")
     if args.class_uniform_fraction:
         parts.append(f"{args.class_uniform_fraction:.0%} of the crops class-uniform")
-    parts.append(f"frames smaller than the crop placed {'centred' if args.crop_padding == 'centre' else 'at random'}")
+    placement = "centred" if args.crop_padding == "centre" else "at random"
+    fill = "black" if args.crop_pad_fill == "black" else "the mean colour"
+    parts.append(f"frames smaller than the crop placed {placement} and padded with {fill}")
     return ", ".join(parts)
 
 
