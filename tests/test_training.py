@@ -98,6 +98,30 @@ def test_arguments_read_from_yaml_and_json(tmp_path):
         assert training_args.learning_rate == 0.005 and data_args.crop_size == 512 and model_args.eval_scales == "1.0"
 
 
+def test_flags_after_an_argument_file_take_precedence(tmp_path):
+    (tmp_path / "args.yaml").write_text(f"output_dir: {tmp_path / 'run'}\nlearning_rate: 0.005\ncrop_size: 512\n"
+                                        "sync_bn: true\neval_scales: '1.0'\n")
+    model_args, data_args, training_args = parse_arguments([str(tmp_path / "args.yaml"), "--learning_rate", "0.02",
+                                                            "--sync_bn", "false", "--max_steps", "7"])
+    assert (training_args.learning_rate, training_args.max_steps, data_args.crop_size) == (0.02, 7, 512)
+    assert not model_args.sync_bn and model_args.eval_scales == "1.0"
+    with pytest.raises(ValueError, match="--crop_sise"):  # a misspelt flag after the file is refused too
+        parse_arguments([str(tmp_path / "args.yaml"), "--crop_sise", "256"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- learning_rate\n- 0.01\n", r"bad.yaml must map argument names to values, found a list"),
+    ("learning_rate: [0.01\n", r"bad.yaml is not valid YAML"),
+    ("help: true\n", r"bad.yaml: no argument is named 'help'"),
+])
+def test_a_bad_argument_file_is_named(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        parse_arguments([str(tmp_path / "bad.yaml")])
+    with pytest.raises(FileNotFoundError, match="argument file .*missing.json does not exist"):
+        parse_arguments([str(tmp_path / "missing.json"), "--max_steps", "3"])
+
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -108,11 +132,13 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
     import yaml
 
     recipe = yaml.safe_load((RECIPES / name).read_text())
-    local = {**recipe, "data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "run"), "fp16": False}
+    # the recipe file as shipped, its paths and fp16 overridden by flags after it
+    overrides = ["--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--fp16", "false"]
     if "model_name_or_path" in recipe:
-        local["model_name_or_path"] = str(tiny_model_dir)
-    (tmp_path / name).write_text(yaml.safe_dump(local))
-    model_args, data_args, training_args = parse_arguments([str(tmp_path / name)])
+        overrides += ["--model_name_or_path", str(tiny_model_dir)]
+    model_args, data_args, training_args = parse_arguments([str(RECIPES / name), *overrides])
+    assert (data_args.data_dir, training_args.output_dir) == (str(tmp_path / "data"), str(tmp_path / "run"))
+    assert not training_args.fp16
     assert model_args.primary_loss == "rmi" and model_args.sync_bn and model_args.eval_scales == "0.5,1.0,2.0"
     assert (training_args.momentum, training_args.weight_decay) == (0.9, 1e-4)
     if name == "cityscapes_sota.yaml":  # train_cityscapes_sota.yml
@@ -127,9 +153,9 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
     assert recipe["fp16"] is True and data_args.crop_padding == "centre"  # no --translate_aug_fix in either
     assert data_args.crop_pad_fill == "black"
     assert training_args.poly_decay_unit == "epoch"  # its LambdaLR steps once per epoch
-    with pytest.raises(ValueError, match="croop_size"):  # a misspelt key is refused, not ignored
-        (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**local, "croop_size": 512}))
-        parse_arguments([str(tmp_path / "typo.yaml")])
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**recipe, "croop_size": 512}))
+    with pytest.raises(ValueError, match=r"typo.yaml: no argument is named 'croop_size'"):  # refused, not ignored
+        parse_arguments([str(tmp_path / "typo.yaml"), *overrides])
 
 
 @pytest.mark.parametrize(

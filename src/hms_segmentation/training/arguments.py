@@ -6,15 +6,17 @@ image): SGD with momentum 0.9, weight decay 1e-4, learning rate 0.01 with polyno
 reference's default of 2 images per device. Its 1024x2048 crop is `--crop_size 1024 --crop_width 2048`; its fp16 and
 SyncBatchNorm are `--fp16 --sync_bn` (off by default, so that the defaults run on a CPU). For Mapillary Vistas the data
 defaults follow `scripts/train_mapillary.yml` (`MAPILLARY_RECIPE`). Where the reference decays the learning rate once
-per epoch, this decays it at every optimizer step.
+per epoch, this decays it at every optimizer step by default (`--poly_decay_unit epoch` is the reference's).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_hms import MODEL_PRESETS, validate_scales
@@ -359,14 +361,33 @@ def parse_scales(text: str | float | list[float]) -> list[float]:
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, HMSTrainingArguments]:
-    """Parse the command line, or a single `.yaml`/`.yml`/`.json` file holding the same keys."""
+    """Parse the command line: flags, or a `.yaml`/`.yml`/`.json` file holding the same keys followed by any flags,
+    which take precedence over the file (``recipes/mapillary.yaml --data_dir /data/mapillary``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, HMSTrainingArguments))
-    if len(argv) == 1 and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
-        path = Path(argv[0]).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"argument file {path} does not exist")
-        if path.suffix == ".json":
-            return parser.parse_json_file(str(path))
-        return parser.parse_yaml_file(str(path))
+    if argv and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
+        # the file's values become the parser's defaults, so the flags after it still parse (and win) as usual
+        parser.set_defaults(**read_argument_file(Path(argv[0]), {action.dest for action in parser._actions} - {"help"}))
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_argument_file(path: Path, known: set[str]) -> dict:
+    """The keys and values of a YAML or JSON argument file, each key checked to be an argument."""
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"argument file {path} does not exist")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"argument file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"argument file {path} must map argument names to values, found a {type(values).__name__}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"argument file {path}: no argument is named {', '.join(map(repr, unknown))} (see "
+                         "`hms-segmentation train --help`)")
+    return values
