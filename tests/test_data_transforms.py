@@ -191,6 +191,54 @@ def test_color_jitter_matches_pil_image_enhance(scene, name, enhancer):
     assert np.abs(_denormalize(sample["pixel_values"]) - expected).max() < 2.5
 
 
+def scipy_gaussian_filter(image: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter(image, (0, sigma, sigma), mode="nearest"), which scikit-image's `gaussian` (the
+    reference's blur) calls, written out in float64: its kernel, then edge-extended correlation along each axis."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / sigma ** 2 * offsets ** 2)
+    weights /= weights.sum()
+    out = image.astype(np.float64)
+    for axis in (1, 2):
+        padding = [(0, 0)] * 3
+        padding[axis] = (radius, radius)
+        padded = np.pad(out, padding, mode="edge")
+        length = out.shape[axis]
+        out = sum(w * np.take(padded, np.arange(i, i + length), axis=axis) for i, w in enumerate(weights))
+    return out
+
+
+def test_gaussian_blur_is_the_references_kernel_per_image():
+    from hms_segmentation.data.transforms import gaussian_blur_
+
+    pixels = torch.rand(3, 3, 20, 9, generator=torch.Generator().manual_seed(0)) * 255
+    sigmas = torch.tensor([0.15, 1.3, 0.0])  # the reference's range (radius 1 and 5: wider than 9 columns), and none
+    blurred = gaussian_blur_(pixels.clone(), sigmas)
+    for image, original, sigma in zip(blurred, pixels, sigmas.tolist()):
+        expected = scipy_gaussian_filter(original.numpy(), sigma) if sigma else original.numpy()
+        np.testing.assert_allclose(image.numpy(), expected, atol=1e-3, rtol=0)
+    assert torch.equal(gaussian_blur_(pixels[0].clone(), sigmas[0]), blurred[0])  # one (3, H, W) image alike
+    with pytest.raises(ValueError, match=r"blur_sigma must hold one value per image, 3 .*got 2"):
+        gaussian_blur_(pixels.clone(), sigmas[:2])
+
+
+def test_the_blur_follows_the_colour_jitter_as_in_the_reference(scene):
+    """The reference's input transform is ColorJitter, then the blur; the hue shift does not commute with a blur."""
+    from hms_segmentation.data.transforms import apply_color_jitter_, gaussian_blur_
+
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(
+        crop_size=(48, 64), blur_probability=1.0, brightness=0, contrast=0, saturation=0, hue=0.4,
+        output_dtype="uint8"))
+    sample = transform(*scene, sample_generator(0, 0, 3))
+    crop, plan, sigma = sample["pixel_values"].float(), sample["color_jitter"], sample["blur_sigma"]
+    assert 0.15 <= float(sigma) <= 1.3 and abs(float(plan[0, 1])) > 0.05
+    on_device = normalize_pixel_values(sample["pixel_values"], color_jitter=plan, blur_sigma=sigma)
+    jitter_then_blur = gaussian_blur_(apply_color_jitter_(crop.clone(), plan), sigma)
+    blur_then_jitter = apply_color_jitter_(gaussian_blur_(crop.clone(), sigma), plan)
+    assert torch.equal(on_device, normalize_pixel_values(jitter_then_blur))
+    assert not torch.allclose(on_device, normalize_pixel_values(blur_then_jitter), atol=1e-3)
+
+
 def test_blur_and_noise_are_optional_and_off_by_default(scene):
     image, label = scene
     base = dict(crop_size=(96, 160), scale_min=1.0, scale_max=1.0, flip_probability=0.0, **NO_COLOR)
@@ -275,9 +323,10 @@ def test_eval_transform_serves_datasets_with_transform(synthetic_cityscapes, hf_
 @pytest.mark.parametrize("settings", [
     {},
     {"blur_probability": 0.5, "noise_std": 6.0, "noise_probability": 1.0},
+    {"blur_probability": 0.7},  # blurred on the device, after the jitter
     {"crop_size": (128, 256), "scale_min": 0.5, "scale_max": 0.7},  # padding with the mean colour and ignore labels
     {"image_resample": "bilinear", "flip_probability": 1.0},
-], ids=["reference", "blur_and_noise", "padding", "bilinear_flipped"])
+], ids=["reference", "blur_and_noise", "blur", "padding", "bilinear_flipped"])
 def test_uint8_samples_normalised_on_the_device_equal_float32_samples(scene, settings):
     """The uint8 path hands over the 8-bit crop; `normalize_pixel_values` then gives the float path's tensor exactly."""
     settings = {"crop_size": (48, 64), **settings}
@@ -288,12 +337,17 @@ def test_uint8_samples_normalised_on_the_device_equal_float32_samples(scene, set
     for float_sample, uint8_sample in zip(floats, bytes_):
         assert uint8_sample["pixel_values"].dtype == torch.uint8 and uint8_sample["labels"].dtype == torch.uint8
         assert uint8_sample["pixel_values"].shape == float_sample["pixel_values"].shape
-        assert torch.equal(normalize_pixel_values(uint8_sample["pixel_values"], color_jitter=uint8_sample["color_jitter"]),
-                           float_sample["pixel_values"])
+        on_device = normalize_pixel_values(uint8_sample["pixel_values"], color_jitter=uint8_sample["color_jitter"],
+                                           blur_sigma=uint8_sample.get("blur_sigma"))
+        assert torch.equal(on_device, float_sample["pixel_values"])
         assert torch.equal(uint8_sample["labels"].long(), float_sample["labels"])
     batch = torch.utils.data.default_collate(bytes_)  # what the DataLoader hands to the device
-    assert torch.equal(normalize_pixel_values(batch["pixel_values"], color_jitter=batch["color_jitter"]),
+    assert ("blur_sigma" in batch) == bool(settings.get("blur_probability"))
+    assert torch.equal(normalize_pixel_values(batch["pixel_values"], color_jitter=batch["color_jitter"],
+                                              blur_sigma=batch.get("blur_sigma")),
                        torch.stack([sample["pixel_values"] for sample in floats]))
+    if settings.get("blur_probability") and not settings.get("noise_std"):  # some samples blurred, some not
+        assert 0 < int((batch["blur_sigma"] > 0).sum()) < len(bytes_)
 
 
 def test_color_jitter_plans_apply_per_image_in_a_batch_and_a_wrong_plan_is_named():

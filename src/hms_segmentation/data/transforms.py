@@ -18,12 +18,14 @@ the filter at the region's start where PIL reads the pixels before it).
 Outputs use the names the model's forward takes: ``pixel_values`` float32 `(3, height, width)` and ``labels`` int64
 `(height, width)`; or, with ``TrainAugmentationOptions(output_dtype="uint8")``, the augmented crop as 8-bit
 ``pixel_values`` uint8 `(3, height, width)` and ``labels`` uint8 (255 = ignore), a fifth of the bytes for DataLoader
-workers to hand over, plus (when colour jitter is on) the sample's ``color_jitter`` plan `(3, 2)`: the colour jitter
-and the normalisation then run after the transfer to the device, in `normalize_pixel_values(pixel_values,
-color_jitter=...)` (the training scripts do this), where they cost next to nothing on a GPU. Both give the same
-normalised tensor: the float path also starts from the 8-bit crop, applies the same plan with the same function
-(`apply_color_jitter_`; with noise on, the uint8 path applies it in the worker, since the noise must follow it, and
-hands over an empty plan), rounds noise to whole levels, and normalises with the same float32 arithmetic.
+workers to hand over, plus (when colour jitter is on) the sample's ``color_jitter`` plan `(4, 2)` and (when the blur
+is on) its ``blur_sigma`` `()`: the colour jitter, the blur and the normalisation then run after the transfer to the
+device, in that order (the reference's), in `normalize_pixel_values(pixel_values, color_jitter=..., blur_sigma=...)`
+(the training scripts do this), where they cost next to nothing on a GPU. Both give the same normalised tensor: the
+float path also starts from the 8-bit crop, applies the same plan and blur with the same functions
+(`apply_color_jitter_`, `gaussian_blur_`; with noise on, the uint8 path applies them in the worker, since the noise
+must follow them, and hands over an empty plan and a zero sigma), rounds noise to whole levels, and normalises with
+the same float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.nn import functional as F
 
 from ..label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
@@ -77,6 +79,7 @@ def normalize_pixel_values(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     color_jitter: torch.Tensor | None = None,
+    blur_sigma: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit pixels -> the normalised float32 pixels the model takes, on the device they are on.
 
@@ -87,6 +90,8 @@ def normalize_pixel_values(
         std: Normalisation standard deviation.
         color_jitter: The samples' ``color_jitter`` plans, `(batch, 3, 2)` or `(3, 2)`: applied first (see
             `apply_color_jitter_`), so the colour jitter of uint8 samples runs on the device too.
+        blur_sigma: The samples' ``blur_sigma``, `(batch,)` or `()`: a Gaussian blur after the jitter (see
+            `gaussian_blur_`; 0 leaves an image as it is).
 
     Returns:
         float32 `(value / 255 - mean) / std`, same shape, a new tensor (the input is left as it is).
@@ -96,7 +101,44 @@ def normalize_pixel_values(
     pixels = pixel_values.to(torch.float32, copy=True)
     if color_jitter is not None:
         apply_color_jitter_(pixels, color_jitter)
+    if blur_sigma is not None:
+        gaussian_blur_(pixels, blur_sigma)
     return _normalize_(pixels, mean, std)
+
+
+def gaussian_blur_(pixels: torch.Tensor, sigma: torch.Tensor | float, truncate: float = 4.0) -> torch.Tensor:
+    """In place on float32 pixels `(batch, C, H, W)` or `(C, H, W)`: a Gaussian blur of standard deviation `sigma`
+    pixels, one per image (`(batch,)` or `()`; 0 leaves the image as it is). The kernel is scikit-image's `gaussian`
+    (the reference's ``--gblur``, through scipy.ndimage): separable, truncated at `int(truncate * sigma + 0.5)`
+    pixels, borders extended with the nearest pixel.
+    """
+    images = pixels if pixels.ndim == 4 else pixels.unsqueeze(0)
+    sigmas = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).tolist()
+    if len(sigmas) != images.shape[0]:
+        raise ValueError(f"blur_sigma must hold one value per image, {images.shape[0]} for pixels of shape "
+                         f"{tuple(pixels.shape)}, got {len(sigmas)}")
+    for image, image_sigma in zip(images, sigmas):
+        radius = int(truncate * image_sigma + 0.5) if image_sigma > 0 else 0
+        if radius == 0:  # a one-tap kernel: nothing to do
+            continue
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        weights = torch.exp(-0.5 * (offsets / image_sigma) ** 2)
+        weights = (weights / weights.sum()).tolist()
+        # one image at a time: the same arithmetic whatever the batch, so samples blurred in a DataLoader worker and
+        # batches blurred on the device agree exactly
+        rows = _correlate(F.pad(image.unsqueeze(0), (radius, radius, 0, 0), mode="replicate"), weights, dim=-1)
+        image.copy_(_correlate(F.pad(rows, (0, 0, radius, radius), mode="replicate"), weights, dim=-2)[0])
+    return pixels
+
+
+def _correlate(padded: torch.Tensor, weights: list[float], dim: int) -> torch.Tensor:
+    """`Σ_k weights[k] · padded[k : k + n]` along `dim`, `n` being its size less `len(weights) - 1`: one multiply-add
+    per tap over shifted views (several times faster on CPU than a depthwise `conv2d` with a 1-D kernel)."""
+    length = padded.shape[dim] - len(weights) + 1
+    out = padded.narrow(dim, 0, length) * weights[0]
+    for tap, weight in enumerate(weights[1:], start=1):
+        out.add_(padded.narrow(dim, tap, length), alpha=weight)
+    return out
 
 
 COLOR_JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
@@ -208,9 +250,9 @@ def _labels_tensor(label: np.ndarray) -> torch.Tensor:
 @dataclass
 class TrainAugmentationOptions:
     """The reference training augmentation; defaults follow NVIDIA/semantic-segmentation (its ``color_aug 0.25`` is
-    brightness, contrast, saturation and hue 0.25), with these differences: the colour steps run in float with one
-    clamp per run of affine steps where the reference rounds to 8 bits after each, and after the optional blur (the
-    reference blurs the jittered crop; the jitter runs on the device here); image padding is the mean colour
+    brightness, contrast, saturation and hue 0.25), with this difference: the colour steps and the optional blur
+    (after them, as the reference's) run in float, with one clamp per run of affine steps, where the reference rounds
+    to 8 bits after each (and truncates after the blur); image padding is the mean colour
     (0 after normalisation) by default, ``pad_fill="black"`` pads with black as the reference; padded labels are
     ignored either way. An image side smaller than the
     crop lands at a random offset in it by default (the reference's ``--translate_aug_fix``); ``pad_placement="centre"``
@@ -228,8 +270,9 @@ class TrainAugmentationOptions:
         contrast: Contrast factor, same rule; blends with the mean grey level.
         saturation: Saturation factor, same rule; blends with the grey image.
         hue: Hue shift drawn from [-hue, hue] turns of the HSV hue circle (at most 0.5); 0 disables.
-        blur_probability: Probability of a Gaussian blur (the reference's ``--gblur`` blurs every crop: 1.0).
-        blur_sigma: Range of the blur's standard deviation, in pixels.
+        blur_probability: Probability of a Gaussian blur after the colour jitter (`gaussian_blur_`; the reference's
+            ``--gblur`` blurs every crop: 1.0).
+        blur_sigma: Range of the blur's standard deviation, in pixels (the reference's: 0.15 to 1.3).
         noise_std: Standard deviation of additive Gaussian noise, in 0..255 units; 0 disables.
         noise_probability: Probability of adding that noise to a crop.
         image_mean: Normalisation mean (images scaled to [0, 1]); also the colour of image padding by default.
@@ -391,15 +434,14 @@ class SegmentationTrainTransform:
             raise ValueError(f"image is {image.size[0]}x{image.size[1]} but label is {label.shape[1]}x{label.shape[0]}"
                              " (width x height): expected the same size")
         image, label = self._scale_and_crop(image, label, rng, centroid)
-        # Colour jitter is per pixel (its contrast mean is mirror-invariant), so without a blur the mirroring is left to
-        # the conversion into a tensor, where it is cheapest; a blur sees the mirrored crop, as in the reference.
+        # The mirroring is left to the conversion into a tensor, where it is cheapest: everything after it (jitter,
+        # blur, noise) runs on the tensor.
         flip = rng.random() < options.flip_probability
         if flip:
             label = label[:, ::-1]
-        if options.blur_probability and rng.random() < options.blur_probability:
-            if flip:
-                image, flip = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), False
-            image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*options.blur_sigma)))
+        blur_sigma = None  # None: the blur is off; 0: it is on, but not for this sample
+        if options.blur_probability:
+            blur_sigma = rng.uniform(*options.blur_sigma) if rng.random() < options.blur_probability else 0.0
         color_jitter = self._draw_color_jitter(rng)
         noise_seed = None
         if options.noise_std and rng.random() < options.noise_probability:
@@ -407,18 +449,26 @@ class SegmentationTrainTransform:
         if options.output_dtype == "uint8":
             pixels = _to_uint8_tensor(image, flip)
             sample = {"pixel_values": pixels, "labels": torch.from_numpy(np.array(label, dtype=np.uint8, order="C"))}
-            if noise_seed is not None:  # the noise follows the jitter, so both happen here
+            if noise_seed is not None:  # the noise follows the jitter and the blur, so all happen here
                 pixels = pixels.float()
                 if color_jitter is not None:
                     apply_color_jitter_(pixels, color_jitter)
                     color_jitter = _empty_color_jitter_plan()  # done: nothing left for the device
+                if blur_sigma is not None:
+                    gaussian_blur_(pixels, blur_sigma)
+                    blur_sigma = 0.0
                 sample["pixel_values"] = self._add_noise_(pixels, noise_seed).to(torch.uint8)
-            if color_jitter is not None:  # jittered on the device, by `normalize_pixel_values`
+            # jittered and blurred on the device, by `normalize_pixel_values`
+            if color_jitter is not None:
                 sample["color_jitter"] = color_jitter
+            if blur_sigma is not None:
+                sample["blur_sigma"] = torch.tensor(blur_sigma, dtype=torch.float32)
             return sample
         pixels = _to_tensor(image, flip)
         if color_jitter is not None:
             apply_color_jitter_(pixels, color_jitter)
+        if blur_sigma is not None:
+            gaussian_blur_(pixels, torch.tensor(blur_sigma, dtype=torch.float32))
         if noise_seed is not None:
             self._add_noise_(pixels, noise_seed)
         return {"pixel_values": _normalize_(pixels, options.image_mean, options.image_std),

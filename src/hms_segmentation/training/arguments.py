@@ -329,9 +329,10 @@ class HMSTrainingArguments(TrainingArguments):
         if self.poly_decay_unit == "epoch" and self.warmup_steps:
             raise ValueError(f"--poly_decay_unit epoch follows the reference's schedule, which has no warmup; got "
                              f"--warmup_steps {self.warmup_steps:g}: drop it, or decay per step")
-        if self.remove_unused_columns:  # the Trainer would drop what forward() does not take: the jitter plans
-            raise ValueError("--remove_unused_columns true would drop the colour-jitter plans that training batches "
-                             "carry beside pixel_values and labels (they hold nothing else); leave it false")
+        if self.remove_unused_columns:  # the Trainer would drop what forward() does not take: the augmentation plans
+            raise ValueError("--remove_unused_columns true would drop the colour-jitter plans and blur sigmas that "
+                             "training batches carry beside pixel_values and labels (they hold nothing else); leave it "
+                             "false")
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} groups samples by token length; "
                              "segmentation crops all have one size: use random (the default) or sequential")

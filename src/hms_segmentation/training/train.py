@@ -304,14 +304,15 @@ def collate_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 def normalize_uint8_pixel_values(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch the model takes: uint8 ``pixel_values`` (training samples of ``TrainAugmentationOptions(
-    output_dtype="uint8")``) colour-jittered by their ``color_jitter`` plans and normalised with the ImageNet mean/std
-    where they are, i.e. on the device after the DataLoader's transfer; any other batch is returned as it is. Both
-    training loops call this before the forward."""
+    output_dtype="uint8")``) colour-jittered by their ``color_jitter`` plans, blurred by their ``blur_sigma`` and
+    normalised with the ImageNet mean/std where they are, i.e. on the device after the DataLoader's transfer; any
+    other batch is returned as it is. Both training loops call this before the forward."""
     pixel_values = inputs.get("pixel_values")
     if pixel_values is None or pixel_values.dtype != torch.uint8:
         return inputs
     inputs = dict(inputs)
-    inputs["pixel_values"] = normalize_pixel_values(pixel_values, color_jitter=inputs.pop("color_jitter", None))
+    inputs["pixel_values"] = normalize_pixel_values(pixel_values, color_jitter=inputs.pop("color_jitter", None),
+                                                    blur_sigma=inputs.pop("blur_sigma", None))
     return inputs
 
 
