@@ -793,6 +793,63 @@ def test_evaluate_cli_compares_scale_lists_and_writes_tables(tiny_model_dir, syn
     assert "given twice" in capsys.readouterr().err
 
 
+def test_evaluate_runs_under_autocast_with_dataloader_workers(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    from hms_segmentation.cli import main as cli_main
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_eval_dataset
+    from hms_segmentation.training.evaluate import evaluate_scales
+
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()
+    dataset, id2label = build_eval_dataset(DataArguments(data_dir=str(synthetic_dir), synthetic_train_frames=4,
+                                                         synthetic_val_frames=2, synthetic_height=64,
+                                                         synthetic_width=128))
+    dtypes = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: dtypes.append(
+        (output[0] if isinstance(output, (tuple, list)) else output).dtype))
+    plain = evaluate_scales(model, dataset, [0.5, 1.0], id2label=id2label)
+    in_workers = evaluate_scales(model, dataset, [0.5, 1.0], id2label=id2label, num_workers=1)
+    assert set(dtypes) == {torch.float32}
+    bf16 = evaluate_scales(model, dataset, [0.5, 1.0], id2label=id2label, precision="bf16")
+    assert set(dtypes[-4:]) == {torch.bfloat16}  # two scales, two images
+    assert json.dumps({**in_workers, "seconds_per_image": 0}) == json.dumps({**plain, "seconds_per_image": 0})  # NaN
+    assert (plain["precision"], bf16["precision"], plain["processes"]) == ("fp32", "bf16", 1)
+    assert abs(bf16["mean_iou"] - plain["mean_iou"]) < 0.05  # a few pixels may change class, not many
+    output = tmp_path / "eval"
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--data-dir", str(synthetic_dir), "--scales", "1.0",
+                     "--precision", "bf16", "--num-workers", "1", "--no-progress", "--output-dir", str(output)]) == 0
+    assert "| class | 1.0 bf16 |" in (output / "results.md").read_text()
+    assert json.loads((output / "results.json").read_text())["results"][0]["precision"] == "bf16"
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--num-workers", "-1"]) == 2
+    assert "--num-workers must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "data"  # three val frames: one process evaluates two, the other one
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "warmup", "--max_steps", "1",
+                                                     "--synthetic_val_frames", "3")))
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--scales", "1.0", "0.5,1.0", "--flip",
+            "--no-progress"]
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "hms_segmentation.training.evaluate", *argv, "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    one, two = (json.loads((tmp_path / name / "results.json").read_text())["results"] for name in ("one", "two"))
+    assert [r["processes"] for r in one + two] == [1, 1, 2, 2] and all(r["images"] == 3 for r in one + two)
+    for single, double in zip(one, two):  # the summed confusion matrices: the same figures exactly
+        assert {k: v for k, v in double.items() if k not in ("seconds_per_image", "processes")} == {
+            k: v for k, v in single.items() if k not in ("seconds_per_image", "processes")}
+    assert result.stdout.count("**mIoU**") == 1  # one process prints the table
+
+
 def test_evaluation_timing_waits_for_the_gpu(monkeypatch):
     from hms_segmentation.training.evaluate import wait_for_device
 

@@ -3,6 +3,8 @@
     hms-segmentation evaluate --model runs/synthetic --scales 1.0 0.5,1.0,2.0 --output-dir eval_results
     hms-segmentation evaluate --model hms-cityscapes --dataset cityscapes --data-dir /data/cityscapes --flip
     hms-segmentation evaluate --model hms-mapillary --dataset mapillary --data-dir /data/mapillary --tile_pixel_budget 4194304
+    accelerate launch --num_processes 8 -m hms_segmentation.training.evaluate --model hms-mapillary --dataset mapillary \
+        --data-dir /data/mapillary --scales 0.25,0.5,1.0,2.0 --flip --precision fp16    # the reference's eval_mapillary.yml
 
 Large inputs: `--tile_pixel_budget` runs every scale above that many pixels as overlapping tiles (`--tile_size`,
 `--tile_overlap`), `--max_long_side` shrinks inputs first (predictions are scored at the labels' full size). Mapillary
@@ -10,18 +12,25 @@ is evaluated as the reference does, image and label resized to a long side of 21
 size).
 
 Every scale list is one row of the comparison: per-class IoU, mIoU, pixel accuracy and seconds per image, printed and
-saved as `results.json` and `results.md` in `--output-dir`.
+saved as `results.json` and `results.md` in `--output-dir`. Launched on several processes (`accelerate launch`,
+`torchrun`), each evaluates every n-th image and the confusion matrices are summed, so the figures are those of one
+process; the time per image is then the processes' time summed over the images (device seconds per image).
+`--precision fp16` / `bf16` runs the forward under autocast (the reference evaluates in fp16).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..configuration_hms import validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
@@ -35,6 +44,8 @@ from .datasets import build_eval_dataset
 
 RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""`--precision`: the autocast dtype of the forward (None: float32 throughout)."""
 
 
 def predict(
@@ -70,36 +81,54 @@ def evaluate_scales(
     dataset,
     scales: list[float],
     flip: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     id2label: dict[int, str] | None = None,
     max_long_side: int | None = None,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    progress: bool = False,
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
     `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
-    `tile_overlap`) as in `predict`; predictions are always scored at the labels' size."""
+    `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
+    `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images.
+
+    Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
+    processes: every process returns the figures of the whole split."""
+    device = torch.device(device)
     num_labels = model.config.num_labels
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    # batch_size=None: the samples as the dataset gives them (full-size images differ in size)
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
+    autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
+                else contextlib.nullcontext())
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     seconds = 0.0
     with torch.inference_mode():
-        for index in range(len(dataset)):
-            sample = dataset[index]
+        for sample in tqdm(loader, desc=f"evaluating {run_label(scales, flip, precision)}", unit="image", disable=not progress):
             pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
             labels = sample["labels"].unsqueeze(0).to(device)
             start = time.perf_counter()
-            logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
-            predictions = preprocess_logits_for_metrics(logits, labels, model.config.align_corners)
+            with autocast:
+                logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
+            predictions = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)
             wait_for_device(predictions.device)
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
+    accumulator.all_reduce()
+    seconds = _summed_over_processes(seconds, device)
     metrics = accumulator.compute()
     names = [(id2label or model.config.id2label)[i] for i in range(num_labels)]
     return {
         "scales": scales,
         "flip": flip,
+        "precision": precision,
         **({"max_long_side": max_long_side} if max_long_side is not None else {}),
         **{name: value for name, value in tiling.items() if value is not None},
         "images": len(dataset),
+        "processes": world_size,
         "seconds_per_image": seconds / max(1, len(dataset)),
         "mean_iou": float(metrics["mean_iou"]),
         "mean_accuracy": float(metrics["mean_accuracy"]),
@@ -108,13 +137,28 @@ def evaluate_scales(
     }
 
 
+def _summed_over_processes(value: float, device: torch.device) -> float:
+    """`value` summed over the processes of ``torch.distributed`` (itself when there are none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    on_device = device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    total = torch.tensor([value], dtype=torch.float64, device=on_device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total.item())
+
+
+def run_label(scales: list[float], flip: bool, precision: str = "fp32") -> str:
+    """How a scale list is named in the tables: "0.5,1.0,2.0", with " +flip" and a precision other than fp32."""
+    return ",".join(map(str, scales)) + (" +flip" if flip else "") + (f" {precision}" if precision != "fp32" else "")
+
+
 def comparison_table(results_by_model: dict[str, list[dict]]) -> str:
     """Scale lists as rows; mIoU and pixel accuracy (in %) of each model as columns (e.g. RMI vs cross-entropy)."""
     names = list(results_by_model)
     lines = ["| scales | " + " | ".join(f"{name} mIoU | {name} pixel acc." for name in names) + " |",
              "|---|" + "---:|---:|" * len(names)]
     for row, first in enumerate(results_by_model[names[0]]):
-        label = ",".join(map(str, first["scales"])) + (" +flip" if first["flip"] else "")
+        label = run_label(first["scales"], first["flip"], first.get("precision", "fp32"))
         cells = []
         for name in names:
             result = results_by_model[name][row]
@@ -138,7 +182,7 @@ def parse_model_arguments(values: list[str]) -> dict[str, str]:
 
 def markdown_table(results: list[dict]) -> str:
     """Classes as rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
-    headers = [",".join(map(str, r["scales"])) + (" +flip" if r["flip"] else "") for r in results]
+    headers = [run_label(r["scales"], r["flip"], r.get("precision", "fp32")) for r in results]
     lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
     for name in results[0]["per_category_iou"]:
         cells = [r["per_category_iou"][name] for r in results]
@@ -169,15 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "evaluation of Mapillary; default: 2177 for Mapillary, full size otherwise; 0 = full size")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=None, help="write results.json and results.md here")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-dir")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: the GPU if there is one (each launched process its own), else the CPU")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="autocast dtype of the forward: fp32 (none), fp16 (the reference's evaluation) or bf16")
+    parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=0,
+                        help="DataLoader workers that read and decode the images (0: in the main process)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_large_input_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+
     args = build_parser().parse_args(argv)
     try:
         # checked before the model and the dataset are loaded, which can take minutes
+        if args.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
         scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
                                   mapillary_version=args.mapillary_version,
@@ -200,15 +254,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # processes started by `accelerate launch` / `torchrun` form a group (gloo without GPUs, or with --device cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=launched and (args.device == "cpu" or not torch.cuda.is_available()))
+    if state.num_processes > 1 and args.device not in (None, "cpu"):
+        print(f"error: --device {args.device} with {state.num_processes} processes: each process evaluates on its "
+              "own GPU; leave --device out (or pass --device cpu)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device) if args.device else state.device
     try:
-        dataset, id2label = build_eval_dataset(data_args)
+        with state.main_process_first():  # the synthetic set is generated once, not by every process
+            dataset, id2label = build_eval_dataset(data_args)
     except (ValueError, FileNotFoundError) as error:  # missing or empty folders, bad samples (naming the file)
         print(f"error: --dataset {args.dataset} --data-dir {args.data_dir} --split {args.split}: {error}",
               file=sys.stderr)
         return 2
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
-        model = HMSForSemanticSegmentation.from_pretrained(path).to(args.device).eval()
+        with state.main_process_first():  # one download into the Hub cache, not one per process
+            model = HMSForSemanticSegmentation.from_pretrained(path)
+        model = model.to(device).eval()
         if len(id2label) != model.config.num_labels:
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
                   f"{len(id2label)}", file=sys.stderr)
@@ -219,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         results_by_model[name] = [
-            evaluate_scales(model, dataset, scales, args.flip, args.device, id2label, max_long_side, **tiling)
+            evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
+                            args.num_workers, progress=args.progress and state.is_main_process, **tiling)
             for scales in scale_lists
         ]
+    if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
+        return 0
     tables = []
     for name, results in results_by_model.items():
         tables.append((f"### {name}\n\n" if len(results_by_model) > 1 else "") + markdown_table(results))
