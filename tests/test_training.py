@@ -832,22 +832,92 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     data_dir = tmp_path / "data"  # three val frames: one process evaluates two, the other one
     run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "warmup", "--max_steps", "1",
                                                      "--synthetic_val_frames", "3")))
-    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--scales", "1.0", "0.5,1.0", "--flip",
+    argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--scales", "0.5,1.0", "--flip",
             "--no-progress"]
     from hms_segmentation.training.evaluate import main as evaluate_main
 
-    assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one")]) == 0
+    assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one"), "--save-predictions",
+                          str(tmp_path / "one_predictions")]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "hms_segmentation.training.evaluate", *argv, "--output-dir", str(tmp_path / "two")]
+               "-m", "hms_segmentation.training.evaluate", *argv, "--output-dir", str(tmp_path / "two"),
+               "--save-predictions", str(tmp_path / "two_predictions")]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["results"] for name in ("one", "two"))
-    assert [r["processes"] for r in one + two] == [1, 1, 2, 2] and all(r["images"] == 3 for r in one + two)
+    assert [r["processes"] for r in one + two] == [1, 2] and all(r["images"] == 3 for r in one + two)
     for single, double in zip(one, two):  # the summed confusion matrices: the same figures exactly
         assert {k: v for k, v in double.items() if k not in ("seconds_per_image", "processes")} == {
             k: v for k, v in single.items() if k not in ("seconds_per_image", "processes")}
     assert result.stdout.count("**mIoU**") == 1  # one process prints the table
+    # each process wrote the predictions of its images: all of them, as one process does
+    one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_predictions", "two_predictions"))
+    assert len(one) == 3 and one == two
+
+
+def test_evaluate_saves_predictions_for_the_cityscapes_benchmark(tiny_deeplab_dir, shared_data_dir, tmp_path, capsys):
+    """--save-predictions: labelIds named by the frame (what cityscapesScripts' evaluator and the benchmark server
+    read, matched by <city>_<sequence>_<frame>*.png), the same predictions as the scored ones."""
+    import numpy as np
+    from PIL import Image
+
+    from hms_segmentation.data import load_cityscapes
+    from hms_segmentation.evaluation import mean_iou, preprocess_logits_for_metrics
+    from hms_segmentation.label_tables import CITYSCAPES_PALETTE, CITYSCAPES_TRAIN_LABELS, cityscapes_label_id_to_train_id
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_eval_dataset
+    from hms_segmentation.training.evaluate import main as evaluate_main, predict
+
+    root = shared_data_dir / "cityscapes_sample"
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()  # its predictions vary over a frame
+    common = ["--model", str(tiny_deeplab_dir), "--dataset", "cityscapes", "--data-dir", str(root), "--scales", "0.5,1.0",
+              "--no-progress"]
+    for name in ("label_ids", "train_ids", "color"):
+        assert evaluate_main([*common, "--save-predictions", str(tmp_path / name), "--prediction-format", name,
+                              "--output-dir", str(tmp_path / f"results_{name}")]) == 0
+    frame = "frankfurt_000000_000294.png"
+    assert [p.name for p in (tmp_path / "label_ids").iterdir()] == [frame]  # no partial file left behind
+    label_ids = np.array(Image.open(tmp_path / "label_ids" / frame))
+    train_ids = np.array(Image.open(tmp_path / "train_ids" / frame))
+    coloured = Image.open(tmp_path / "color" / frame)
+    assert set(np.unique(label_ids)) <= {label.id for label in CITYSCAPES_TRAIN_LABELS}
+    to_train_id = np.full(256, 255, np.uint8)
+    for label_id, train_id in cityscapes_label_id_to_train_id().items():
+        to_train_id[label_id] = train_id
+    np.testing.assert_array_equal(to_train_id[label_ids], train_ids)
+    assert coloured.mode == "P" and coloured.getpalette()[:6] == [*CITYSCAPES_PALETTE[0], *CITYSCAPES_PALETTE[1]]
+    np.testing.assert_array_equal(np.array(coloured), train_ids)
+    # the saved predictions are the scored ones, pixel for pixel, at the labels' size
+    dataset, _ = build_eval_dataset(DataArguments(dataset="cityscapes", data_dir=str(root)))
+    sample = dataset[0]
+    with torch.inference_mode():
+        scored = preprocess_logits_for_metrics(predict(model, sample["pixel_values"][None], [0.5, 1.0], flip=False),
+                                               sample["labels"][None], model.config.align_corners)[0]
+    np.testing.assert_array_equal(train_ids, scored.numpy())
+    assert len(np.unique(train_ids)) > 1
+    ground_truth = np.array(load_cityscapes(root, "val")[0]["label"])
+    result = json.loads((tmp_path / "results_label_ids" / "results.json").read_text())["results"][0]
+    assert mean_iou([train_ids], [ground_truth], num_labels=19)["mean_iou"] == pytest.approx(result["mean_iou"], abs=1e-12)
+    # a prediction already there is the user's until --overwrite
+    before = (tmp_path / "label_ids" / frame).read_bytes()
+    (tmp_path / "label_ids" / frame).write_bytes(b"mine")
+    assert evaluate_main([*common, "--save-predictions", str(tmp_path / "label_ids")]) == 2
+    assert "frankfurt_000000_000294.png exists (1 of the 1 predictions do)" in capsys.readouterr().err
+    assert (tmp_path / "label_ids" / frame).read_bytes() == b"mine"
+    assert evaluate_main([*common, "--save-predictions", str(tmp_path / "label_ids"), "--overwrite"]) == 0
+    assert (tmp_path / "label_ids" / frame).read_bytes() == before
+    assert evaluate_main([*common, "--scales", "1.0", "0.5,1.0", "--save-predictions", str(tmp_path / "two")]) == 2
+    assert "give one --model and one --scales list, got 1 model(s) and 2 scale list(s)" in capsys.readouterr().err
+
+
+def test_mapillary_training_ids_map_back_to_its_label_ids():
+    from hms_segmentation.data.mapillary import mapillary_label_set
+
+    label_set = mapillary_label_set(None, "v1.2")
+    to_label_id = label_set.train_id_to_label_id()
+    forward = label_set.label_mapping()
+    assert len(to_label_id) == len(label_set.id2label) == 65
+    assert all(forward.train_ids[label_id] == train_id for train_id, label_id in to_label_id.items())
 
 
 def test_evaluation_timing_waits_for_the_gpu(monkeypatch):

@@ -84,6 +84,12 @@ CITYSCAPES_ID2LABEL: dict[int, str] = {label.train_id: label.name for label in C
 CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = tuple(label.color for label in CITYSCAPES_TRAIN_LABELS)
 
 
+def cityscapes_train_id_to_label_id() -> dict[int, int]:
+    """Map each trainId (0..18) to its Cityscapes ``labelId``: the ids the benchmark server and cityscapesScripts'
+    evaluator read from predictions."""
+    return {label.train_id: label.id for label in CITYSCAPES_TRAIN_LABELS}
+
+
 def cityscapes_label_id_to_train_id() -> dict[int, int]:
     """Map every non-negative Cityscapes ``labelId`` (0..33) to its trainId (0..18, or 255 = ignore)."""
     return {label.id: (label.train_id if 0 <= label.train_id < IGNORE_INDEX else IGNORE_INDEX)

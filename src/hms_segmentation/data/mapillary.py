@@ -71,6 +71,12 @@ class MapillaryLabelSet:
         """Colour of each training id."""
         return tuple(label.color for label in self.train_labels)
 
+    def train_id_to_label_id(self) -> dict[int, int]:
+        """Training id -> the label id stored in the dataset's PNGs (the inverse of `label_mapping` on the evaluated
+        classes)."""
+        evaluated = [label_id for label_id, label in enumerate(self.labels) if label.evaluate]
+        return dict(enumerate(evaluated))
+
     def label_mapping(self) -> LabelMapping:
         """Stored label id -> training id (non-evaluated classes -> 255)."""
         train_ids, next_id = {}, 0

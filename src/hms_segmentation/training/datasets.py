@@ -31,7 +31,7 @@ from ..data.builder import build_dataset
 from ..data.cityscapes import cityscapes_label_mapping, find_auto_labelled_samples
 from ..data.synthesize import GENERATOR_VERSION, MARKER_FILE
 from ..data.training import ConsecutiveEpochs
-from ..label_tables import CITYSCAPES_ID2LABEL
+from ..label_tables import CITYSCAPES_ID2LABEL, CITYSCAPES_PALETTE, cityscapes_train_id_to_label_id
 from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ class SegmentationEvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[index]
         return self.transform(row["image"].convert("RGB"), np.asarray(row["label"], dtype=np.uint8))
+
+    def sample_ids(self) -> list[str]:
+        """Each sample's ``id`` (Cityscapes: ``<city>_<sequence>_<frame>``; Mapillary: the image key), in order."""
+        return [str(sample_id) for sample_id in self.dataset.select_columns(["id"])["id"]]
 
 
 def check_same_size(samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -149,6 +153,15 @@ def build_eval_dataset(args: DataArguments) -> tuple[SegmentationEvalDataset, di
         rows = rows.select(range(min(args.max_eval_samples, len(rows))))
     transform = SegmentationEvalTransform(EvalPreprocessingOptions(long_side=args.eval_long_side or None))
     return SegmentationEvalDataset(rows, transform), id2label
+
+
+def dataset_label_ids(args: DataArguments) -> tuple[dict[int, int], tuple[tuple[int, int, int], ...]]:
+    """For the dataset named by `args`: each training id's label id as the dataset stores it (Cityscapes' labelIds,
+    Mapillary's config index), and each training id's colour."""
+    if args.dataset in ("synthetic", "cityscapes"):
+        return cityscapes_train_id_to_label_id(), CITYSCAPES_PALETTE
+    label_set = mapillary_label_set(args.data_dir, args.mapillary_version)
+    return label_set.train_id_to_label_id(), label_set.palette
 
 
 def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> SegmentationData:

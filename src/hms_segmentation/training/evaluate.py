@@ -16,6 +16,11 @@ saved as `results.json` and `results.md` in `--output-dir`. Launched on several 
 `torchrun`), each evaluates every n-th image and the confusion matrices are summed, so the figures are those of one
 process; the time per image is then the processes' time summed over the images (device seconds per image).
 `--precision fp16` / `bf16` runs the forward under autocast (the reference evaluates in fp16).
+
+`--save-predictions DIR` also writes each image's prediction as `DIR/<id>.png` (one model, one scale list): training
+ids, the dataset's own label ids (`--prediction-format label_ids`: Cityscapes' labelIds, what its benchmark server and
+cityscapesScripts' evaluator read, the reference's ``--dump_for_submission``) or colours, at the size the labels are
+scored at.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -40,12 +46,59 @@ from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
-from .datasets import build_eval_dataset
+from .datasets import build_eval_dataset, dataset_label_ids
 
 RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 """`--precision`: the autocast dtype of the forward (None: float32 throughout)."""
+PREDICTION_FORMATS = ("train_ids", "label_ids", "color")
+"""`--prediction-format`: what the PNGs of `--save-predictions` hold."""
+
+
+class PredictionWriter:
+    """Writes predictions as `<directory>/<sample id>.png`: training ids, the dataset's label ids or colours (a
+    palette PNG). Each file is written under a hidden name and renamed, so a killed run leaves no half-written one.
+
+    Args:
+        directory: Where the PNGs go (created if missing).
+        prediction_format: One of `PREDICTION_FORMATS`.
+        label_ids: Training id -> the dataset's label id (for ``"label_ids"``).
+        palette: Colour of each training id (for ``"color"``).
+    """
+
+    def __init__(self, directory: Path, prediction_format: str, label_ids: dict[int, int],
+                 palette: tuple[tuple[int, int, int], ...]):
+        if prediction_format not in PREDICTION_FORMATS:
+            raise ValueError(f"--prediction-format must be one of {', '.join(PREDICTION_FORMATS)}, got "
+                             f"{prediction_format!r}")
+        self.directory = directory
+        self.prediction_format = prediction_format
+        self.lookup = np.arange(256, dtype=np.uint8)  # 255 (never predicted) stays 255
+        for train_id, label_id in label_ids.items():
+            self.lookup[train_id] = label_id
+        self.palette = [channel for colour in palette for channel in colour]
+
+    def path(self, sample_id: str) -> Path:
+        # an id is a file name here, not a path: separators would place files elsewhere
+        return self.directory / (sample_id.replace("/", "_").replace("\\", "_") + ".png")
+
+    def write(self, sample_id: str, prediction: torch.Tensor) -> None:
+        """`prediction`: `(height, width)` training ids."""
+        from PIL import Image
+
+        train_ids = prediction.to(device="cpu", dtype=torch.uint8).numpy()
+        if self.prediction_format == "label_ids":
+            image = Image.fromarray(self.lookup[train_ids])
+        else:
+            image = Image.fromarray(train_ids)
+            if self.prediction_format == "color":
+                image = image.convert("P")
+                image.putpalette(self.palette)
+        path = self.path(sample_id)
+        partial = path.with_name(f".{path.name}.partial")
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
 
 
 def predict(
@@ -87,19 +140,23 @@ def evaluate_scales(
     precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = False,
+    prediction_writer: PredictionWriter | None = None,
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
     `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
-    `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images.
+    `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
+    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction.
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
     device = torch.device(device)
     num_labels = model.config.num_labels
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    indices = range(rank, len(dataset), world_size)
+    shard = torch.utils.data.Subset(dataset, indices)
+    sample_ids = dataset.sample_ids() if prediction_writer is not None else None
     # batch_size=None: the samples as the dataset gives them (full-size images differ in size)
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
@@ -107,7 +164,9 @@ def evaluate_scales(
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     seconds = 0.0
     with torch.inference_mode():
-        for sample in tqdm(loader, desc=f"evaluating {run_label(scales, flip, precision)}", unit="image", disable=not progress):
+        samples = tqdm(loader, desc=f"evaluating {run_label(scales, flip, precision)}", unit="image",
+                       disable=not progress)
+        for index, sample in zip(indices, samples):
             pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
             labels = sample["labels"].unsqueeze(0).to(device)
             start = time.perf_counter()
@@ -117,6 +176,8 @@ def evaluate_scales(
             wait_for_device(predictions.device)
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
+            if prediction_writer is not None:
+                prediction_writer.write(sample_ids[index], predictions[0])
     accumulator.all_reduce()
     seconds = _summed_over_processes(seconds, device)
     metrics = accumulator.compute()
@@ -220,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=0,
                         help="DataLoader workers that read and decode the images (0: in the main process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--save-predictions", "--save_predictions", dest="save_predictions", type=Path, default=None,
+                        help="also write each prediction as <DIR>/<image id>.png (one --model, one --scales list); "
+                             "existing files are kept unless --overwrite")
+    parser.add_argument("--prediction-format", "--prediction_format", dest="prediction_format",
+                        choices=PREDICTION_FORMATS, default="label_ids",
+                        help="label_ids (the default): the dataset's own ids, e.g. Cityscapes' labelIds for its "
+                             "benchmark server and evaluator; train_ids: the model's classes; color: a palette PNG")
     add_large_input_arguments(parser)
     return parser
 
@@ -251,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         model_paths = parse_model_arguments(args.model)
         for path in model_paths.values():
             check_model_source(path)
+        if args.save_predictions is not None and (len(model_paths) > 1 or len(scale_lists) > 1):
+            raise ValueError(f"--save-predictions writes one prediction per image: give one --model and one --scales "
+                             f"list, got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s)")
+        if args.save_predictions is not None and args.save_predictions.exists() and not args.save_predictions.is_dir():
+            raise ValueError(f"--save-predictions {args.save_predictions} is a file; expected a folder")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -269,6 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --dataset {args.dataset} --data-dir {args.data_dir} --split {args.split}: {error}",
               file=sys.stderr)
         return 2
+    writer = None
+    if args.save_predictions is not None:
+        writer = PredictionWriter(args.save_predictions, args.prediction_format, *dataset_label_ids(data_args))
+        existing = [writer.path(i) for i in dataset.sample_ids() if writer.path(i).exists()]
+        if existing and not args.overwrite:
+            print(f"error: {existing[0]} exists ({len(existing)} of the {len(dataset)} predictions do); pass "
+                  "--overwrite or choose another --save-predictions folder", file=sys.stderr)
+            return 2
+        state.wait_for_everyone()  # every process has checked before any writes
+        args.save_predictions.mkdir(parents=True, exist_ok=True)
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
         with state.main_process_first():  # one download into the Hub cache, not one per process
@@ -285,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results_by_model[name] = [
             evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
-                            args.num_workers, progress=args.progress and state.is_main_process, **tiling)
+                            args.num_workers, progress=args.progress and state.is_main_process,
+                            prediction_writer=writer, **tiling)
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
@@ -310,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         results_json.write_text(metrics_to_json(record))
         results_md.write_text(table)
         print(f"wrote {results_json} and {results_md}")
+    if writer is not None:
+        print(f"wrote {len(dataset)} predictions ({args.prediction_format}) to {args.save_predictions}")
     return 0
 
 
