@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures that BENCHMARKS.md still lacks, in one run sized for a lent GPU (about 7 minutes on one H200):
+# The GPU figures that BENCHMARKS.md still lacks, in one run sized for a lent GPU (about 8 minutes on one H200):
 #   1. mean IoU on the GPU: ConfusionMatrixAccumulator on 100 maps of 1024x2048 already in GPU memory (issue 6,
 #      point 4: "well under a millisecond per map"), beside the CPU methods of the same script;
 #   2. the training step of HRNet-W48 + OCR at 1024 crops, fp32 and fp16 autocast, RMI and cross-entropy (issue 6,
 #      point 8: samples/s and peak memory);
 #   3. the README's quickstart at a toy budget with the model on the GPU (where the Trainer puts it), down to the
-#      prediction figure, which is drawn on the CPU.
+#      prediction figure, which is drawn on the CPU;
+#   4. the training blur on the device (benchmarks/blur.py adds a CUDA row when a GPU is visible);
+#   5. `hms-segmentation evaluate --precision fp16` of the quickstart's model, against fp32 in the same run.
 # Each step has its own time limit, so one that hangs leaves the others their time; every JSON lands in OUTPUT_DIR.
 #
 #   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # on a machine with a CUDA GPU and the package installed
@@ -17,10 +19,10 @@ mkdir -p "$output_dir"
 export PYTHONUNBUFFERED=1
 if [ "${2:-}" = "--smoke" ]; then
     device=cpu; maps="--num-images 3 --typed-images 2 --height 64 --width 128"; mean_iou_device=""
-    train="--preset hrnet_small_ocr --crop-size 128 --batch-size 2 --steps 1 --precision fp32"
+    train="--preset hrnet_small_ocr --crop-size 128 --batch-size 2 --steps 1 --precision fp32"; blur="--size 64 --repeats 3"; half=bf16
 else
     device=cuda; maps="--num-images 100 --typed-images 10"; mean_iou_device="--device cuda"
-    train="--preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --steps 5 --precision fp32 fp16"
+    train="--preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --steps 5 --precision fp32 fp16"; blur="--repeats 15"; half=fp16
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 fi
 status=0
@@ -32,4 +34,11 @@ timeout 300 python benchmarks/train_step.py --device "$device" $train --losses r
 timeout 180 python -m hms_segmentation.training.quickstart --output-dir "$output_dir/quickstart_$device" --overwrite \
     --max-steps 4 --batch-size 2 --crop-size 64 --train-frames 4 --val-frames 2 --frame-height 64 --frame-width 128 \
     || status=1
+timeout 60 python benchmarks/blur.py $blur --output "$output_dir/blur_$device.json" || status=1
+quickstart="$output_dir/quickstart_$device"
+for precision in fp32 $half; do
+    timeout 120 python -m hms_segmentation.training.evaluate --model "$quickstart/model" --data-dir "$quickstart/data" \
+        --scales 1.0 0.5,1.0 --precision $precision --no-progress --output-dir "$output_dir/evaluate_${device}_$precision" \
+        --overwrite || status=1
+done
 exit $status
