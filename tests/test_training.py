@@ -910,6 +910,19 @@ def test_evaluate_saves_predictions_for_the_cityscapes_benchmark(tiny_deeplab_di
     assert "give one --model and one --scales list, got 1 model(s) and 2 scale list(s)" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_two_images_saved_under_one_name(tiny_model_dir, synthetic_dir, tmp_path, capsys, monkeypatch):
+    from hms_segmentation.training.datasets import SegmentationEvalDataset
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "warmup", "--max_steps", "1")))
+    # e.g. a Hub dataset whose id column holds "a/b" and "a_b": both would be a_b.png
+    monkeypatch.setattr(SegmentationEvalDataset, "sample_ids", lambda self: ["city/frame", "city_frame"])
+    assert evaluate_main(["--model", str(tiny_model_dir), "--data-dir", str(synthetic_dir), "--scales", "1.0",
+                          "--save-predictions", str(tmp_path / "predictions")]) == 2
+    assert "two images of the split would both be saved as" in capsys.readouterr().err
+    assert not (tmp_path / "predictions").exists()
+
+
 def test_mapillary_training_ids_map_back_to_its_label_ids():
     from hms_segmentation.data.mapillary import mapillary_label_set
 

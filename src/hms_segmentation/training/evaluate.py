@@ -26,6 +26,7 @@ scored at.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import sys
@@ -345,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     writer = None
     if args.save_predictions is not None:
         writer = PredictionWriter(args.save_predictions, args.prediction_format, *dataset_label_ids(data_args))
-        existing = [writer.path(i) for i in dataset.sample_ids() if writer.path(i).exists()]
+        paths = [writer.path(sample_id) for sample_id in dataset.sample_ids()]
+        repeated = next((path for path, count in collections.Counter(paths).items() if count > 1), None)
+        if repeated is not None:
+            print(f"error: two images of the split would both be saved as {repeated}: their ids must be distinct",
+                  file=sys.stderr)
+            return 2
+        existing = [path for path in paths if path.exists()]
         if existing and not args.overwrite:
             print(f"error: {existing[0]} exists ({len(existing)} of the {len(dataset)} predictions do); pass "
                   "--overwrite or choose another --save-predictions folder", file=sys.stderr)
