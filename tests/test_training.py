@@ -487,6 +487,8 @@ def test_poly_decay_per_epoch_refuses_what_it_cannot_follow(tiny_model_dir):
         parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch", "--warmup_steps", "10"])
     with pytest.raises(ValueError, match="--poly_decay_unit must be one of step, epoch, got 'iteration'"):
         HMSTrainingArguments(output_dir="unused", poly_decay_unit="iteration")
+    with pytest.raises(ValueError, match="a streamed training set has no epoch length"):
+        parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch", "--streaming"])
     _, _, per_epoch = parse_arguments(["--output_dir", "unused", "--poly_decay_unit", "epoch"])
     sgd = create_optimizer(HMSForSemanticSegmentation.from_pretrained(tiny_model_dir), per_epoch)
     with pytest.raises(ValueError, match="a streamed training set has no epoch length"):

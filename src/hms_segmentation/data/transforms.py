@@ -441,7 +441,8 @@ class SegmentationTrainTransform:
             label = label[:, ::-1]
         blur_sigma = None  # None: the blur is off; 0: it is on, but not for this sample
         if options.blur_probability:
-            blur_sigma = rng.uniform(*options.blur_sigma) if rng.random() < options.blur_probability else 0.0
+            drawn = rng.uniform(*options.blur_sigma) if rng.random() < options.blur_probability else 0.0
+            blur_sigma = float(np.float32(drawn))  # what the sample's float32 `blur_sigma` holds, used by every path
         color_jitter = self._draw_color_jitter(rng)
         noise_seed = None
         if options.noise_std and rng.random() < options.noise_probability:
@@ -468,7 +469,7 @@ class SegmentationTrainTransform:
         if color_jitter is not None:
             apply_color_jitter_(pixels, color_jitter)
         if blur_sigma is not None:
-            gaussian_blur_(pixels, torch.tensor(blur_sigma, dtype=torch.float32))
+            gaussian_blur_(pixels, blur_sigma)
         if noise_seed is not None:
             self._add_noise_(pixels, noise_seed)
         return {"pixel_values": _normalize_(pixels, options.image_mean, options.image_std),

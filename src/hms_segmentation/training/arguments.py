@@ -370,7 +370,11 @@ def parse_arguments(
         # the file's values become the parser's defaults, so the flags after it still parse (and win) as usual
         parser.set_defaults(**read_argument_file(Path(argv[0]), {action.dest for action in parser._actions} - {"help"}))
         argv = argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.streaming and training_args.poly_decay_unit == "epoch":  # refused now, not after loading the data
+        raise ValueError("--poly_decay_unit epoch decays the LR at the end of each epoch, and a streamed training set "
+                         "has no epoch length: use --poly_decay_unit step with --streaming")
+    return model_args, data_args, training_args
 
 
 def read_argument_file(path: Path, known: set[str]) -> dict:
