@@ -255,6 +255,15 @@ def test_model_card_metadata_comes_from_the_evaluation_json(hub_folder):
     assert "| **mIoU** | **41.2** | **45.7** |" in card.text
 
 
+def test_an_evaluation_under_autocast_is_named_so_in_the_model_index():
+    from hms_segmentation.hub import KNOWN_DATASETS, evaluation_to_eval_results
+
+    rows = [{**EVALUATION["results"][0], "precision": "fp32"}, {**EVALUATION["results"][0], "precision": "fp16"}]
+    names = [result.metric_name for result in evaluation_to_eval_results({"results": rows}, KNOWN_DATASETS["cityscapes"],
+                                                                         "val") if result.metric_type == "mean_iou"]
+    assert names == ["mIoU (scales 1.0)", "mIoU (scales 1.0 fp16)"]
+
+
 def test_a_class_absent_from_the_evaluation_reads_n_a_in_the_card(tiny_model, tmp_path):
     """`hms-segmentation evaluate` writes null for a class no image holds (its IoU is undefined)."""
     rows = [{**row, "per_category_iou": {**row["per_category_iou"], "car": None}} for row in EVALUATION["results"]]

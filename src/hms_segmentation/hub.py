@@ -155,7 +155,10 @@ def result_from_trainer_metrics(
 
 
 def _scales_text(row: Mapping[str, Any]) -> str:
-    return ",".join(str(float(s)) for s in row["scales"]) + (" +flip" if row.get("flip") else "")
+    """"0.5,1.0,2.0", with " +flip" and the precision of an evaluation under autocast ("fp16", "bf16")."""
+    precision = row.get("precision", "fp32")
+    return (",".join(str(float(s)) for s in row["scales"]) + (" +flip" if row.get("flip") else "")
+            + (f" {precision}" if precision != "fp32" else ""))
 
 
 def evaluation_to_eval_results(
