@@ -154,11 +154,15 @@ def result_from_trainer_metrics(
     return row
 
 
-def _scales_text(row: Mapping[str, Any]) -> str:
-    """"0.5,1.0,2.0", with " +flip" and the precision of an evaluation under autocast ("fp16", "bf16")."""
-    precision = row.get("precision", "fp32")
-    return (",".join(str(float(s)) for s in row["scales"]) + (" +flip" if row.get("flip") else "")
+def scale_list_label(scales: Sequence[float], flip: bool = False, precision: str = "fp32") -> str:
+    """How an evaluation run is named in tables and the model-index: "0.5,1.0,2.0", with " +flip" and the precision
+    of an evaluation under autocast (" fp16", " bf16")."""
+    return (",".join(str(float(s)) for s in scales) + (" +flip" if flip else "")
             + (f" {precision}" if precision != "fp32" else ""))
+
+
+def _scales_text(row: Mapping[str, Any]) -> str:
+    return scale_list_label(row["scales"], bool(row.get("flip")), row.get("precision", "fp32"))
 
 
 def evaluation_to_eval_results(

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..configuration_hms import validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
-from ..hub import check_model_source
+from ..hub import check_model_source, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
@@ -165,7 +165,7 @@ def evaluate_scales(
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     seconds = 0.0
     with torch.inference_mode():
-        samples = tqdm(loader, desc=f"evaluating {run_label(scales, flip, precision)}", unit="image",
+        samples = tqdm(loader, desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
                        disable=not progress)
         for index, sample in zip(indices, samples):
             pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
@@ -209,18 +209,13 @@ def _summed_over_processes(value: float, device: torch.device) -> float:
     return float(total.item())
 
 
-def run_label(scales: list[float], flip: bool, precision: str = "fp32") -> str:
-    """How a scale list is named in the tables: "0.5,1.0,2.0", with " +flip" and a precision other than fp32."""
-    return ",".join(map(str, scales)) + (" +flip" if flip else "") + (f" {precision}" if precision != "fp32" else "")
-
-
 def comparison_table(results_by_model: dict[str, list[dict]]) -> str:
     """Scale lists as rows; mIoU and pixel accuracy (in %) of each model as columns (e.g. RMI vs cross-entropy)."""
     names = list(results_by_model)
     lines = ["| scales | " + " | ".join(f"{name} mIoU | {name} pixel acc." for name in names) + " |",
              "|---|" + "---:|---:|" * len(names)]
     for row, first in enumerate(results_by_model[names[0]]):
-        label = run_label(first["scales"], first["flip"], first.get("precision", "fp32"))
+        label = scale_list_label(first["scales"], first["flip"], first.get("precision", "fp32"))
         cells = []
         for name in names:
             result = results_by_model[name][row]
@@ -244,7 +239,7 @@ def parse_model_arguments(values: list[str]) -> dict[str, str]:
 
 def markdown_table(results: list[dict]) -> str:
     """Classes as rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
-    headers = [run_label(r["scales"], r["flip"], r.get("precision", "fp32")) for r in results]
+    headers = [scale_list_label(r["scales"], r["flip"], r.get("precision", "fp32")) for r in results]
     lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
     for name in results[0]["per_category_iou"]:
         cells = [r["per_category_iou"][name] for r in results]
