@@ -824,6 +824,39 @@ def test_evaluate_runs_under_autocast_with_dataloader_workers(tiny_model_dir, sy
     assert json.loads((output / "results.json").read_text())["results"][0]["precision"] == "bf16"
     assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--num-workers", "-1"]) == 2
     assert "--num-workers must be >= 0, got -1" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_in_batches_gives_the_figures_and_predictions_of_single_images(tiny_deeplab_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from hms_segmentation.training.evaluate import evaluate_scales, main as evaluate_main
+
+    # three frames in batches of two: one full batch and one of a single image
+    data_dir = tmp_path / "data"
+    run_training(*parse_arguments(tiny_run_arguments(tiny_deeplab_dir, data_dir, tmp_path / "warmup", "--max_steps", "1",
+                                                     "--synthetic_val_frames", "3", "--per_device_train_batch_size", "2")))
+    common = ["--model", str(tiny_deeplab_dir), "--data-dir", str(data_dir), "--scales", "0.5,1.0", "--flip",
+              "--no-progress", "--prediction-format", "train_ids"]
+    for batch_size in ("1", "2"):
+        assert evaluate_main([*common, "--batch-size", batch_size, "--output-dir", str(tmp_path / f"results_{batch_size}"),
+                              "--save-predictions", str(tmp_path / f"predictions_{batch_size}")]) == 0
+    one, two = (json.loads((tmp_path / f"results_{b}" / "results.json").read_text())["results"][0] for b in "12")
+    assert one["images"] == two["images"] == 3 and len(set(one["per_category_iou"].values()) - {None}) > 1
+    for key in ("mean_iou", "overall_accuracy", "per_category_iou"):
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    singles, batched = (sorted((tmp_path / f"predictions_{b}").iterdir()) for b in "12")
+    assert [p.name for p in singles] == [p.name for p in batched] and len(singles) == 3
+    for single, in_batch in zip(singles, batched):
+        assert (np.array(Image.open(single)) != np.array(Image.open(in_batch))).mean() < 1e-3
+    # images of different sizes (Mapillary at full size) cannot share a batch: the message names the flag
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
+    samples = [{"pixel_values": torch.zeros(3, *size), "labels": torch.zeros(size, dtype=torch.long)}
+               for size in ((64, 128), (96, 128))]
+    with pytest.raises(ValueError, match=r"different sizes \(64x128, 96x128\).*need --batch-size 1"):
+        evaluate_scales(model, samples, [1.0], batch_size=2)
 
 
 def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_path):

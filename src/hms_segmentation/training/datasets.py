@@ -66,16 +66,19 @@ class SegmentationEvalDataset(torch.utils.data.Dataset):
         return [str(sample_id) for sample_id in self.dataset.select_columns(["id"])["id"]]
 
 
-def check_same_size(samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def check_same_size(
+    samples: list[dict[str, torch.Tensor]], batch_size_flag: str = "--per_device_eval_batch_size"
+) -> list[dict[str, torch.Tensor]]:
     """`samples` as they are, or a clear error when their images differ in size and so cannot form one batch.
 
     Evaluation reads images at full resolution, and those of Mapillary Vistas (or of a Hub dataset) differ in size.
+    `batch_size_flag` is the option the message names.
     """
     sizes = sorted({tuple(sample["pixel_values"].shape[-2:]) for sample in samples})
     if len(sizes) > 1:
         shown = ", ".join(f"{height}x{width}" for height, width in sizes)
         raise ValueError(f"one batch would hold images of different sizes ({shown}): images of varying size (e.g. "
-                         "Mapillary Vistas at full resolution) need --per_device_eval_batch_size 1")
+                         f"Mapillary Vistas at full resolution) need {batch_size_flag} 1")
     return samples
 
 

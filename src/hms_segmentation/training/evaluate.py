@@ -47,7 +47,7 @@ from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
-from .datasets import build_eval_dataset, dataset_label_ids
+from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
 
 RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
@@ -142,13 +142,15 @@ def evaluate_scales(
     num_workers: int = 0,
     progress: bool = False,
     prediction_writer: PredictionWriter | None = None,
+    batch_size: int = 1,
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
     `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
     `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
-    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction.
+    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction; `batch_size` images of one size go
+    through the model together.
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
@@ -158,18 +160,19 @@ def evaluate_scales(
     indices = range(rank, len(dataset), world_size)
     shard = torch.utils.data.Subset(dataset, indices)
     sample_ids = dataset.sample_ids() if prediction_writer is not None else None
-    # batch_size=None: the samples as the dataset gives them (full-size images differ in size)
-    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate_same_size)
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
                 else contextlib.nullcontext())
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     seconds = 0.0
     with torch.inference_mode():
-        samples = tqdm(loader, desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
-                       disable=not progress)
-        for index, sample in zip(indices, samples):
-            pixel_values = sample["pixel_values"].unsqueeze(0).to(device)
-            labels = sample["labels"].unsqueeze(0).to(device)
+        bar = tqdm(total=len(shard), desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
+                   disable=not progress)
+        done = 0
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(device)
+            labels = batch["labels"].to(device)
             start = time.perf_counter()
             with autocast:
                 logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
@@ -178,7 +181,11 @@ def evaluate_scales(
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
             if prediction_writer is not None:
-                prediction_writer.write(sample_ids[index], predictions[0])
+                for offset, prediction in enumerate(predictions):
+                    prediction_writer.write(sample_ids[indices[done + offset]], prediction)
+            done += len(predictions)
+            bar.update(len(predictions))
+        bar.close()
     accumulator.all_reduce()
     seconds = _summed_over_processes(seconds, device)
     metrics = accumulator.compute()
@@ -197,6 +204,10 @@ def evaluate_scales(
         "overall_accuracy": float(metrics["overall_accuracy"]),
         "per_category_iou": {name: float(v) for name, v in zip(names, metrics["per_category_iou"].tolist())},
     }
+
+
+def _collate_same_size(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return torch.utils.data.default_collate(check_same_size(samples, batch_size_flag="--batch-size"))
 
 
 def _summed_over_processes(value: float, device: torch.device) -> float:
@@ -274,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: the GPU if there is one (each launched process its own), else the CPU")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast dtype of the forward: fp32 (none), fp16 (the reference's evaluation) or bf16")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
+                        help="images per forward; they must share one size (Cityscapes; not Mapillary at full size)")
     parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=0,
                         help="DataLoader workers that read and decode the images (0: in the main process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -296,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         # checked before the model and the dataset are loaded, which can take minutes
         if args.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
                                   mapillary_version=args.mapillary_version,
@@ -371,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         results_by_model[name] = [
             evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
                             args.num_workers, progress=args.progress and state.is_main_process,
-                            prediction_writer=writer, **tiling)
+                            prediction_writer=writer, batch_size=args.batch_size, **tiling)
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
