@@ -161,6 +161,22 @@ def scale_list_label(scales: Sequence[float], flip: bool = False, precision: str
             + (f" {precision}" if precision != "fp32" else ""))
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The per-class table of evaluation rows (`hms-segmentation evaluate` prints it, a card shows it): classes as
+    rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
+    headers = [scale_list_label(r["scales"], r["flip"], r.get("precision", "fp32")) for r in results]
+    lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
+    for name in results[0]["per_category_iou"]:
+        cells = [r["per_category_iou"][name] for r in results]
+        # an absent class: null in results.json (NaN as computed)
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or v != v else f"{100 * v:.1f}" for v in cells)
+                     + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
+    lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
+    lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _scales_text(row: Mapping[str, Any]) -> str:
     return scale_list_label(row["scales"], bool(row.get("flip")), row.get("precision", "fp32"))
 
@@ -303,8 +319,6 @@ def _results_section(evaluation: Mapping[str, Any] | None, dataset: DatasetDescr
         return ("Not evaluated yet: no mIoU is claimed. Run `hms-segmentation evaluate --model FOLDER --output-dir "
                 "EVAL` and publish with `hms-segmentation push FOLDER REPO_ID --results EVAL/results.json` to fill "
                 "this section and the model-index.")
-    from .training.evaluate import markdown_table  # deferred: pulls in the training stack
-
     rows = evaluation["results"]
     images = {row.get("images") for row in rows}
     counted = f"{images.pop()} images of " if len(images) == 1 and None not in images else ""

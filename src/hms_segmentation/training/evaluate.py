@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..configuration_hms import validate_scales
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
-from ..hub import check_model_source, scale_list_label
+from ..hub import check_model_source, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
@@ -246,21 +246,6 @@ def parse_model_arguments(values: list[str]) -> dict[str, str]:
             raise ValueError(f"--model: the name {name!r} is given twice")
         models[name] = path
     return models
-
-
-def markdown_table(results: list[dict]) -> str:
-    """Classes as rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
-    headers = [scale_list_label(r["scales"], r["flip"], r.get("precision", "fp32")) for r in results]
-    lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
-    for name in results[0]["per_category_iou"]:
-        cells = [r["per_category_iou"][name] for r in results]
-        # an absent class: null in results.json (NaN as computed)
-        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or v != v else f"{100 * v:.1f}" for v in cells)
-                     + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
-    lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
-    lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
