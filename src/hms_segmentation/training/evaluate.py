@@ -15,7 +15,8 @@ Every scale list is one row of the comparison: per-class IoU, mIoU, pixel accura
 saved as `results.json` and `results.md` in `--output-dir`. Launched on several processes (`accelerate launch`,
 `torchrun`), each evaluates every n-th image and the confusion matrices are summed, so the figures are those of one
 process; the time per image is then the processes' time summed over the images (device seconds per image).
-`--precision fp16` / `bf16` runs the forward under autocast (the reference evaluates in fp16).
+`--precision fp16` / `bf16` runs the forward under autocast (the reference evaluates in fp16); `--batch-size` images
+of one size share a forward; `--num-workers` DataLoader workers decode the images.
 
 `--save-predictions DIR` also writes each image's prediction as `DIR/<id>.png` (one model, one scale list): training
 ids, the dataset's own label ids (`--prediction-format label_ids`: Cityscapes' labelIds, what its benchmark server and
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --device {args.device} with {state.num_processes} processes: each process evaluates on its "
               "own GPU; leave --device out (or pass --device cpu)", file=sys.stderr)
         return 2
-    device = torch.device(args.device) if args.device else state.device
+    # the process's GPU when there is one (accelerate's choice: one per launched process), else the CPU
+    device = torch.device(args.device or (state.device if torch.cuda.is_available() else "cpu"))
     try:
         with state.main_process_first():  # the synthetic set is generated once, not by every process
             dataset, id2label = build_eval_dataset(data_args)
