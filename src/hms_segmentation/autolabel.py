@@ -674,7 +674,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     args = build_parser().parse_args(argv)
     try:
@@ -703,6 +702,20 @@ def main(argv: list[str] | None = None) -> int:
     # unconnected (each would label everything); with it they form a gloo group (MULTI_CPU)
     launched_without_gpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     state = PartialState(cpu=args.cpu or launched_without_gpus)
+    try:
+        return _label_and_report(args, state, scales, label_region, layout, report_path)
+    finally:
+        # a launched process that exits with its process group alive can abort in gloo's teardown ("terminate called
+        # without an active exception"): each one ends its group
+        if state.num_processes > 1:
+            state.destroy_process_group()
+
+
+def _label_and_report(args: argparse.Namespace, state, scales: list[float], label_region, layout: AutoLabelLayout,
+                      report_path: Path) -> int:
+    """`main` once the arguments are checked and the processes connected: label, then report (process 0)."""
+    from accelerate.utils import gather_object
+
     with state.main_process_first():  # one download into the Hub cache, not one per process
         model = HMSForSemanticSegmentation.from_pretrained(args.model)
     try:

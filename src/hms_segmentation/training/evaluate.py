@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast dtype of the forward: fp32 (none), fp16 (the reference's evaluation) or bf16")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
-                        help="images per forward; they must share one size (Cityscapes; not Mapillary at full size)")
+                        help="images per forward; they must share one size (Cityscapes; not Mapillary, whose sizes vary)")
     parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=0,
                         help="DataLoader workers that read and decode the images (0: in the main process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -327,6 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     # processes started by `accelerate launch` / `torchrun` form a group (gloo without GPUs, or with --device cpu)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=launched and (args.device == "cpu" or not torch.cuda.is_available()))
+    try:
+        return _evaluate_and_report(args, state, data_args, scale_lists, model_paths)
+    finally:
+        # a launched process that exits with its process group alive can abort in gloo's teardown ("terminate called
+        # without an active exception"): each one ends its group
+        if state.num_processes > 1:
+            state.destroy_process_group()
+
+
+def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArguments, scale_lists: list[list[float]],
+                         model_paths: dict[str, str]) -> int:
+    """`main` once the arguments are checked and the processes connected: evaluate, then print and save (process 0)."""
     if state.num_processes > 1 and args.device not in (None, "cpu"):
         print(f"error: --device {args.device} with {state.num_processes} processes: each process evaluates on its "
               "own GPU; leave --device out (or pass --device cpu)", file=sys.stderr)
