@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -144,6 +145,7 @@ def evaluate_scales(
     progress: bool = False,
     prediction_writer: PredictionWriter | None = None,
     batch_size: int = 1,
+    batch_size_flag: str = "--batch-size",
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
@@ -151,7 +153,7 @@ def evaluate_scales(
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
     `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
     `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction; `batch_size` images of one size go
-    through the model together.
+    through the model together (`batch_size_flag`: the option an error about mixed sizes names).
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
@@ -162,7 +164,7 @@ def evaluate_scales(
     shard = torch.utils.data.Subset(dataset, indices)
     sample_ids = dataset.sample_ids() if prediction_writer is not None else None
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate_same_size)
+                                         collate_fn=functools.partial(_collate_same_size, batch_size_flag=batch_size_flag))
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
                 else contextlib.nullcontext())
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
@@ -207,8 +209,8 @@ def evaluate_scales(
     }
 
 
-def _collate_same_size(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return torch.utils.data.default_collate(check_same_size(samples, batch_size_flag="--batch-size"))
+def _collate_same_size(samples: list[dict[str, torch.Tensor]], batch_size_flag: str) -> dict[str, torch.Tensor]:
+    return torch.utils.data.default_collate(check_same_size(samples, batch_size_flag))
 
 
 def _summed_over_processes(value: float, device: torch.device) -> float:

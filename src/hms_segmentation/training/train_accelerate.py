@@ -34,16 +34,16 @@ from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import AcceleratorConfig
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
+from ..evaluation import metrics_to_json
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
 from .datasets import build_datasets
+from .evaluate import evaluate_scales
 from .train import (
     NonFiniteLossError,
     build_model,
     check_one_full_batch,
     check_output_dir,
-    collate_samples,
     configure_logging,
     create_optimizer,
     create_scheduler,
@@ -85,6 +85,10 @@ FOLLOWED_TRAINING_ARGUMENTS = frozenset({
 })
 
 
+_EVALUATION_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+"""accelerate's mixed precision -> `evaluate_scales`' precision."""
+
+
 def _mixed_precision(args: HMSTrainingArguments) -> str:
     return "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
 
@@ -113,31 +117,18 @@ def evaluate(
     model: torch.nn.Module, eval_dataset: torch.utils.data.Dataset, accelerator: Accelerator, id2label: dict[int, str],
     batch_size: int = 1, show_progress: bool = True,
 ) -> dict[str, float]:
-    """Chained multi-scale evaluation (`config.inference_scales`), the confusion matrix summed over processes.
-
-    Each process evaluates every `num_processes`-th image, so every image counts exactly once: a loader from
-    `accelerator.prepare` would pad the last batches with repeated images to even them out, and repeated images
-    would be counted twice in the summed confusion matrix.
-    """
+    """Chained multi-scale evaluation (`config.inference_scales`) under the run's mixed precision, as `eval_*` metrics:
+    `evaluate_scales`, in which each process evaluates every `num_processes`-th image and the confusion matrices are
+    summed (a loader from `accelerator.prepare` would pad the last batches with repeated images, counted twice)."""
     network = accelerator.unwrap_model(model)  # no DDP: ranks may see different numbers of batches here
-    accumulator = ConfusionMatrixAccumulator(len(id2label), ignore_index=network.config.ignore_index,
-                                             device=accelerator.device)
-    shard = torch.utils.data.Subset(eval_dataset, range(accelerator.process_index, len(eval_dataset),
-                                                        accelerator.num_processes))
     network.eval()
-    with torch.inference_mode():
-        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate_samples)
-        for batch in tqdm(loader, desc="evaluating", disable=not (show_progress and accelerator.is_local_main_process)):
-            labels = batch["labels"].to(accelerator.device)
-            with accelerator.autocast():
-                logits = network(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
-            accumulator.update(preprocess_logits_for_metrics(logits, labels), labels)
-    accumulator.all_reduce()
-    results = accumulator.compute()
+    result = evaluate_scales(network, eval_dataset, network.config.inference_scales, device=accelerator.device,
+                             id2label=id2label, precision=_EVALUATION_PRECISIONS[accelerator.mixed_precision],
+                             progress=show_progress and accelerator.is_local_main_process, batch_size=batch_size,
+                             batch_size_flag="--per_device_eval_batch_size")
     network.train()
-    metrics = {f"eval_{key}": float(value) for key, value in results.items() if not hasattr(value, "__len__")}
-    for index, iou in enumerate(results["per_category_iou"].tolist()):
-        metrics[f"eval_iou_{id2label[index]}"] = iou
+    metrics = {f"eval_{key}": result[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
+    metrics.update({f"eval_iou_{name}": iou for name, iou in result["per_category_iou"].items()})
     return metrics
 
 
