@@ -56,7 +56,7 @@ from .image_processing_hms import get_output_size
 from .inference_options import add_large_input_arguments, large_input_settings
 from .label_tables import IGNORE_INDEX
 from .modeling_hms import HMSForSemanticSegmentation
-from .training.evaluate import predict
+from .training.evaluate import launched_processes, predict
 
 LABEL_SUFFIX = f"_{AUTO_LABEL_KIND}_labelTrainIds.png"
 PREVIEW_SUFFIX = f"_{AUTO_LABEL_KIND}_color.png"
@@ -673,8 +673,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import PartialState
-
     args = build_parser().parse_args(argv)
     try:
         scales = validate_scales([s for s in args.scales.split(",") if s.strip()], "--scales")
@@ -698,17 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    # without `cpu`, accelerate leaves processes started by `accelerate launch`/`torchrun` on a GPU-less machine
-    # unconnected (each would label everything); with it they form a gloo group (MULTI_CPU)
-    launched_without_gpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    state = PartialState(cpu=args.cpu or launched_without_gpus)
-    try:
+    with launched_processes(cpu=args.cpu) as state:
         return _label_and_report(args, state, scales, label_region, layout, report_path)
-    finally:
-        # a launched process that exits with its process group alive can abort in gloo's teardown ("terminate called
-        # without an active exception"): each one ends its group
-        if state.num_processes > 1:
-            state.destroy_process_group()
 
 
 def _label_and_report(args: argparse.Namespace, state, scales: list[float], label_region, layout: AutoLabelLayout,

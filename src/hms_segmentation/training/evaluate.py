@@ -33,8 +33,9 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
@@ -290,8 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import PartialState
-
     args = build_parser().parse_args(argv)
     try:
         # checked before the model and the dataset are loaded, which can take minutes
@@ -326,14 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    # processes started by `accelerate launch` / `torchrun` form a group (gloo without GPUs, or with --device cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=launched and (args.device == "cpu" or not torch.cuda.is_available()))
-    try:
+    with launched_processes(cpu=args.device == "cpu") as state:
         return _evaluate_and_report(args, state, data_args, scale_lists, model_paths)
+
+
+@contextlib.contextmanager
+def launched_processes(cpu: bool = False) -> Iterator[PartialState]:
+    """accelerate's `PartialState` of the processes `accelerate launch` / `torchrun` started (or of this one process),
+    each process's group ended on leaving. Launched processes without GPUs (or asked for the CPU) form a gloo group:
+    without `cpu`, accelerate would leave them unconnected, each doing all the work."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=cpu or (launched and not torch.cuda.is_available()))
+    try:
+        yield state
     finally:
         # a launched process that exits with its process group alive can abort in gloo's teardown ("terminate called
-        # without an active exception"): each one ends its group
+        # without an active exception")
         if state.num_processes > 1:
             state.destroy_process_group()
 
