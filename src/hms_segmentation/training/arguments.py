@@ -37,6 +37,8 @@ OTHER_RECIPE = {"pre_size": 0, "eval_long_side": 0, "blur_probability": 0.0}
 """`DataArguments` defaults for Cityscapes and the synthetic set (the Cityscapes recipe): full size, no blur."""
 TRAINING_STAGES = (0, 1, 2, 3)
 POLY_DECAY_UNITS = ("step", "epoch")
+EPOCH_DECAY_WITHOUT_EPOCHS = ("--poly_decay_unit epoch decays the LR at the end of each epoch, and a streamed training "
+                              "set has no epoch length: use --poly_decay_unit step with --streaming")
 
 
 @dataclass
@@ -372,8 +374,7 @@ def parse_arguments(
         argv = argv[1:]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.streaming and training_args.poly_decay_unit == "epoch":  # refused now, not after loading the data
-        raise ValueError("--poly_decay_unit epoch decays the LR at the end of each epoch, and a streamed training set "
-                         "has no epoch length: use --poly_decay_unit step with --streaming")
+        raise ValueError(EPOCH_DECAY_WITHOUT_EPOCHS)
     return model_args, data_args, training_args
 
 

@@ -31,7 +31,14 @@ from ..evaluation import make_compute_metrics, preprocess_logits_for_metrics
 from ..hub import check_can_publish, push_to_hub, result_from_trainer_metrics, write_hub_files
 from ..image_processing_hms import HMSImageProcessor
 from ..modeling_hms import HMSForSemanticSegmentation
-from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments, parse_scales
+from .arguments import (
+    EPOCH_DECAY_WITHOUT_EPOCHS,
+    DataArguments,
+    HMSTrainingArguments,
+    ModelArguments,
+    parse_arguments,
+    parse_scales,
+)
 from .datasets import build_datasets, check_same_size
 
 logger = logging.getLogger(__name__)
@@ -152,8 +159,7 @@ def create_scheduler(
         power = 2.0 if args.poly_power is None else args.poly_power
         if args.poly_decay_unit == "epoch":
             if steps_per_epoch is None:
-                raise ValueError("--poly_decay_unit epoch decays the LR at the end of each epoch, and a streamed "
-                                 "training set has no epoch length: use --poly_decay_unit step with --streaming")
+                raise ValueError(EPOCH_DECAY_WITHOUT_EPOCHS)
             return torch.optim.lr_scheduler.LambdaLR(optimizer, epoch_poly_schedule(total_steps, steps_per_epoch, power))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps, warmup_steps, power))
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps,
@@ -170,6 +176,12 @@ def poly_schedule(total_steps: int, warmup_steps: int, power: float):
         return (1.0 - progress) ** power
 
     return factor
+
+
+def optimizer_steps_per_epoch(batches: int, accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of `batches` batches, counted as the Trainer counts them: the last one on what is
+    left when the batches do not divide by the accumulation steps."""
+    return max(1, math.ceil(batches / accumulation_steps))
 
 
 def epoch_poly_schedule(total_steps: int, steps_per_epoch: int, power: float):
@@ -362,7 +374,7 @@ class HMSTrainer(Trainer):
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         # optimizer steps per epoch, counted as the Trainer counts them, for --poly_decay_unit epoch
-        self._steps_per_epoch = (max(1, math.ceil(len(loader) / self.args.gradient_accumulation_steps))
+        self._steps_per_epoch = (optimizer_steps_per_epoch(len(loader), self.args.gradient_accumulation_steps)
                                  if has_length(loader) else None)
         return loader
 

@@ -49,6 +49,7 @@ from .train import (
     create_scheduler,
     hub_repository,
     normalize_uint8_pixel_values,
+    optimizer_steps_per_epoch,
     pooled_means,
     publish_model_folder,
     write_model_card,
@@ -184,7 +185,8 @@ def run_training(
     # one on what is left when the batches do not divide by the accumulation steps (`accumulate` syncs at the end
     # of the loader)
     batches_per_epoch = len(train_loader) if is_map_style else None
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps)) if is_map_style else None
+    steps_per_epoch = (optimizer_steps_per_epoch(batches_per_epoch, args.gradient_accumulation_steps) if is_map_style
+                       else None)
     if args.max_steps <= 0:
         if steps_per_epoch is None:
             raise ValueError("a streaming training set needs --max_steps")
