@@ -41,14 +41,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .configuration_hms import validate_scales
 from .data.builder import SampleFiles
 from .data.cityscapes import AUTO_LABEL_KIND, IMAGE_SUFFIX, _label_for, cityscapes_label_mapping
-from .data.io import DEFAULT_MAX_PIXELS, BadSampleError, load_image, load_label
+from .data.io import (
+    DEFAULT_MAX_PIXELS,
+    TEMPORARY_SUFFIX,
+    BadSampleError,
+    load_image,
+    load_label,
+    write_png_atomically,
+)
 from .data.transforms import SegmentationEvalTransform
 from .demo import colorize, palette_for
 from .hub import check_model_source
@@ -63,7 +69,6 @@ PREVIEW_SUFFIX = f"_{AUTO_LABEL_KIND}_color.png"
 REPORT_FILE = "autolabel_report.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 PNG_TEXT_KEY = "hms-autolabel"
-TEMPORARY_SUFFIX = ".partial"
 """A file being written is ``.<final name>.partial``: hidden, and matching no pattern a loader or a re-run reads."""
 
 MergeMode = Literal["fill", "boost", "replace"]
@@ -318,23 +323,6 @@ def existing_output(job: AutoLabelJob, fingerprint: str) -> Literal["missing", "
     if marker == {"source": job.source, "settings": fingerprint}:
         return "finished"
     return "other"
-
-
-def write_png_atomically(path: Path, image: Image.Image, text: str | None = None) -> int:
-    """Write a PNG under a hidden temporary name in the same folder, then rename it: a reader (or a re-run) sees the
-    whole file or none. Returns the bytes written. Same pixels and text give the same bytes (no timestamps)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
-    info = PngInfo()
-    if text is not None:
-        info.add_text(PNG_TEXT_KEY, text)
-    try:
-        image.save(temporary, format="PNG", pnginfo=info, optimize=False, compress_level=6)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,8 +585,9 @@ def autolabel(
             marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
             if job.preview_path is not None:
                 # before the label: a finished label then always has its preview (marked too, as ours)
-                preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette), marker)
-            label_bytes = write_png_atomically(job.label_path, Image.fromarray(written), marker)
+                preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette),
+                                                     {PNG_TEXT_KEY: marker})
+            label_bytes = write_png_atomically(job.label_path, Image.fromarray(written), {PNG_TEXT_KEY: marker})
             tally.add_image(predicted, thresholded, auto_label, written, label_bytes, preview_bytes)
         bar.update(len(batch))
 

@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from ..image_processing_hms import convert_pil_to_rgb
 from ..label_tables import IGNORE_INDEX, MAX_IMAGE_PIXELS
@@ -343,3 +344,25 @@ def encode_label_png(label: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(label).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+TEMPORARY_SUFFIX = ".partial"
+"""Suffix of the hidden name a file is written under before it is renamed into place (`write_png_atomically`)."""
+
+
+def write_png_atomically(path: Path, image: Image.Image, text: dict[str, str] | None = None) -> int:
+    """Write a PNG (with `text` chunks) under a hidden temporary name in the same folder, then rename it: a reader (or
+    a re-run) sees the whole file or none. Returns the bytes written. Same pixels and text give the same bytes (no
+    timestamps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    try:
+        image.save(temporary, format="PNG", pnginfo=info, optimize=False, compress_level=6)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..configuration_hms import validate_scales
+from ..data.io import write_png_atomically
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import check_model_source, markdown_table, scale_list_label
@@ -102,10 +103,7 @@ class PredictionWriter:
             if self.prediction_format == "color":
                 image = image.convert("P")
                 image.putpalette(self.palette)
-        path = self.path(sample_id)
-        partial = path.with_name(f".{path.name}.partial")
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
+        write_png_atomically(self.path(sample_id), image)
 
 
 def predict(
