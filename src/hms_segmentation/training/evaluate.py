@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..configuration_hms import validate_scales
@@ -93,8 +94,6 @@ class PredictionWriter:
 
     def write(self, sample_id: str, prediction: torch.Tensor) -> None:
         """`prediction`: `(height, width)` training ids."""
-        from PIL import Image
-
         train_ids = prediction.to(device="cpu", dtype=torch.uint8).numpy()
         if self.prediction_format == "label_ids":
             image = Image.fromarray(self.lookup[train_ids])
