@@ -872,10 +872,12 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     from hms_segmentation.training.evaluate import main as evaluate_main
 
     assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one"), "--save-predictions",
-                          str(tmp_path / "one_predictions")]) == 0
+                          str(tmp_path / "one_predictions"), "--save-visuals", str(tmp_path / "one_visuals"),
+                          "--num-visuals", "2"]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "hms_segmentation.training.evaluate", *argv, "--output-dir", str(tmp_path / "two"),
-               "--save-predictions", str(tmp_path / "two_predictions")]
+               "--save-predictions", str(tmp_path / "two_predictions"), "--save-visuals", str(tmp_path / "two_visuals"),
+               "--num-visuals", "2"]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -888,6 +890,9 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     # each process wrote the predictions of its images: all of them, as one process does
     one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_predictions", "two_predictions"))
     assert len(one) == 3 and one == two
+    # and the pictures of theirs (images 0 and 1: one on each process), the main process the index page
+    one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_visuals", "two_visuals"))
+    assert len(one) == 2 * 7 + 1 and one == two
 
 
 def test_evaluate_saves_predictions_for_the_cityscapes_benchmark(tiny_deeplab_dir, shared_data_dir, tmp_path, capsys):
@@ -956,6 +961,85 @@ def test_evaluate_refuses_two_images_saved_under_one_name(tiny_model_dir, synthe
                           "--save-predictions", str(tmp_path / "predictions")]) == 2
     assert "two images of the split would both be saved as" in capsys.readouterr().err
     assert not (tmp_path / "predictions").exists()
+
+
+def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tiny_deeplab_dir, synthetic_dir, tmp_path,
+                                                                             capsys):
+    """--save-visuals (the reference's --dump_assets): input, ground truth, the scored prediction, the composite, each
+    scale's own prediction and the attention maps the chain reads, at the labels' size, with an index page."""
+    import numpy as np
+    from PIL import Image
+    from torch.nn import functional as F
+
+    from hms_segmentation.label_tables import CITYSCAPES_PALETTE
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_eval_dataset
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    ensure_tiny_synthetic(synthetic_dir)
+    dataset, _ = build_eval_dataset(DataArguments(data_dir=str(synthetic_dir)))
+    sample_id, sample = dataset.sample_ids()[0], dataset[0]
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
+    with torch.no_grad():  # a fresh head's attention is 0.5 to three decimals: make it vary over the picture
+        model.scale_attention_head.projection.weight.mul_(1000)
+    model.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--data-dir", str(synthetic_dir), "--scales", "0.5,1.0", "--no-progress"]
+    visuals = tmp_path / "visuals"
+    assert evaluate_main([*common, "--flip", "--save-visuals", str(visuals), "--num-visuals", "1",
+                          "--save-predictions", str(tmp_path / "predictions"), "--prediction-format", "color"]) == 0
+    kinds = ("input", "gt", "prediction", "composited", "pred_0.5x", "pred_1.0x", "attn_0.5x")  # 1.0x's: never read
+    assert sorted(p.name for p in visuals.iterdir()) == sorted([f"{sample_id}_{kind}.png" for kind in kinds] + ["index.html"])
+    picture = {kind: np.array(Image.open(visuals / f"{sample_id}_{kind}.png")) for kind in kinds}
+    height, width = sample["labels"].shape
+    assert all(array.shape[:2] == (height, width) for array in picture.values())
+    original = np.array(Image.open(next(synthetic_dir.glob(f"leftImg8bit/val/*/{sample_id}_leftImg8bit.png"))))
+    assert np.abs(picture["input"].astype(int) - original).max() <= 1  # normalised and back
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:19] = CITYSCAPES_PALETTE
+    np.testing.assert_array_equal(picture["gt"], colours[sample["labels"].numpy().astype(np.uint8)])
+    # the scored (flipped) prediction, as --save-predictions writes it
+    scored = np.array(Image.open(tmp_path / "predictions" / f"{sample_id}.png").convert("RGB"))
+    np.testing.assert_array_equal(picture["prediction"], scored)
+    blended = Image.blend(Image.fromarray(picture["input"]), Image.fromarray(scored), 0.4)
+    np.testing.assert_array_equal(picture["composited"], np.array(blended))
+    with torch.inference_mode():
+        outputs = model(sample["pixel_values"][None], scales=[0.5, 1.0], output_attentions=True)
+    attention = F.interpolate(outputs.attentions[0], size=(height, width), mode="bilinear", align_corners=False)
+    assert np.abs(picture["attn_0.5x"].astype(int) - (attention[0, 0] * 255).round().numpy()).max() <= 1
+    assert picture["attn_0.5x"].std() > 10
+    one_scale = F.interpolate(outputs.scale_logits[1], size=(height, width), mode="bilinear").argmax(1)[0]
+    np.testing.assert_array_equal(picture["pred_1.0x"], colours[one_scale.numpy()])
+    page = (visuals / "index.html").read_text()
+    assert sample_id in page and all(f'src="{sample_id}_{kind}.png"' in page for kind in kinds)
+    assert "0.5,1.0 +flip" in page
+    # the pictures already there are the user's until --overwrite
+    (visuals / f"{sample_id}_input.png").write_bytes(b"mine")
+    assert evaluate_main([*common, "--save-visuals", str(visuals), "--num-visuals", "1"]) == 2
+    assert f"{sample_id}_input.png exists (8 of the 8 pictures do)" in capsys.readouterr().err
+    assert (visuals / f"{sample_id}_input.png").read_bytes() == b"mine"
+    assert evaluate_main([*common, "--save-visuals", str(visuals), "--num-visuals", "1", "--overwrite"]) == 0
+    assert (visuals / f"{sample_id}_input.png").read_bytes() != b"mine"
+    # 0: every image of the split
+    assert evaluate_main([*common, "--save-visuals", str(tmp_path / "all"), "--num-visuals", "0"]) == 0
+    assert len(list((tmp_path / "all").glob("*_composited.png"))) == len(dataset) == 2
+    assert evaluate_main([*common, "--save-visuals", str(tmp_path / "bad"), "--num-visuals", "-1"]) == 2
+    assert "--num-visuals must be >= 0 (0: every image), got -1" in capsys.readouterr().err
+    assert evaluate_main([*common, "--scales", "1.0", "0.5,1.0", "--save-visuals", str(tmp_path / "bad")]) == 2
+    assert "--save-visuals pictures one prediction per image: give one --model and one --scales list" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_visuals_pick_images_evenly_and_only_the_attention_maps_the_fusion_reads():
+    from hms_segmentation.training.visuals import attention_scales, visualized_indices
+
+    assert visualized_indices(10, 3) == [0, 3, 6] and visualized_indices(500, 10)[-1] == 450  # the reference's spacing
+    assert visualized_indices(3, 0) == [0, 1, 2]  # every image
+    assert visualized_indices(2, 5) == [0, 1]
+    with pytest.raises(ValueError, match="--num-visuals must be >= 0"):
+        visualized_indices(3, -2)
+    assert attention_scales([1.0, 0.5, 2.0], "hierarchical") == [0.5, 1.0]  # the highest scale starts the chain
+    assert attention_scales([1.0, 0.5], "explicit") == [0.5, 1.0] and attention_scales([0.5, 1.0], "max") == []
 
 
 def test_mapillary_training_ids_map_back_to_its_label_ids():

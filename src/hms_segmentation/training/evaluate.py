@@ -21,7 +21,9 @@ of one size share a forward; `--num-workers` DataLoader workers decode the image
 `--save-predictions DIR` also writes each image's prediction as `DIR/<id>.png` (one model, one scale list): training
 ids, the dataset's own label ids (`--prediction-format label_ids`: Cityscapes' labelIds, what its benchmark server and
 cityscapesScripts' evaluator read, the reference's ``--dump_for_submission``) or colours, at the size the labels are
-scored at.
+scored at. `--save-visuals DIR` pictures some images (`--num-visuals`, default 10, spread over the split; 0: all), as
+the reference's ``--dump_assets``: input, ground truth, prediction, the two blended, and each scale's own prediction
+and attention map, with `DIR/index.html` showing them side by side.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
+from .visuals import VisualsWriter, visualized_indices
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -145,6 +148,7 @@ def evaluate_scales(
     num_workers: int = 0,
     progress: bool = False,
     prediction_writer: PredictionWriter | None = None,
+    visuals_writer: VisualsWriter | None = None,
     batch_size: int = 1,
     batch_size_flag: str = "--batch-size",
     **tiling: Any,
@@ -153,7 +157,8 @@ def evaluate_scales(
     `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
     `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
-    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction; `batch_size` images of one size go
+    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction, `visuals_writer` (likewise) the pictures
+    of its images (their per-scale maps from one more forward of each, not timed); `batch_size` images of one size go
     through the model together (`batch_size_flag`: the option an error about mixed sizes names).
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
@@ -163,7 +168,7 @@ def evaluate_scales(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     indices = range(rank, len(dataset), world_size)
     shard = torch.utils.data.Subset(dataset, indices)
-    sample_ids = dataset.sample_ids() if prediction_writer is not None else None
+    sample_ids = dataset.sample_ids() if prediction_writer is not None or visuals_writer is not None else None
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=functools.partial(_collate_same_size, batch_size_flag=batch_size_flag))
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
@@ -187,6 +192,13 @@ def evaluate_scales(
             if prediction_writer is not None:
                 for offset, prediction in enumerate(predictions):
                     prediction_writer.write(sample_ids[indices[done + offset]], prediction)
+            for offset, prediction in enumerate(predictions if visuals_writer is not None else ()):
+                index = indices[done + offset]
+                if index in visuals_writer.sample_indices:
+                    with autocast:  # the scored forward keeps no per-scale maps: this one does, for one image
+                        outputs = model(shrink_to_long_side(pixel_values[offset:offset + 1], max_long_side),
+                                        scales=scales, output_attentions=True, **tiling)
+                    visuals_writer.write(sample_ids[index], pixel_values[offset], labels[offset], prediction, outputs)
             done += len(predictions)
             bar.update(len(predictions))
         bar.close()
@@ -286,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=PREDICTION_FORMATS, default="label_ids",
                         help="label_ids (the default): the dataset's own ids, e.g. Cityscapes' labelIds for its "
                              "benchmark server and evaluator; train_ids: the model's classes; color: a palette PNG")
+    parser.add_argument("--save-visuals", "--save_visuals", dest="save_visuals", type=Path, default=None,
+                        help="also write pictures of some images (input, ground truth, prediction, each scale's "
+                             "prediction and attention map) and an index.html over them into DIR (one --model, one "
+                             "--scales list; the reference's --dump_assets); existing files are kept unless --overwrite")
+    parser.add_argument("--num-visuals", "--num_visuals", dest="num_visuals", type=int, default=10,
+                        help="how many images --save-visuals pictures, spread evenly over the split (0: every image)")
     add_large_input_arguments(parser)
     return parser
 
@@ -317,11 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         model_paths = parse_model_arguments(args.model)
         for path in model_paths.values():
             check_model_source(path)
-        if args.save_predictions is not None and (len(model_paths) > 1 or len(scale_lists) > 1):
-            raise ValueError(f"--save-predictions writes one prediction per image: give one --model and one --scales "
-                             f"list, got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s)")
-        if args.save_predictions is not None and args.save_predictions.exists() and not args.save_predictions.is_dir():
-            raise ValueError(f"--save-predictions {args.save_predictions} is a file; expected a folder")
+        for flag, folder in (("--save-predictions", args.save_predictions), ("--save-visuals", args.save_visuals)):
+            if folder is not None and (len(model_paths) > 1 or len(scale_lists) > 1):
+                raise ValueError(f"{flag} pictures one prediction per image: give one --model and one --scales list, "
+                                 f"got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s)")
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise ValueError(f"{flag} {folder} is a file; expected a folder")
+        visualized_indices(1, args.num_visuals)  # checks the count
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -363,22 +383,15 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         print(f"error: --dataset {args.dataset} --data-dir {args.data_dir} --split {args.split}: {error}",
               file=sys.stderr)
         return 2
-    writer = None
+    label_ids, palette = dataset_label_ids(data_args)
+    writer = visuals = None
     if args.save_predictions is not None:
-        writer = PredictionWriter(args.save_predictions, args.prediction_format, *dataset_label_ids(data_args))
-        paths = [writer.path(sample_id) for sample_id in dataset.sample_ids()]
-        repeated = next((path for path, count in collections.Counter(paths).items() if count > 1), None)
-        if repeated is not None:
-            print(f"error: two images of the split would both be saved as {repeated}: their ids must be distinct",
-                  file=sys.stderr)
+        writer = PredictionWriter(args.save_predictions, args.prediction_format, label_ids, palette)
+        if not _may_write([writer.path(sample_id) for sample_id in dataset.sample_ids()], "--save-predictions",
+                          "predictions", args.overwrite):
             return 2
-        existing = [path for path in paths if path.exists()]
-        if existing and not args.overwrite:
-            print(f"error: {existing[0]} exists ({len(existing)} of the {len(dataset)} predictions do); pass "
-                  "--overwrite or choose another --save-predictions folder", file=sys.stderr)
-            return 2
-        state.wait_for_everyone()  # every process has checked before any writes
-        args.save_predictions.mkdir(parents=True, exist_ok=True)
+    visualized_ids = [dataset.sample_ids()[index] for index in visualized_indices(len(dataset), args.num_visuals)] if (
+        args.save_visuals is not None) else []
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
         with state.main_process_first():  # one download into the Hub cache, not one per process
@@ -388,6 +401,12 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
                   f"{len(id2label)}", file=sys.stderr)
             return 2
+        if args.save_visuals is not None:  # one model: its fusion says which attention maps are read
+            visuals = VisualsWriter(args.save_visuals, palette, scale_lists[0], model.config.scale_fusion,
+                                    visualized_indices(len(dataset), args.num_visuals), model.config.align_corners)
+            if not _may_write(visuals.paths(visualized_ids), "--save-visuals", "pictures", args.overwrite):
+                return 2
+        state.wait_for_everyone()  # every process has checked before any writes
         try:
             tiling, max_long_side = large_input_settings(args, model.config)
         except ValueError as error:
@@ -396,7 +415,7 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         results_by_model[name] = [
             evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
                             args.num_workers, progress=args.progress and state.is_main_process,
-                            prediction_writer=writer, batch_size=args.batch_size, **tiling)
+                            prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size, **tiling)
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
@@ -423,7 +442,27 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         print(f"wrote {results_json} and {results_md}")
     if writer is not None:
         print(f"wrote {len(dataset)} predictions ({args.prediction_format}) to {args.save_predictions}")
+    if visuals is not None:
+        index = visuals.write_index(visualized_ids, f"{next(iter(model_paths.values()))}: {args.dataset} {args.split}, "
+                                                    f"{scale_list_label(scale_lists[0], args.flip, args.precision)}")
+        print(f"wrote the pictures of {len(visualized_ids)} images to {args.save_visuals}; open {index}")
     return 0
+
+
+def _may_write(paths: list[Path], flag: str, what: str, overwrite: bool) -> bool:
+    """Whether the files of `flag` may be written: no two of them share a name, and none exists unless `overwrite`
+    (printing why not)."""
+    repeated = next((path for path, count in collections.Counter(paths).items() if count > 1), None)
+    if repeated is not None:
+        print(f"error: two images of the split would both be saved as {repeated}: their ids must be distinct",
+              file=sys.stderr)
+        return False
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        print(f"error: {existing[0]} exists ({len(existing)} of the {len(paths)} {what} do); pass --overwrite or "
+              f"choose another {flag} folder", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

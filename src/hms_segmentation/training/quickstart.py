@@ -21,10 +21,11 @@ from PIL import Image
 
 from ..evaluation import make_compute_metrics, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
-from ..label_tables import CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD
+from ..label_tables import CITYSCAPES_PALETTE
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
 from .datasets import build_datasets
+from .visuals import colour_labels, denormalized_image
 
 SINGLE_SCALE = [1.0]
 MULTI_SCALE = [0.5, 1.0, 2.0]
@@ -64,11 +65,8 @@ def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -
         multi_prediction = multi.logits.argmax(1)[0].cpu()
         attentions = [attention.float().cpu() for attention in multi.attentions]
     height, width = pixel_values.shape[-2:]
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
-    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)  # undo the evaluation's normalisation
-    image = ((pixel_values[0].permute(1, 2, 0).numpy() * std + mean) * 255).clip(0, 255).astype(np.uint8)
-    panels = [image, palette[sample["labels"].numpy()], palette[single.numpy()], palette[multi_prediction.numpy()]]
+    panels = [denormalized_image(pixel_values[0])] + [
+        np.asarray(colour_labels(labels, CITYSCAPES_PALETTE)) for labels in (sample["labels"], single, multi_prediction)]
     for attention in attentions:
         grey = (attention[0, 0].numpy() * 255).astype(np.uint8)
         grey = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))
