@@ -658,7 +658,6 @@ def test_any_trainer_averages_accumulated_gradients(tiny_model_dir, tmp_path):
 def _launch(launcher: list[str], script: str, report_dir: Path, argv: list[str]) -> None:
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     worker = str(Path(__file__).parent / "distributed_worker.py")
@@ -873,11 +872,11 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
 
     assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one"), "--save-predictions",
                           str(tmp_path / "one_predictions"), "--save-visuals", str(tmp_path / "one_visuals"),
-                          "--num-visuals", "2"]) == 0
+                          "--num-visuals", "2", "--visuals-select", "worst"]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "hms_segmentation.training.evaluate", *argv, "--output-dir", str(tmp_path / "two"),
                "--save-predictions", str(tmp_path / "two_predictions"), "--save-visuals", str(tmp_path / "two_visuals"),
-               "--num-visuals", "2"]
+               "--num-visuals", "2", "--visuals-select", "worst"]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -890,7 +889,7 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     # each process wrote the predictions of its images: all of them, as one process does
     one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_predictions", "two_predictions"))
     assert len(one) == 3 and one == two
-    # and the pictures of theirs (images 0 and 1: one on each process), the main process the index page
+    # and the pictures of the two worst images, chosen from the error counts of both processes, the index page too
     one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_visuals", "two_visuals"))
     assert len(one) == 2 * 7 + 1 and one == two
 
@@ -1022,6 +1021,22 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     # 0: every image of the split
     assert evaluate_main([*common, "--save-visuals", str(tmp_path / "all"), "--num-visuals", "0"]) == 0
     assert len(list((tmp_path / "all").glob("*_composited.png"))) == len(dataset) == 2
+    # the worst predicted image: the one with the largest share of wrong labelled pixels, said on the page
+    assert evaluate_main([*common, "--save-visuals", str(tmp_path / "worst"), "--num-visuals", "1", "--visuals-select",
+                          "worst", "--save-predictions", str(tmp_path / "train_ids"), "--prediction-format",
+                          "train_ids"]) == 0
+    rates = {}
+    for index, image_id in enumerate(dataset.sample_ids()):
+        labels = dataset[index]["labels"].numpy()
+        predicted = np.array(Image.open(tmp_path / "train_ids" / f"{image_id}.png"))
+        rates[image_id] = ((predicted != labels) & (labels != 255)).sum() / (labels != 255).sum()
+    worst = max(rates, key=rates.get)
+    assert len(set(rates.values())) == 2 and {p.name for p in (tmp_path / "worst").glob("*_input.png")} == {
+        f"{worst}_input.png"}
+    assert f"{worst}<br>{100 * rates[worst]:.1f}% of pixels wrong" in (tmp_path / "worst" / "index.html").read_text()
+    # which images the worst are is known only after the evaluation: a picture of any image stops it
+    assert evaluate_main([*common, "--save-visuals", str(visuals), "--visuals-select", "worst"]) == 2
+    assert "exists (8 of the 15 pictures do)" in capsys.readouterr().err  # 7 for each image, and the index
     assert evaluate_main([*common, "--save-visuals", str(tmp_path / "bad"), "--num-visuals", "-1"]) == 2
     assert "--num-visuals must be >= 0 (0: every image), got -1" in capsys.readouterr().err
     assert evaluate_main([*common, "--scales", "1.0", "0.5,1.0", "--save-visuals", str(tmp_path / "bad")]) == 2
@@ -1031,13 +1046,15 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
 
 
 def test_visuals_pick_images_evenly_and_only_the_attention_maps_the_fusion_reads():
-    from hms_segmentation.training.visuals import attention_scales, visualized_indices
+    from hms_segmentation.training.visuals import attention_scales, visualized_indices, worst_indices
 
     assert visualized_indices(10, 3) == [0, 3, 6] and visualized_indices(500, 10)[-1] == 450  # the reference's spacing
     assert visualized_indices(3, 0) == [0, 1, 2]  # every image
     assert visualized_indices(2, 5) == [0, 1]
     with pytest.raises(ValueError, match="--num-visuals must be >= 0"):
         visualized_indices(3, -2)
+    nan = float("nan")
+    assert worst_indices([0.1, nan, 0.5, 0.2, 0.5], 2) == [2, 4] and worst_indices([0.1, nan, 0.5], 0) == [2, 0, 1]
     assert attention_scales([1.0, 0.5, 2.0], "hierarchical") == [0.5, 1.0]  # the highest scale starts the chain
     assert attention_scales([1.0, 0.5], "explicit") == [0.5, 1.0] and attention_scales([0.5, 1.0], "max") == []
 

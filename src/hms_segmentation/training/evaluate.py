@@ -21,9 +21,10 @@ of one size share a forward; `--num-workers` DataLoader workers decode the image
 `--save-predictions DIR` also writes each image's prediction as `DIR/<id>.png` (one model, one scale list): training
 ids, the dataset's own label ids (`--prediction-format label_ids`: Cityscapes' labelIds, what its benchmark server and
 cityscapesScripts' evaluator read, the reference's ``--dump_for_submission``) or colours, at the size the labels are
-scored at. `--save-visuals DIR` pictures some images (`--num-visuals`, default 10, spread over the split; 0: all), as
-the reference's ``--dump_assets``: input, ground truth, prediction, the two blended, and each scale's own prediction
-and attention map, with `DIR/index.html` showing them side by side.
+scored at. `--save-visuals DIR` pictures some images (`--num-visuals`, default 10, spread over the split, or with
+`--visuals-select worst` those with the most wrong pixels; 0: all), as the reference's ``--dump_assets``: input,
+ground truth, prediction, the two blended, and each scale's own prediction and attention map, with `DIR/index.html`
+showing them side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from ..inference_options import add_large_input_arguments, large_input_settings
 from ..modeling_hms import HMSForSemanticSegmentation
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
-from .visuals import VisualsWriter, visualized_indices
+from .visuals import SELECTIONS, VisualsWriter, visualized_indices
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -157,9 +158,10 @@ def evaluate_scales(
     `id2label` (the dataset's) or else the model's. `max_long_side` and `tiling` (`tile_pixel_budget`, `tile_size`,
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
     `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
-    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction, `visuals_writer` (likewise) the pictures
-    of its images (their per-scale maps from one more forward of each, not timed); `batch_size` images of one size go
-    through the model together (`batch_size_flag`: the option an error about mixed sizes names).
+    `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction, `visuals_writer` (likewise) pictures the
+    images it chooses after the evaluation (two more forwards of each, not timed; their ids and error rates then in
+    `visuals_writer.pictured`); `batch_size` images of one size go through the model together (`batch_size_flag`: the
+    option an error about mixed sizes names).
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
@@ -174,6 +176,9 @@ def evaluate_scales(
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
                 else contextlib.nullcontext())
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
+    # per image: wrong and labelled pixels, to choose the images to picture (the worst ones, if asked)
+    image_errors = (torch.zeros(len(dataset), 2, dtype=torch.float64, device=device) if visuals_writer is not None
+                    else None)
     seconds = 0.0
     with torch.inference_mode():
         bar = tqdm(total=len(shard), desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
@@ -192,18 +197,26 @@ def evaluate_scales(
             if prediction_writer is not None:
                 for offset, prediction in enumerate(predictions):
                     prediction_writer.write(sample_ids[indices[done + offset]], prediction)
-            for offset, prediction in enumerate(predictions if visuals_writer is not None else ()):
-                index = indices[done + offset]
-                if index in visuals_writer.sample_indices:
-                    with autocast:  # the scored forward keeps no per-scale maps: this one does, for one image
-                        outputs = model(shrink_to_long_side(pixel_values[offset:offset + 1], max_long_side),
-                                        scales=scales, output_attentions=True, **tiling)
-                    visuals_writer.write(sample_ids[index], pixel_values[offset], labels[offset], prediction, outputs)
+            if image_errors is not None:
+                labelled = labels != model.config.ignore_index
+                positions = torch.as_tensor(indices[done:done + len(predictions)], device=device)
+                image_errors[positions, 0] = ((predictions != labels) & labelled).flatten(1).sum(1).double()
+                image_errors[positions, 1] = labelled.flatten(1).sum(1).double()
             done += len(predictions)
             bar.update(len(predictions))
         bar.close()
     accumulator.all_reduce()
     seconds = _summed_over_processes(seconds, device)
+    if visuals_writer is not None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(image_errors)  # each image's counts come from the one process that evaluated it
+        error_rates = (image_errors[:, 0] / image_errors[:, 1]).tolist()  # NaN: no labelled pixel
+        chosen = visuals_writer.choose(error_rates)
+        for index in chosen:
+            if index % world_size == rank:  # this process's shard, as evaluated
+                _picture(model, dataset[index], sample_ids[index], visuals_writer, scales, flip, autocast, device,
+                         max_long_side, **tiling)
+        visuals_writer.pictured = [(sample_ids[index], error_rates[index]) for index in chosen]
     metrics = accumulator.compute()
     names = [(id2label or model.config.id2label)[i] for i in range(num_labels)]
     return {
@@ -220,6 +233,21 @@ def evaluate_scales(
         "overall_accuracy": float(metrics["overall_accuracy"]),
         "per_category_iou": {name: float(v) for name, v in zip(names, metrics["per_category_iou"].tolist())},
     }
+
+
+def _picture(model: HMSForSemanticSegmentation, sample: dict[str, torch.Tensor], sample_id: str,
+             visuals_writer: VisualsWriter, scales: list[float], flip: bool, autocast, device: torch.device,
+             max_long_side: int | None, **tiling: Any) -> None:
+    """Writes the pictures of one evaluated image: its scored prediction again (the evaluation keeps none), and the
+    per-scale maps from one more forward that returns them."""
+    pixel_values, labels = sample["pixel_values"][None].to(device), sample["labels"][None].to(device)
+    with torch.inference_mode():
+        with autocast:
+            logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
+            outputs = model(shrink_to_long_side(pixel_values, max_long_side), scales=scales, output_attentions=True,
+                            **tiling)
+        prediction = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)[0]
+    visuals_writer.write(sample_id, pixel_values[0], labels[0], prediction, outputs)
 
 
 def _collate_same_size(samples: list[dict[str, torch.Tensor]], batch_size_flag: str) -> dict[str, torch.Tensor]:
@@ -303,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "prediction and attention map) and an index.html over them into DIR (one --model, one "
                              "--scales list; the reference's --dump_assets); existing files are kept unless --overwrite")
     parser.add_argument("--num-visuals", "--num_visuals", dest="num_visuals", type=int, default=10,
-                        help="how many images --save-visuals pictures, spread evenly over the split (0: every image)")
+                        help="how many images --save-visuals pictures (0: every image)")
+    parser.add_argument("--visuals-select", "--visuals_select", dest="visuals_select", choices=SELECTIONS,
+                        default="spread", help="spread: images spread evenly over the split; worst: those with the "
+                                               "largest share of wrongly predicted pixels (the reference's --dump_topn)")
     add_large_input_arguments(parser)
     return parser
 
@@ -390,8 +421,6 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         if not _may_write([writer.path(sample_id) for sample_id in dataset.sample_ids()], "--save-predictions",
                           "predictions", args.overwrite):
             return 2
-    visualized_ids = [dataset.sample_ids()[index] for index in visualized_indices(len(dataset), args.num_visuals)] if (
-        args.save_visuals is not None) else []
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
         with state.main_process_first():  # one download into the Hub cache, not one per process
@@ -403,8 +432,9 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             return 2
         if args.save_visuals is not None:  # one model: its fusion says which attention maps are read
             visuals = VisualsWriter(args.save_visuals, palette, scale_lists[0], model.config.scale_fusion,
-                                    visualized_indices(len(dataset), args.num_visuals), model.config.align_corners)
-            if not _may_write(visuals.paths(visualized_ids), "--save-visuals", "pictures", args.overwrite):
+                                    args.num_visuals, args.visuals_select, model.config.align_corners)
+            candidates = [dataset.sample_ids()[index] for index in visuals.candidates(len(dataset))]
+            if not _may_write(visuals.paths(candidates), "--save-visuals", "pictures", args.overwrite):
                 return 2
         state.wait_for_everyone()  # every process has checked before any writes
         try:
@@ -443,9 +473,11 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
     if writer is not None:
         print(f"wrote {len(dataset)} predictions ({args.prediction_format}) to {args.save_predictions}")
     if visuals is not None:
-        index = visuals.write_index(visualized_ids, f"{next(iter(model_paths.values()))}: {args.dataset} {args.split}, "
-                                                    f"{scale_list_label(scale_lists[0], args.flip, args.precision)}")
-        print(f"wrote the pictures of {len(visualized_ids)} images to {args.save_visuals}; open {index}")
+        title = (f"{next(iter(model_paths.values()))}: {args.dataset} {args.split}, "
+                 f"{scale_list_label(scale_lists[0], args.flip, args.precision)}"
+                 f"{', worst predicted images first' if args.visuals_select == 'worst' else ''}")
+        index = visuals.write_index(title)
+        print(f"wrote the pictures of {len(visuals.pictured)} images to {args.save_visuals}; open {index}")
     return 0
 
 

@@ -1,15 +1,17 @@
-"""Pictures of an evaluation, as the reference's ``--dump_assets``: for some images of the split, the input, the ground
-truth, the scored prediction, the two blended, and each scale's own prediction and attention map, with an
-``index.html`` that shows them side by side.
+"""Pictures of an evaluation, as the reference's ``--dump_assets`` (and ``--dump_topn``): for some images of the split,
+spread over it or the worst predicted, the input, the ground truth, the scored prediction, the two blended, and each
+scale's own prediction and attention map, with an ``index.html`` that shows them side by side.
 
     hms-segmentation evaluate --model runs/cityscapes --scales 0.5,1.0,2.0 --save-visuals visuals/ --num-visuals 20
+    hms-segmentation evaluate --model runs/cityscapes --scales 0.5,1.0,2.0 --save-visuals worst/ --visuals-select worst
 """
 
 from __future__ import annotations
 
 import html
+import math
 import urllib.parse
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ COMPOSITE_WEIGHT = 0.4
 """Weight of the prediction's colours over the input in the composite (the reference's ``Image.blend(..., 0.4)``)."""
 THUMBNAIL_WIDTH = 384
 """Width of the pictures on the index page (the reference's page and TensorBoard grid show them 384 pixels high)."""
+SELECTIONS = ("spread", "worst")
+"""`--visuals-select`: images spread evenly over the split, or those with the largest share of wrong pixels."""
 
 
 def visualized_indices(num_images: int, count: int) -> list[int]:
@@ -36,6 +40,16 @@ def visualized_indices(num_images: int, count: int) -> list[int]:
     if count == 0 or count >= num_images:
         return list(range(num_images))
     return list(range(0, num_images, num_images // count))[:count]
+
+
+def worst_indices(error_rates: Sequence[float], count: int) -> list[int]:
+    """The indices of the `count` largest error rates (all when `count` is 0), largest first, ties by index; an image
+    without labelled pixels (rate NaN) is never among the worst."""
+    if count < 0:
+        raise ValueError(f"--num-visuals must be >= 0 (0: every image), got {count}")
+    order = sorted(range(len(error_rates)), key=lambda index: (
+        -error_rates[index] if not math.isnan(error_rates[index]) else math.inf, index))
+    return order[:count] if count else order
 
 
 def attention_scales(scales: Sequence[float], scale_fusion: str) -> list[float]:
@@ -76,18 +90,35 @@ class VisualsWriter:
         palette: Colour of each training id.
         scales: The evaluated scale list.
         scale_fusion: The model's ``config.scale_fusion`` (which attention maps mean something).
-        sample_indices: The positions in the evaluated dataset of the images to picture (see `visualized_indices`).
+        count: How many images to picture (0: all).
+        select: One of `SELECTIONS`: which images.
         align_corners: The model's ``config.align_corners``, for resizing per-scale maps to the labels' size.
     """
 
     def __init__(self, directory: Path, palette: Sequence[Sequence[int]], scales: Sequence[float], scale_fusion: str,
-                 sample_indices: Collection[int], align_corners: bool = False):
+                 count: int = 10, select: str = "spread", align_corners: bool = False):
+        if select not in SELECTIONS:
+            raise ValueError(f"--visuals-select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+        visualized_indices(0, count)  # checks the count
         self.directory = directory
-        self.sample_indices = frozenset(sample_indices)
         self.palette = palette
         self.scales = sorted(scales)
         self.attention_scales = attention_scales(scales, scale_fusion)
+        self.count = count
+        self.select = select
         self.align_corners = align_corners
+        self.pictured: list[tuple[str, float]] = []
+        """`(id, error rate)` of each image pictured so far, in the index page's order."""
+
+    def candidates(self, num_images: int) -> list[int]:
+        """The images that may be pictured, known before the evaluation: those chosen when spread, else any."""
+        return visualized_indices(num_images, self.count) if self.select == "spread" else list(range(num_images))
+
+    def choose(self, error_rates: Sequence[float]) -> list[int]:
+        """The images to picture, given each image's share of wrongly predicted labelled pixels."""
+        if self.select == "spread":
+            return visualized_indices(len(error_rates), self.count)
+        return worst_indices(error_rates, self.count)
 
     def file_names(self, sample_id: str) -> dict[str, str]:
         """Column title -> file name of each picture of `sample_id`, in the index page's order."""
@@ -131,15 +162,17 @@ class VisualsWriter:
         for title, picture in pictures.items():
             write_png_atomically(self.directory / names[title], picture)
 
-    def write_index(self, sample_ids: Sequence[str], title: str) -> Path:
-        """An HTML page with one row of pictures per image of `sample_ids` (written by `write`)."""
+    def write_index(self, title: str) -> Path:
+        """An HTML page with one row of pictures per image of `pictured` (written by `write`), each named with its
+        share of wrongly predicted labelled pixels."""
         columns = list(self.file_names("").keys())
         rows = []
-        for sample_id in sample_ids:
+        for sample_id, error_rate in self.pictured:
             cells = "".join(f'<td><a href="{urllib.parse.quote(name)}"><img src="{urllib.parse.quote(name)}" '
                             f'width="{THUMBNAIL_WIDTH}" alt="{html.escape(column)}"></a></td>'
                             for column, name in self.file_names(sample_id).items())
-            rows.append(f"<tr><th>{html.escape(sample_id)}</th>{cells}</tr>")
+            error = "no labelled pixel" if math.isnan(error_rate) else f"{100 * error_rate:.1f}% of pixels wrong"
+            rows.append(f"<tr><th>{html.escape(sample_id)}<br>{error}</th>{cells}</tr>")
         header = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
         page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
                 f"<body><h1>{html.escape(title)}</h1>\n<table>\n<tr><th>image</th>{header}</tr>\n"
