@@ -358,6 +358,23 @@ def test_first_step_logging_and_eval_delay_are_followed_as_the_trainer_does(tiny
     assert [entry["step"] for entry in history if "eval_mean_iou" in entry] == [2, 3]
 
 
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_eval_visuals_picture_the_same_images_at_each_evaluation(tiny_model_dir, synthetic_dir, tmp_path, script):
+    from hms_segmentation.training import train_accelerate
+
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--do_eval", "--eval_strategy",
+                              "steps", "--eval_steps", "2", "--eval_visuals", "1")
+    (run_training if script == "trainer" else train_accelerate.run_training)(*parse_arguments(argv))
+    assert sorted(p.name for p in (output / "visuals").iterdir()) == ["step-2", "step-3"]  # during and after training
+    for step in (2, 3):
+        pictures = sorted(p.name for p in (output / "visuals" / f"step-{step}").iterdir())
+        assert len(pictures) == 7 + 1 and pictures[1].endswith("_attn_0.5x.png") and pictures[0] == "index.html"
+        assert f"step {step}" in (output / "visuals" / f"step-{step}" / "index.html").read_text()
+    with pytest.raises(ValueError, match="--eval_visuals must be >= 0"):
+        parse_arguments([*argv, "--eval_visuals", "-1"])
+
+
 @pytest.mark.parametrize("flags", [
     ("--save_only_model", "true"), ("--fp16_full_eval", "true"), ("--eval_accumulation_steps", "2"),
     ("--auto_find_batch_size", "true", "--skip_memory_metrics", "false"),
@@ -973,7 +990,7 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     from hms_segmentation.label_tables import CITYSCAPES_PALETTE
     from hms_segmentation.training.arguments import DataArguments
     from hms_segmentation.training.datasets import build_eval_dataset
-    from hms_segmentation.training.evaluate import main as evaluate_main
+    from hms_segmentation.training.evaluate import main as evaluate_main, save_evaluation_visuals
 
     ensure_tiny_synthetic(synthetic_dir)
     dataset, _ = build_eval_dataset(DataArguments(data_dir=str(synthetic_dir)))
@@ -1037,6 +1054,13 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     # which images the worst are is known only after the evaluation: a picture of any image stops it
     assert evaluate_main([*common, "--save-visuals", str(visuals), "--visuals-select", "worst"]) == 2
     assert "exists (8 of the 15 pictures do)" in capsys.readouterr().err  # 7 for each image, and the index
+    # what --eval_visuals calls in training: the model pictured in eval mode, then back in training mode
+    model.train()
+    index = save_evaluation_visuals(model, dataset, tmp_path / "in_training", 1, CITYSCAPES_PALETTE, "step 7")
+    assert model.training and "step 7" in index.read_text()
+    kinds = (*kinds, "pred_2.0x", "attn_1.0x")  # at the model's inference scales, 0.5,1.0,2.0
+    assert sorted(p.name for p in (tmp_path / "in_training").iterdir()) == sorted(
+        [f"{sample_id}_{kind}.png" for kind in kinds] + ["index.html"])
     assert evaluate_main([*common, "--save-visuals", str(tmp_path / "bad"), "--num-visuals", "-1"]) == 2
     assert "--num-visuals must be >= 0 (0: every image), got -1" in capsys.readouterr().err
     assert evaluate_main([*common, "--scales", "1.0", "0.5,1.0", "--save-visuals", str(tmp_path / "bad")]) == 2

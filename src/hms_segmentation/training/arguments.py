@@ -314,6 +314,13 @@ class HMSTrainingArguments(TrainingArguments):
     stop_on_nonfinite_loss: bool = field(
         default=True, metadata={"help": "stop at a NaN/Inf loss, naming the step; if false, skip the step and count it"}
     )
+    eval_visuals: int = field(
+        default=0,
+        metadata={"help": "at each evaluation, picture this many validation images (spread over the split, the same "
+                          "ones each time) into <output_dir>/visuals/step-<step>/ with an index.html: input, ground "
+                          "truth, prediction, each scale's prediction and attention map, as the reference shows its "
+                          "validation images (0: none)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -345,6 +352,8 @@ class HMSTrainingArguments(TrainingArguments):
             if is_set:
                 raise ValueError(f"{flag} works on the token embeddings or token counts of a language model; an HMS "
                                  "model takes images: leave it unset")
+        if self.eval_visuals < 0:
+            raise ValueError(f"--eval_visuals must be >= 0 (0: no pictures), got {self.eval_visuals}")
         if self.do_predict:
             raise ValueError("--do_predict: these scripts have no prediction split; predict with hms-segmentation "
                              "autolabel (label maps) or evaluate (scores), or pipeline('image-segmentation', ...)")

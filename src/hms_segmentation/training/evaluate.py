@@ -33,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
@@ -198,10 +199,8 @@ def evaluate_scales(
                 for offset, prediction in enumerate(predictions):
                     prediction_writer.write(sample_ids[indices[done + offset]], prediction)
             if image_errors is not None:
-                labelled = labels != model.config.ignore_index
                 positions = torch.as_tensor(indices[done:done + len(predictions)], device=device)
-                image_errors[positions, 0] = ((predictions != labels) & labelled).flatten(1).sum(1).double()
-                image_errors[positions, 1] = labelled.flatten(1).sum(1).double()
+                image_errors[positions] = wrong_and_labelled_pixels(predictions, labels, model.config.ignore_index)
             done += len(predictions)
             bar.update(len(predictions))
         bar.close()
@@ -214,8 +213,8 @@ def evaluate_scales(
         chosen = visuals_writer.choose(error_rates)
         for index in chosen:
             if index % world_size == rank:  # this process's shard, as evaluated
-                _picture(model, dataset[index], sample_ids[index], visuals_writer, scales, flip, autocast, device,
-                         max_long_side, **tiling)
+                picture_image(model, dataset[index], sample_ids[index], visuals_writer, scales, flip, autocast,
+                              max_long_side, **tiling)
         visuals_writer.pictured = [(sample_ids[index], error_rates[index]) for index in chosen]
     metrics = accumulator.compute()
     names = [(id2label or model.config.id2label)[i] for i in range(num_labels)]
@@ -235,19 +234,49 @@ def evaluate_scales(
     }
 
 
-def _picture(model: HMSForSemanticSegmentation, sample: dict[str, torch.Tensor], sample_id: str,
-             visuals_writer: VisualsWriter, scales: list[float], flip: bool, autocast, device: torch.device,
-             max_long_side: int | None, **tiling: Any) -> None:
-    """Writes the pictures of one evaluated image: its scored prediction again (the evaluation keeps none), and the
-    per-scale maps from one more forward that returns them."""
-    pixel_values, labels = sample["pixel_values"][None].to(device), sample["labels"][None].to(device)
+def wrong_and_labelled_pixels(predictions: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """`(batch, 2)` float64: per image, the labelled pixels predicted wrong, and the labelled pixels."""
+    labelled = labels != ignore_index
+    return torch.stack([((predictions != labels) & labelled).flatten(1).sum(1),
+                        labelled.flatten(1).sum(1)], dim=1).double()
+
+
+def picture_image(model: HMSForSemanticSegmentation, sample: dict[str, torch.Tensor], sample_id: str,
+                  visuals_writer: VisualsWriter, scales: list[float], flip: bool = False,
+                  autocast: contextlib.AbstractContextManager | None = None, max_long_side: int | None = None,
+                  **tiling: Any) -> float:
+    """Writes the pictures of one image (`sample`: `pixel_values` and `labels`, as the evaluation datasets give):
+    its prediction as `predict` makes it, and the per-scale maps of one more forward that returns them. Returns the
+    image's share of wrongly predicted labelled pixels (NaN without labelled pixels)."""
+    pixel_values = sample["pixel_values"][None].to(model.device)
+    labels = sample["labels"][None].to(model.device)
     with torch.inference_mode():
-        with autocast:
+        with autocast or contextlib.nullcontext():
             logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
             outputs = model(shrink_to_long_side(pixel_values, max_long_side), scales=scales, output_attentions=True,
                             **tiling)
-        prediction = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)[0]
-    visuals_writer.write(sample_id, pixel_values[0], labels[0], prediction, outputs)
+        prediction = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)
+        wrong, labelled = wrong_and_labelled_pixels(prediction, labels, model.config.ignore_index)[0].tolist()
+    visuals_writer.write(sample_id, pixel_values[0], labels[0], prediction[0], outputs)
+    return wrong / labelled if labelled else math.nan
+
+
+def save_evaluation_visuals(model: HMSForSemanticSegmentation, dataset, directory: Path, count: int,
+                            palette: tuple[tuple[int, int, int], ...], title: str) -> Path:
+    """Pictures `count` images spread over `dataset` (`SegmentationEvalDataset`) at the model's inference scales into
+    `directory`, with its index page (which it returns): what the training scripts' `--eval_visuals` writes at each
+    evaluation, in this one process. The model is put back in training mode if it was."""
+    writer = VisualsWriter(directory, palette, model.config.inference_scales, model.config.scale_fusion, count,
+                           align_corners=model.config.align_corners)
+    sample_ids, was_training = dataset.sample_ids(), model.training
+    model.eval()
+    try:
+        for index in writer.candidates(len(dataset)):
+            error_rate = picture_image(model, dataset[index], sample_ids[index], writer, model.config.inference_scales)
+            writer.pictured.append((sample_ids[index], error_rate))
+    finally:
+        model.train(was_training)
+    return writer.write_index(title)
 
 
 def _collate_same_size(samples: list[dict[str, torch.Tensor]], batch_size_flag: str) -> dict[str, torch.Tensor]:

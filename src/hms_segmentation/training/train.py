@@ -39,7 +39,8 @@ from .arguments import (
     parse_arguments,
     parse_scales,
 )
-from .datasets import build_datasets, check_same_size
+from .datasets import build_datasets, check_same_size, dataset_label_ids
+from .evaluate import save_evaluation_visuals
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +338,25 @@ class SetEpochCallback(TrainerCallback):
             dataset.set_epoch(int(state.epoch or 0))
 
 
+def evaluation_visuals_dir(training_args: HMSTrainingArguments, step: int) -> Path:
+    """Where `--eval_visuals` pictures the evaluation at `step`."""
+    return Path(training_args.output_dir) / "visuals" / f"step-{step}"
+
+
+class EvaluationVisualsCallback(TrainerCallback):
+    """`--eval_visuals N`: after each evaluation, the first process pictures N images of the evaluation split (the
+    same ones each time) with the model as evaluated, into `evaluation_visuals_dir`."""
+
+    def __init__(self, eval_dataset, palette: tuple[tuple[int, int, int], ...]):
+        self.eval_dataset = eval_dataset
+        self.palette = palette
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            save_evaluation_visuals(model, self.eval_dataset, evaluation_visuals_dir(args, state.global_step),
+                                    args.eval_visuals, self.palette, f"{args.output_dir}, step {state.global_step}")
+
+
 class HMSTrainer(Trainer):
     """`Trainer` with the reference's optimiser and schedule, loss-term logging and a non-finite-loss guard."""
 
@@ -508,6 +528,8 @@ def run_training(
     if training_args.poly_power is None:
         training_args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
+    visuals_callback = ([EvaluationVisualsCallback(data.eval, dataset_label_ids(data_args)[1])]
+                        if training_args.eval_visuals and data.eval is not None else [])
     trainer = HMSTrainer(
         model=model,
         args=training_args,
@@ -516,7 +538,7 @@ def run_training(
         data_collator=collate_samples,
         compute_metrics=make_compute_metrics(len(data.id2label), model.config.ignore_index, data.id2label),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=[SetEpochCallback(), *(callbacks or [])],
+        callbacks=[SetEpochCallback(), *visuals_callback, *(callbacks or [])],
         trunk_learning_rate_multiplier=model_args.trunk_learning_rate_multiplier,
         processing_class=image_processor_for(model_args),  # saved with the model and every checkpoint
     )

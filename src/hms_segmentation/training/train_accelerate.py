@@ -37,8 +37,8 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from ..evaluation import metrics_to_json
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
-from .datasets import build_datasets
-from .evaluate import evaluate_scales
+from .datasets import build_datasets, dataset_label_ids
+from .evaluate import evaluate_scales, save_evaluation_visuals
 from .train import (
     NonFiniteLossError,
     build_model,
@@ -47,6 +47,7 @@ from .train import (
     configure_logging,
     create_optimizer,
     create_scheduler,
+    evaluation_visuals_dir,
     hub_repository,
     normalize_uint8_pixel_values,
     optimizer_steps_per_epoch,
@@ -81,6 +82,7 @@ FOLLOWED_TRAINING_ARGUMENTS = frozenset({
     # logging, evaluation, checkpoints, publishing
     "logging_strategy", "logging_steps", "logging_first_step", "log_level", "log_level_replica", "log_on_each_node",
     "disable_tqdm", "report_to", "run_name", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
+    "eval_visuals",
     "save_strategy", "save_steps", "save_total_limit", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
     "hub_strategy", "hub_revision", "hub_always_push",
 })
@@ -116,17 +118,22 @@ def _legacy_scheduler_state(checkpoint: str | None) -> Path | None:
 
 def evaluate(
     model: torch.nn.Module, eval_dataset: torch.utils.data.Dataset, accelerator: Accelerator, id2label: dict[int, str],
-    batch_size: int = 1, show_progress: bool = True,
+    batch_size: int = 1, show_progress: bool = True, visuals: tuple[HMSTrainingArguments, int, tuple] | None = None,
 ) -> dict[str, float]:
     """Chained multi-scale evaluation (`config.inference_scales`) under the run's mixed precision, as `eval_*` metrics:
     `evaluate_scales`, in which each process evaluates every `num_processes`-th image and the confusion matrices are
-    summed (a loader from `accelerator.prepare` would pad the last batches with repeated images, counted twice)."""
+    summed (a loader from `accelerator.prepare` would pad the last batches with repeated images, counted twice).
+    `visuals`: `(args, step, palette)` for `--eval_visuals`, pictured by the main process as the Trainer script does."""
     network = accelerator.unwrap_model(model)  # no DDP: ranks may see different numbers of batches here
     network.eval()
     result = evaluate_scales(network, eval_dataset, network.config.inference_scales, device=accelerator.device,
                              id2label=id2label, precision=_EVALUATION_PRECISIONS[accelerator.mixed_precision],
                              progress=show_progress and accelerator.is_local_main_process, batch_size=batch_size,
                              batch_size_flag="--per_device_eval_batch_size")
+    if visuals is not None and visuals[0].eval_visuals and accelerator.is_main_process:
+        args, step, palette = visuals
+        save_evaluation_visuals(network, eval_dataset, evaluation_visuals_dir(args, step), args.eval_visuals, palette,
+                                f"{args.output_dir}, step {step}")
     network.train()
     metrics = {f"eval_{key}": result[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
     metrics.update({f"eval_iou_{name}": iou for name, iou in result["per_category_iou"].items()})
@@ -167,8 +174,9 @@ def run_training(
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
     evaluating = args.do_eval and data.eval is not None
+    palette = dataset_label_ids(data_args)[1] if args.eval_visuals else ()  # of the --eval_visuals pictures
     if not args.do_train:  # as the Trainer script: only the evaluation, of the model as given
-        return _evaluate_only(model, data, accelerator, args) if evaluating else {}
+        return _evaluate_only(model, data, accelerator, args, palette) if evaluating else {}
     if args.activation_checkpointing:  # or its old name --gradient_checkpointing; as the Trainer does
         model.activation_checkpointing_enable(args.activation_checkpointing_kwargs)
     base_optimizer = create_optimizer(model, args, model_args.trunk_learning_rate_multiplier)
@@ -223,7 +231,7 @@ def run_training(
 
     def log_evaluation(**position: int) -> None:
         metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
-                           show_progress)
+                           show_progress, visuals=(args, position.get("step", global_step), palette))
         history.append({**metrics, **position})
         accelerator.log({**metrics, **{k: v for k, v in position.items() if k != "step"}},
                         step=position.get("step", global_step))
@@ -321,7 +329,7 @@ def run_training(
     metrics: dict[str, float] = {"train_steps": global_step}
     if evaluating:
         metrics.update(evaluate(unwrapped, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
-                                show_progress))
+                                show_progress, visuals=(args, global_step, palette)))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "log_history.json").write_text(metrics_to_json(history))
         (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
@@ -396,12 +404,12 @@ def _loader_options(args: HMSTrainingArguments) -> dict:
     }
 
 
-def _evaluate_only(model: torch.nn.Module, data, accelerator: Accelerator, args: HMSTrainingArguments
-                   ) -> dict[str, float]:
+def _evaluate_only(model: torch.nn.Module, data, accelerator: Accelerator, args: HMSTrainingArguments,
+                   palette: tuple) -> dict[str, float]:
     """--do_eval without --do_train: the model as given, evaluated; its metrics in ``all_results.json``."""
     model = model.to(accelerator.device)
     metrics = evaluate(model, data.eval, accelerator, data.id2label, args.per_device_eval_batch_size,
-                       not args.disable_tqdm)
+                       not args.disable_tqdm, visuals=(args, 0, palette))
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "all_results.json").write_text(metrics_to_json(metrics))
