@@ -153,6 +153,7 @@ def test_the_shipped_recipes_parse_to_the_reference_settings(name, tiny_model_di
     assert recipe["fp16"] is True and data_args.crop_padding == "centre"  # no --translate_aug_fix in either
     assert data_args.crop_pad_fill == "black"
     assert training_args.poly_decay_unit == "epoch"  # its LambdaLR steps once per epoch
+    assert training_args.eval_visuals == 10  # its ImageDumper's dump_num: 10 validation images pictured each time
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**recipe, "croop_size": 512}))
     with pytest.raises(ValueError, match=r"typo.yaml: no argument is named 'croop_size'"):  # refused, not ignored
         parse_arguments([str(tmp_path / "typo.yaml"), *overrides])
