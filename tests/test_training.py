@@ -1065,8 +1065,10 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     assert evaluate_main([*common, "--save-visuals", str(tmp_path / "bad"), "--num-visuals", "-1"]) == 2
     assert "--num-visuals must be >= 0 (0: every image), got -1" in capsys.readouterr().err
     assert evaluate_main([*common, "--scales", "1.0", "0.5,1.0", "--save-visuals", str(tmp_path / "bad")]) == 2
-    assert "--save-visuals pictures one prediction per image: give one --model and one --scales list" in (
+    assert "--save-visuals saves one prediction per image: give one --model and one --scales list" in (
         capsys.readouterr().err)
+    assert evaluate_main([*common[:-3], "--no-progress", "--save-visuals", str(tmp_path / "bad")]) == 2
+    assert "got 1 model(s) and 2 scale list(s) (two without --scales: 1.0 and 0.5,1.0,2.0)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -66,6 +66,8 @@ RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 """`--precision`: the autocast dtype of the forward (None: float32 throughout)."""
+DEFAULT_SCALE_LISTS = ["1.0", "0.5,1.0,2.0"]
+"""`--scales` when not given: single scale against the paper's chain."""
 PREDICTION_FORMATS = ("train_ids", "label_ids", "color")
 """`--prediction-format`: what the PNGs of `--save-predictions` hold."""
 
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="val")
     parser.add_argument("--mapillary-version", "--mapillary_version", dest="mapillary_version", default="v1.2",
                         choices=MAPILLARY_VERSIONS, help="Mapillary labels: v1.2 or v2.0 (needs config_v2.0.json)")
-    parser.add_argument("--scales", nargs="+", default=["1.0", "0.5,1.0,2.0"], help="one or more comma-separated scale lists")
+    parser.add_argument("--scales", nargs="+", default=DEFAULT_SCALE_LISTS, help="one or more comma-separated scale lists")
     parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
     parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None)
     parser.add_argument("--eval-long-side", "--eval_long_side", dest="eval_long_side", type=int, default=None,
@@ -397,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             check_model_source(path)
         for flag, folder in (("--save-predictions", args.save_predictions), ("--save-visuals", args.save_visuals)):
             if folder is not None and (len(model_paths) > 1 or len(scale_lists) > 1):
-                raise ValueError(f"{flag} pictures one prediction per image: give one --model and one --scales list, "
-                                 f"got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s)")
+                default = " (two without --scales: 1.0 and 0.5,1.0,2.0)" if args.scales is DEFAULT_SCALE_LISTS else ""
+                raise ValueError(f"{flag} saves one prediction per image: give one --model and one --scales list, "
+                                 f"got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s){default}")
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise ValueError(f"{flag} {folder} is a file; expected a folder")
         visualized_indices(1, args.num_visuals)  # checks the count
