@@ -334,6 +334,19 @@ def test_bf16_autocast_on_cpu_gives_finite_close_outputs(tiny_hrnet):
     assert (outputs.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+def test_a_model_cast_to_bf16_takes_float32_pixels(tiny_hrnet):
+    """As transformers' vision models, the input follows the weights' dtype: the Trainer's --bf16_full_eval casts the
+    model, and the image processor gives float32."""
+    import copy
+
+    half = copy.deepcopy(tiny_hrnet).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = tiny_hrnet(images(), scales=[0.5, 1.0]).logits
+        outputs = half(images(), labels=labels_for(), scales=[0.5, 1.0])
+    assert outputs.logits.dtype == torch.bfloat16 and torch.isfinite(outputs.loss)
+    assert (outputs.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
 def test_channels_last_gives_the_same_logits(tiny_model):
     with torch.no_grad():
         reference = tiny_model(images(), scales=[0.5, 1.0]).logits

@@ -376,6 +376,18 @@ def test_eval_visuals_picture_the_same_images_at_each_evaluation(tiny_model_dir,
         parse_arguments([*argv, "--eval_visuals", "-1"])
 
 
+def test_trainer_evaluates_a_model_cast_to_bf16(tiny_model_dir, synthetic_dir, tmp_path):
+    """--bf16_full_eval: the Trainer casts the model (not the batches) to bfloat16; the figures stay close and the
+    --eval_visuals pictures are made of the cast model."""
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "fp32", "--do_eval")
+    full = run_training(*parse_arguments(argv))
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "bf16", "--do_eval", "--bf16_full_eval", "true",
+                              "--eval_visuals", "1")
+    half = run_training(*parse_arguments(argv))
+    assert half["eval_mean_iou"] == pytest.approx(full["eval_mean_iou"], abs=0.02)
+    assert len(list((tmp_path / "bf16" / "visuals" / "step-0").glob("*.png"))) == 7
+
+
 @pytest.mark.parametrize("flags", [
     ("--save_only_model", "true"), ("--fp16_full_eval", "true"), ("--eval_accumulation_steps", "2"),
     ("--auto_find_batch_size", "true", "--skip_memory_metrics", "false"),

@@ -378,6 +378,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             raise ValueError(
                 f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}"
             )
+        # as transformers' vision models: the input follows the weights (a model cast to half, e.g. by the Trainer's
+        # --fp16_full_eval / --bf16_full_eval, gets float32 pixels from its image processor)
+        pixel_values = pixel_values.to(self.dtype)
         if scales is None:
             scales = self.config.training_scales if self.training else self.config.inference_scales
         scales = sorted(validate_scales(scales), reverse=True)
