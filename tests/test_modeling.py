@@ -366,6 +366,22 @@ def test_trunk_and_heads_compile_without_graph_breaks(tiny_model):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_the_chain_exports_with_torch_export_at_a_fixed_size(tiny_model):
+    """Deployment: `torch.export` traces the whole chained forward (a fixed input size and scale list)."""
+
+    class ChainedLogits(torch.nn.Module):
+        def __init__(self, model: HMSForSemanticSegmentation):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values, scales=[0.5, 1.0, 2.0]).logits
+
+    program = torch.export.export(ChainedLogits(tiny_model), (images(),))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images()), tiny_model(images(), scales=[0.5, 1.0, 2.0]).logits)
+
+
 def test_save_and_reload_round_trip(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
