@@ -366,8 +366,9 @@ def test_trunk_and_heads_compile_without_graph_breaks(tiny_model):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_the_chain_exports_with_torch_export_at_a_fixed_size(tiny_model):
-    """Deployment: `torch.export` traces the whole chained forward (a fixed input size and scale list)."""
+def test_the_chain_exports_with_torch_export_for_any_image_size(tiny_model):
+    """Deployment: `torch.export` traces the whole chained forward once, with symbolic height and width. The example
+    must be large enough that no feature map has a side of 1 (PyTorch specialises sizes 0 and 1)."""
 
     class ChainedLogits(torch.nn.Module):
         def __init__(self, model: HMSForSemanticSegmentation):
@@ -377,9 +378,14 @@ def test_the_chain_exports_with_torch_export_at_a_fixed_size(tiny_model):
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return self.model(pixel_values, scales=[0.5, 1.0, 2.0]).logits
 
-    program = torch.export.export(ChainedLogits(tiny_model), (images(),))
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(images()), tiny_model(images(), scales=[0.5, 1.0, 2.0]).logits)
+    torch.manual_seed(0)
+    program = torch.export.export(ChainedLogits(tiny_model), (torch.randn(1, 3, 128, 256),),
+                                  dynamic_shapes={"pixel_values": {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}})
+    for size in ((96, 160), (192, 320)):
+        pixel_values = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = tiny_model(pixel_values, scales=[0.5, 1.0, 2.0]).logits
+        torch.testing.assert_close(program.module()(pixel_values), expected)
 
 
 def test_save_and_reload_round_trip(tiny_model, tmp_path):
