@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hms_segmentation import HMSForSemanticSegmentation, HMSImageProcessor
+from hms_segmentation import HMSForSemanticSegmentation, HMSImageProcessor, hierarchical_scale_weights
 from hms_segmentation.data.io import load_image
 from hms_segmentation.data.synthesize import render_street_scene
 from hms_segmentation.demo import colorize, load_model, palette_for
@@ -251,23 +251,6 @@ def segment(model: HMSForSemanticSegmentation, image: Image.Image, scales: Seque
     return Segmentation(labels.numpy().astype(np.uint8), attentions, list(outputs.scales), seconds)
 
 
-def scale_weights(attentions: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Per pixel, the weight of each scale's prediction in the fused result (ascending scales; they sum to one).
-
-    The chain lets the lowest scale decide where its attention `a_1` is high; the next scale gets `(1 - a_1) * a_2`,
-    and so on; the highest scale gets what is left, `prod(1 - a_i)` (its own attention is unused). The model
-    resizes the gated products rather than the maps, so on a finer grid than the lowest scale's this is a close
-    reading, not a bit-exact one.
-    """
-    remaining = np.ones_like(attentions[0])
-    weights = []
-    for attention in attentions[:-1]:
-        weights.append(remaining * attention)
-        remaining = remaining * (1 - attention)
-    weights.append(remaining)
-    return weights
-
-
 def attention_picture(weight: np.ndarray) -> Image.Image:
     """A [0, 1] map as a colour picture: dark where the scale was not trusted, bright where it decided."""
     positions = np.linspace(0, 1, len(ATTENTION_RAMP))
@@ -428,7 +411,7 @@ def build_demo(settings: SpaceSettings, loaded: LoadedModel, examples: Sequence[
         except ValueError as error:  # e.g. a scale too small for a tiny image: the model's message says which
             raise gr.Error(f"{name}: {error}") from None
         colours = colorize(result.labels, palette)
-        weights = scale_weights(result.attentions)
+        weights = hierarchical_scale_weights(result.attentions)
         gallery = [
             (attention_picture(weight), f"{scale}x: decides {100 * weight.mean():.0f}% of the picture")
             for scale, weight in zip(result.scales, weights)

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, hierarchical_scale_fusion
+from hms_segmentation import (
+    HMSConfig,
+    HMSForSemanticSegmentation,
+    hierarchical_scale_fusion,
+    hierarchical_scale_weights,
+)
 from hms_segmentation.configuration_hms import MODEL_PRESETS
 from tiny_configs import TINY_HRNET, TINY_RESNET
 
@@ -99,6 +104,21 @@ def test_fusion_above_one_brings_running_prediction_down():
     (fused,) = hierarchical_scale_fusion([(2.0, (high,), torch.rand(1, 1, 8, 8)), (1.0, (mid,), attention)])
     down = F.interpolate(high, size=(4, 4), mode="bilinear", align_corners=False)
     torch.testing.assert_close(fused, attention * mid + (1 - attention) * down)
+
+
+def test_scale_weights_read_off_the_share_of_each_scale_in_the_chain():
+    """With maps of one size the chain is a weighted sum of the scales' predictions, with these weights."""
+    torch.manual_seed(0)
+    scales = (0.5, 1.0, 2.0)
+    predictions = {scale: torch.randn(1, 3, 6, 8) for scale in scales}
+    attentions = {scale: torch.rand(1, 1, 6, 8) for scale in scales}
+    (fused,) = hierarchical_scale_fusion([(scale, (predictions[scale],), attentions[scale]) for scale in scales[::-1]])
+    weights = hierarchical_scale_weights([attentions[scale] for scale in scales])
+    torch.testing.assert_close(fused, sum(weight * predictions[scale] for weight, scale in zip(weights, scales)))
+    torch.testing.assert_close(sum(weights), torch.ones(1, 1, 6, 8))
+    assert torch.equal(hierarchical_scale_weights([attentions[1.0]])[0], torch.ones(1, 1, 6, 8))  # one scale: all
+    with pytest.raises(ValueError, match="at least one scale"):
+        hierarchical_scale_weights([])
 
 
 def test_fusion_rejects_ascending_order():

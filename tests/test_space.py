@@ -252,8 +252,10 @@ def test_tiled_inference_is_configured_from_the_environment():
 
 
 def test_scale_weights_follow_the_attention_chain_and_sum_to_one():
+    from hms_segmentation import hierarchical_scale_weights
+
     attentions = [np.full((2, 3), 0.25), np.full((2, 3), 0.5), np.full((2, 3), 0.9)]
-    weights = space.scale_weights(attentions)
+    weights = hierarchical_scale_weights(attentions)
     assert [float(w[0, 0]) for w in weights] == [0.25, 0.75 * 0.5, 0.75 * 0.5]
     assert np.allclose(sum(weights), 1)
 

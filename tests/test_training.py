@@ -370,7 +370,7 @@ def test_eval_visuals_picture_the_same_images_at_each_evaluation(tiny_model_dir,
     assert sorted(p.name for p in (output / "visuals").iterdir()) == ["step-2", "step-3"]  # during and after training
     for step in (2, 3):
         pictures = sorted(p.name for p in (output / "visuals" / f"step-{step}").iterdir())
-        assert len(pictures) == 7 + 1 and pictures[1].endswith("_attn_0.5x.png") and pictures[0] == "index.html"
+        assert len(pictures) == 9 + 1 and pictures[1].endswith("_attn_0.5x.png") and pictures[0] == "index.html"
         assert f"step {step}" in (output / "visuals" / f"step-{step}" / "index.html").read_text()
     with pytest.raises(ValueError, match="--eval_visuals must be >= 0"):
         parse_arguments([*argv, "--eval_visuals", "-1"])
@@ -385,7 +385,7 @@ def test_trainer_evaluates_a_model_cast_to_bf16(tiny_model_dir, synthetic_dir, t
                               "--eval_visuals", "1")
     half = run_training(*parse_arguments(argv))
     assert half["eval_mean_iou"] == pytest.approx(full["eval_mean_iou"], abs=0.02)
-    assert len(list((tmp_path / "bf16" / "visuals" / "step-0").glob("*.png"))) == 7
+    assert len(list((tmp_path / "bf16" / "visuals" / "step-0").glob("*.png"))) == 9
 
 
 @pytest.mark.parametrize("flags", [
@@ -921,7 +921,7 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     assert len(one) == 3 and one == two
     # and the pictures of the two worst images, chosen from the error counts of both processes, the index page too
     one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_visuals", "two_visuals"))
-    assert len(one) == 2 * 7 + 1 and one == two
+    assert len(one) == 2 * 9 + 1 and one == two
 
 
 def test_evaluate_saves_predictions_for_the_cityscapes_benchmark(tiny_deeplab_dir, shared_data_dir, tmp_path, capsys):
@@ -1016,7 +1016,8 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     visuals = tmp_path / "visuals"
     assert evaluate_main([*common, "--flip", "--save-visuals", str(visuals), "--num-visuals", "1",
                           "--save-predictions", str(tmp_path / "predictions"), "--prediction-format", "color"]) == 0
-    kinds = ("input", "gt", "prediction", "composited", "pred_0.5x", "pred_1.0x", "attn_0.5x")  # 1.0x's: never read
+    kinds = ("input", "gt", "prediction", "composited", "pred_0.5x", "pred_1.0x", "attn_0.5x",  # 1.0x's: never read
+             "weight_0.5x", "weight_1.0x")
     assert sorted(p.name for p in visuals.iterdir()) == sorted([f"{sample_id}_{kind}.png" for kind in kinds] + ["index.html"])
     picture = {kind: np.array(Image.open(visuals / f"{sample_id}_{kind}.png")) for kind in kinds}
     height, width = sample["labels"].shape
@@ -1036,6 +1037,9 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     attention = F.interpolate(outputs.attentions[0], size=(height, width), mode="bilinear", align_corners=False)
     assert np.abs(picture["attn_0.5x"].astype(int) - (attention[0, 0] * 255).round().numpy()).max() <= 1
     assert picture["attn_0.5x"].std() > 10
+    # two scales: 0.5 decides where its attention is high, 1.0 the rest
+    assert np.abs(picture["weight_0.5x"].astype(int) - picture["attn_0.5x"]).max() <= 1
+    assert np.abs(picture["weight_1.0x"].astype(int) + picture["attn_0.5x"] - 255).max() <= 1
     one_scale = F.interpolate(outputs.scale_logits[1], size=(height, width), mode="bilinear").argmax(1)[0]
     np.testing.assert_array_equal(picture["pred_1.0x"], colours[one_scale.numpy()])
     page = (visuals / "index.html").read_text()
@@ -1044,7 +1048,7 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     # the pictures already there are the user's until --overwrite
     (visuals / f"{sample_id}_input.png").write_bytes(b"mine")
     assert evaluate_main([*common, "--save-visuals", str(visuals), "--num-visuals", "1"]) == 2
-    assert f"{sample_id}_input.png exists (8 of the 8 pictures do)" in capsys.readouterr().err
+    assert f"{sample_id}_input.png exists (10 of the 10 pictures do)" in capsys.readouterr().err
     assert (visuals / f"{sample_id}_input.png").read_bytes() == b"mine"
     assert evaluate_main([*common, "--save-visuals", str(visuals), "--num-visuals", "1", "--overwrite"]) == 0
     assert (visuals / f"{sample_id}_input.png").read_bytes() != b"mine"
@@ -1066,12 +1070,12 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     assert f"{worst}<br>{100 * rates[worst]:.1f}% of pixels wrong" in (tmp_path / "worst" / "index.html").read_text()
     # which images the worst are is known only after the evaluation: a picture of any image stops it
     assert evaluate_main([*common, "--save-visuals", str(visuals), "--visuals-select", "worst"]) == 2
-    assert "exists (8 of the 15 pictures do)" in capsys.readouterr().err  # 7 for each image, and the index
+    assert "exists (10 of the 19 pictures do)" in capsys.readouterr().err  # 9 for each image, and the index
     # what --eval_visuals calls in training: the model pictured in eval mode, then back in training mode
     model.train()
     index = save_evaluation_visuals(model, dataset, tmp_path / "in_training", 1, CITYSCAPES_PALETTE, "step 7")
     assert model.training and "step 7" in index.read_text()
-    kinds = (*kinds, "pred_2.0x", "attn_1.0x")  # at the model's inference scales, 0.5,1.0,2.0
+    kinds = (*kinds, "pred_2.0x", "attn_1.0x", "weight_2.0x")  # at the model's inference scales, 0.5,1.0,2.0
     assert sorted(p.name for p in (tmp_path / "in_training").iterdir()) == sorted(
         [f"{sample_id}_{kind}.png" for kind in kinds] + ["index.html"])
     assert evaluate_main([*common, "--save-visuals", str(tmp_path / "bad"), "--num-visuals", "-1"]) == 2

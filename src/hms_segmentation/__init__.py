@@ -11,6 +11,7 @@ from .modeling_hms import (
     HMSScaleAttentionHead,
     HMSSemanticSegmenterOutput,
     hierarchical_scale_fusion,
+    hierarchical_scale_weights,
 )
 from .rmi_loss import RMILoss
 
@@ -40,4 +41,5 @@ __all__ = [
     "HMSSemanticSegmenterOutput",
     "RMILoss",
     "hierarchical_scale_fusion",
+    "hierarchical_scale_weights",
 ]

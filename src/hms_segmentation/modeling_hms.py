@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +93,32 @@ def hierarchical_scale_fusion(
     if fused is None:
         raise ValueError("scale_outputs is empty: at least one scale is needed")
     return fused
+
+
+def hierarchical_scale_weights(attentions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """
+    Per pixel, the weight of each scale's prediction in the result of `hierarchical_scale_fusion` (they sum to one).
+
+    The chain lets the lowest scale decide where its attention `a_1` is high; the next scale gets `(1 - a_1) * a_2`,
+    and so on; the highest scale gets what is left, `prod(1 - a_i)` (its own attention is never read). The chain
+    resizes the gated products rather than the maps, so on a grid finer than the lowest scale's this is a close
+    reading, not a bit-exact one.
+
+    Args:
+        attentions: One map per scale in ascending scale order, all of one size (`torch.Tensor`s or numpy arrays).
+
+    Returns:
+        One weight map per scale, in the same order.
+    """
+    if not attentions:
+        raise ValueError("attentions is empty: at least one scale is needed")
+    remaining = attentions[0] * 0 + 1  # ones of the maps' type, shape and device
+    weights = []
+    for attention in attentions[:-1]:
+        weights.append(remaining * attention)
+        remaining = remaining * (1 - attention)
+    weights.append(remaining)
+    return weights
 
 
 def _blend_towards(

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..data.io import write_png_atomically
 from ..label_tables import IMAGENET_MEAN, IMAGENET_STD
-from ..modeling_hms import HMSSemanticSegmenterOutput
+from ..modeling_hms import HMSSemanticSegmenterOutput, hierarchical_scale_weights
 
 INDEX_FILE = "index.html"
 COMPOSITE_WEIGHT = 0.4
@@ -77,13 +77,20 @@ def colour_labels(labels: torch.Tensor | np.ndarray, palette: Sequence[Sequence[
     return Image.fromarray(colours[labels.astype(np.uint8)])
 
 
+def grey_picture(values: torch.Tensor) -> Image.Image:
+    """`(H, W)` values in [0, 1] -> an 8-bit greyscale image (white: 1)."""
+    return Image.fromarray(values.mul(255).round().to(torch.uint8).cpu().numpy())
+
+
 class VisualsWriter:
     """Writes the pictures of some evaluated images into `directory` and an index page over them.
 
     For an image with id `i`: ``i_input.png``, ``i_gt.png`` (ground truth), ``i_prediction.png`` (the scored,
     multi-scale prediction), ``i_composited.png`` (the prediction over the input), and per scale `s` ``i_pred_<s>x.png``
     (that scale's own prediction) and, for the scales whose attention the fusion reads, ``i_attn_<s>x.png`` (white:
-    this scale's prediction is taken; black: the higher scales' fusion is). All at the size of the labels.
+    this scale's prediction is taken; black: the higher scales' fusion is), and with HMSA's chain
+    ``i_weight_<s>x.png``, the share of each scale in the result (`hierarchical_scale_weights`; white: this scale
+    decided the pixel). All at the size of the labels.
 
     Args:
         directory: Where the pictures go (created if missing).
@@ -104,6 +111,7 @@ class VisualsWriter:
         self.palette = palette
         self.scales = sorted(scales)
         self.attention_scales = attention_scales(scales, scale_fusion)
+        self.weight_scales = self.scales if scale_fusion == "hierarchical" else []
         self.count = count
         self.select = select
         self.align_corners = align_corners
@@ -127,6 +135,7 @@ class VisualsWriter:
                  "prediction": f"{stem}_prediction.png", "composited": f"{stem}_composited.png"}
         names.update({f"prediction {scale}x": f"{stem}_pred_{scale}x.png" for scale in self.scales})
         names.update({f"attention {scale}x": f"{stem}_attn_{scale}x.png" for scale in self.attention_scales})
+        names.update({f"weight {scale}x": f"{stem}_weight_{scale}x.png" for scale in self.weight_scales})
         return names
 
     def paths(self, sample_ids: Sequence[str]) -> list[Path]:
@@ -152,13 +161,17 @@ class VisualsWriter:
         predicted = colour_labels(prediction, self.palette)
         pictures = {"input": image, "ground truth": colour_labels(labels, self.palette), "prediction": predicted,
                     "composited": Image.blend(image, predicted, COMPOSITE_WEIGHT)}
+        attentions = []
         for scale, logits, attention in zip(outputs.scales, outputs.scale_logits, outputs.attentions):
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=self.align_corners)
             pictures[f"prediction {scale}x"] = colour_labels(logits.argmax(1)[0], self.palette)
+            attentions.append(F.interpolate(attention.float(), size=size, mode="bilinear",
+                                            align_corners=self.align_corners)[0, 0].clamp(0, 1))
             if scale in self.attention_scales:
-                attention = F.interpolate(attention.float(), size=size, mode="bilinear", align_corners=self.align_corners)
-                grey = attention[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
-                pictures[f"attention {scale}x"] = Image.fromarray(grey)
+                pictures[f"attention {scale}x"] = grey_picture(attentions[-1])
+        if self.weight_scales:
+            for scale, weight in zip(outputs.scales, hierarchical_scale_weights(attentions)):
+                pictures[f"weight {scale}x"] = grey_picture(weight)
         for title, picture in pictures.items():
             write_png_atomically(self.directory / names[title], picture)
 
