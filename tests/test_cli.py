@@ -55,12 +55,18 @@ def test_demo_writes_labels_and_attention_maps(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(image)
     output = tmp_path / "out"
     assert main(["demo", "--image", str(image), "--scales", "0.5,1.0", "--output-dir", str(output)]) == 0
-    assert "random weights" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "0.5x decided" in printed
     labels = np.asarray(Image.open(output / "labels.png"))
     assert labels.shape == (64, 96) and labels.max() < 19
     assert Image.open(output / "attention_0.5x.png").size == (48, 32)
     assert Image.open(output / "attention_1.0x.png").size == (96, 64)
-    assert json.loads((output / "summary.json").read_text())["scales"] == [0.5, 1.0]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["scales"] == [0.5, 1.0]
+    # each scale's share of the result, at the image's size: 0.5 takes its attention, 1.0 the rest
+    weights = [np.asarray(Image.open(output / f"weight_{scale}x.png"), dtype=int) for scale in (0.5, 1.0)]
+    assert weights[0].shape == (64, 96) and np.abs(weights[0] + weights[1] - 255).max() <= 1
+    assert sum(summary["scale_shares"].values()) == pytest.approx(1, abs=1e-3)
     # a second run must not overwrite what the first wrote
     assert main(["demo", "--image", str(image), "--output-dir", str(output)]) == 2
 

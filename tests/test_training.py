@@ -1264,6 +1264,10 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     report = json.loads((output / "report.json").read_text())
     assert 0 <= report["single_scale_mean_iou"] <= 1 and 0 <= report["multi_scale_mean_iou"] <= 1
     assert (output / "model" / "model.safetensors").exists() and (output / "predictions.png").exists()
+    from PIL import Image
+
+    # 7 panels of 128x64, two per row: image, ground truth, the two predictions, and the shares of 0.5, 1.0 and 2.0
+    assert Image.open(output / "predictions.png").size == (2 * 128, 4 * 64)
     assert HMSForSemanticSegmentation.from_pretrained(output / "model").config.inference_scales == [0.5, 1.0, 2.0]
     out = capsys.readouterr().out
     assert "mIoU single-scale" in out and str(output / "model") in out

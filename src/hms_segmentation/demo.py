@@ -26,7 +26,7 @@ from .hub import check_model_source
 from .label_tables import CITYSCAPES_PALETTE
 from .image_processing_hms import shrink_to_long_side
 from .inference_options import add_large_input_arguments, large_input_settings
-from .modeling_hms import HMSForSemanticSegmentation
+from .modeling_hms import HMSForSemanticSegmentation, hierarchical_scale_weights
 
 def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Image:
     """A simple street-like test picture (sky, buildings, road, poles) when no image is given."""
@@ -127,17 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     for scale, attention in zip(outputs.scales, outputs.attentions):
         attention_map = (attention[0, 0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(attention_map).save(args.output_dir / f"attention_{scale}x.png")
+    shares = {}
+    if model.config.scale_fusion == "hierarchical":  # each scale's share of the result, at the image's size
+        resized = [F.interpolate(attention.float(), size=(image.height, image.width), mode="bilinear",
+                                 align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
+                   for attention in outputs.attentions]
+        for scale, weight in zip(outputs.scales, hierarchical_scale_weights(resized)):
+            Image.fromarray(weight.mul(255).round().to(torch.uint8).numpy()).save(args.output_dir / f"weight_{scale}x.png")
+            shares[f"{scale}x"] = round(float(weight.mean()), 4)
     summary = {
         "model": args.model,
         "trained": trained,
         "image_size": [image.height, image.width],
         "scales": list(outputs.scales),
         "seconds": round(seconds, 3),
+        "scale_shares": shares,
         "classes_present": {model.config.id2label[int(c)]: int((labels == c).sum()) for c in np.unique(labels)},
     }
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    decided = "".join(f", {scale} decided {100 * share:.0f}%" for scale, share in shares.items())
     print(f"chained inference over scales {list(outputs.scales)} on a {image.width}x{image.height} image "
-          f"took {seconds:.2f} s; wrote labels.png, labels_color.png and attention_<scale>x.png to {args.output_dir}")
+          f"took {seconds:.2f} s{decided}; wrote labels.png, labels_color.png, attention_<scale>x.png"
+          f"{' and weight_<scale>x.png (its share of the result)' if shares else ''} to {args.output_dir}")
     return 0
 
 

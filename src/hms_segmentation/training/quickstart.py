@@ -4,7 +4,8 @@
 
 Generates the procedural street-scene dataset (Cityscapes layout), trains `mobilenetv2_deeplabv3plus` through the real
 `Trainer` path on two scales (0.5, 1.0), evaluates single-scale (1.0) against chained multi-scale (0.5, 1.0, 2.0)
-mIoU, saves the model with `save_pretrained`, and writes a picture of predictions and per-scale attention maps.
+mIoU, saves the model with `save_pretrained`, and writes a picture of predictions and of each scale's share of the
+multi-scale result.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 from ..evaluation import make_compute_metrics, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE
+from ..modeling_hms import hierarchical_scale_weights
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
 from .datasets import build_datasets
-from .visuals import colour_labels, denormalized_image
+from .visuals import colour_labels, denormalized_image, grey_picture
 
 SINGLE_SCALE = [1.0]
 MULTI_SCALE = [0.5, 1.0, 2.0]
@@ -57,20 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -> None:
-    """Input, ground truth, single-scale and multi-scale predictions, and each scale's attention map, side by side."""
+    """Input, ground truth, single-scale and multi-scale predictions, and each scale's share of the multi-scale result
+    (white where that scale decided, `hierarchical_scale_weights`), side by side."""
     pixel_values = sample["pixel_values"].unsqueeze(0)
+    height, width = pixel_values.shape[-2:]
     with torch.inference_mode():  # the model may sit on a GPU (where the Trainer put it); the figure is made on CPU
         single = model(pixel_values.to(model.device), scales=SINGLE_SCALE).logits.argmax(1)[0].cpu()
         multi = model(pixel_values.to(model.device), scales=MULTI_SCALE, output_attentions=True)
         multi_prediction = multi.logits.argmax(1)[0].cpu()
-        attentions = [attention.float().cpu() for attention in multi.attentions]
-    height, width = pixel_values.shape[-2:]
+        attentions = [F.interpolate(attention.float().cpu(), size=(height, width), mode="bilinear",
+                                    align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
+                      for attention in multi.attentions]
     panels = [denormalized_image(pixel_values[0])] + [
         np.asarray(colour_labels(labels, CITYSCAPES_PALETTE)) for labels in (sample["labels"], single, multi_prediction)]
-    for attention in attentions:
-        grey = (attention[0, 0].numpy() * 255).astype(np.uint8)
-        grey = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))
-        panels.append(np.repeat(grey[:, :, None], 3, axis=2))
+    panels += [np.asarray(grey_picture(weight).convert("RGB")) for weight in hierarchical_scale_weights(attentions)]
     rows = [np.concatenate(panels[i:i + 2], axis=1) for i in range(0, len(panels) - 1, 2)]
     if len(panels) % 2:
         rows.append(np.concatenate([panels[-1], np.zeros_like(panels[-1])], axis=1))
