@@ -897,7 +897,7 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     run_training(*parse_arguments(tiny_run_arguments(tiny_model_dir, data_dir, tmp_path / "warmup", "--max_steps", "1",
                                                      "--synthetic_val_frames", "3")))
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(data_dir), "--scales", "0.5,1.0", "--flip",
-            "--no-progress"]
+            "--no-progress", "--scale-shares"]
     from hms_segmentation.training.evaluate import main as evaluate_main
 
     assert evaluate_main([*argv, "--output-dir", str(tmp_path / "one"), "--save-predictions",
@@ -913,8 +913,12 @@ def test_evaluate_on_two_processes_gives_the_figures_of_one(tiny_model_dir, tmp_
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["results"] for name in ("one", "two"))
     assert [r["processes"] for r in one + two] == [1, 2] and all(r["images"] == 3 for r in one + two)
     for single, double in zip(one, two):  # the summed confusion matrices: the same figures exactly
-        assert {k: v for k, v in double.items() if k not in ("seconds_per_image", "processes")} == {
-            k: v for k, v in single.items() if k not in ("seconds_per_image", "processes")}
+        assert {k: v for k, v in double.items() if k not in ("seconds_per_image", "processes", "scale_shares")} == {
+            k: v for k, v in single.items() if k not in ("seconds_per_image", "processes", "scale_shares")}
+        # the scale shares: float sums, in another order
+        assert double["scale_shares"]["all"] == pytest.approx(single["scale_shares"]["all"], rel=1e-9)
+        assert double["scale_shares"]["per_category"]["road"] == pytest.approx(
+            single["scale_shares"]["per_category"]["road"], rel=1e-9)
     assert result.stdout.count("**mIoU**") == 1  # one process prints the table
     # each process wrote the predictions of its images: all of them, as one process does
     one, two = ({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("one_predictions", "two_predictions"))
@@ -1086,6 +1090,40 @@ def test_evaluate_saves_pictures_of_the_prediction_and_each_scales_attention(tin
     assert evaluate_main([*common[:-3], "--no-progress", "--save-visuals", str(tmp_path / "bad")]) == 2
     assert "got 1 model(s) and 2 scale list(s) (two without --scales: 1.0 and 0.5,1.0,2.0)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_scale_shares_are_the_mean_weight_of_each_scale_over_each_class(tiny_model_dir, synthetic_dir, tmp_path,
+                                                                          capsys):
+    from hms_segmentation.training.evaluate import main as evaluate_main, scale_share_sums
+
+    # a uniform attention of 0.25 at scale 0.5 gives it a quarter of every pixel, the rest to 1.0; ignored pixels and
+    # the highest scale's attention do not count
+    labels = torch.tensor([[[0, 1, 255], [1, 1, 2]]])
+    sums = scale_share_sums((torch.full((1, 1, 1, 2), 0.25), torch.rand(1, 1, 2, 3)), labels, num_labels=4,
+                            ignore_index=255)
+    torch.testing.assert_close(sums, torch.tensor([[0.25, 0.75, 0.25, 0], [0.75, 2.25, 0.75, 0], [1, 3, 1, 0]],
+                                                  dtype=torch.float64))
+    ensure_tiny_synthetic(synthetic_dir)
+    output = tmp_path / "eval"
+    assert evaluate_main(["--model", str(tiny_model_dir), "--data-dir", str(synthetic_dir), "--scales", "1.0",
+                          "0.5,1.0,2.0", "--scale-shares", "--no-progress", "--output-dir", str(output)]) == 0
+    single, chain = json.loads((output / "results.json").read_text())["results"]
+    assert "scale_shares" not in single  # one scale decides everything: nothing to report
+    shares = chain["scale_shares"]
+    assert list(shares["all"]) == ["0.5", "1.0", "2.0"] and sum(shares["all"].values()) == pytest.approx(1)
+    present = {name: per_scale for name, per_scale in shares["per_category"].items() if per_scale is not None}
+    assert present and all(sum(per_scale.values()) == pytest.approx(1) for per_scale in present.values())
+    assert shares["per_category"].keys() == chain["per_category_iou"].keys()
+    table = (output / "results.md").read_text()
+    assert "Share of each scale in the result (0.5,1.0,2.0" in table and "| **all pixels** |" in table
+    # the baselines fuse without the chain: refused, naming the setting
+    config_path = tmp_path / "average" / "config.json"
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)
+    model.config.scale_fusion = "average"
+    model.save_pretrained(config_path.parent)
+    assert evaluate_main(["--model", str(config_path.parent), "--data-dir", str(synthetic_dir), "--scales", "0.5,1.0",
+                          "--scale-shares"]) == 2
+    assert "--scale-shares reads HMSA's attention chain" in capsys.readouterr().err
 
 
 def test_visuals_pick_images_evenly_and_only_the_attention_maps_the_fusion_reads():

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..configuration_hms import validate_scales
@@ -54,7 +55,7 @@ from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess
 from ..hub import check_model_source, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
-from ..modeling_hms import HMSForSemanticSegmentation
+from ..modeling_hms import HMSForSemanticSegmentation, HMSSemanticSegmenterOutput, hierarchical_scale_weights
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
 from .visuals import SELECTIONS, VisualsWriter, visualized_indices
@@ -126,11 +127,50 @@ def predict(
     With `max_long_side`, inputs with a longer side are shrunk first (the logits then have the shrunk size);
     `tiling` (`tile_pixel_budget`, `tile_size`, `tile_overlap`) goes to the model's forward.
     """
+    return predict_with_attentions(model, pixel_values, scales, flip, max_long_side, False, **tiling)[0]
+
+
+def predict_with_attentions(
+    model: HMSForSemanticSegmentation,
+    pixel_values: torch.Tensor,
+    scales: list[float],
+    flip: bool,
+    max_long_side: int | None = None,
+    output_attentions: bool = True,
+    **tiling: Any,
+) -> tuple[torch.Tensor, HMSSemanticSegmenterOutput]:
+    """`predict`'s logits, and the model's output for the unmirrored image (with its per-scale attention maps and
+    logits when `output_attentions`)."""
     pixel_values = shrink_to_long_side(pixel_values, max_long_side)
-    logits = model(pixel_values, scales=scales, **tiling).logits
+    outputs = model(pixel_values, scales=scales, output_attentions=output_attentions, **tiling)
+    logits = outputs.logits
     if flip:
         logits = (logits + model(pixel_values.flip(-1), scales=scales, **tiling).logits.flip(-1)) / 2
-    return logits
+    return logits, outputs
+
+
+def scale_share_sums(attentions: tuple[torch.Tensor, ...], labels: torch.Tensor, num_labels: int, ignore_index: int,
+                     align_corners: bool = False) -> torch.Tensor:
+    """
+    Per class, the summed share of each scale in the chain's result (`hierarchical_scale_weights`) over the labelled
+    pixels of a batch, and the pixel count.
+
+    Args:
+        attentions: One `(batch, 1, h_s, w_s)` map per scale, ascending (the model's `attentions`).
+        labels (`torch.Tensor` of shape `(batch, height, width)`): Ground-truth classes, `ignore_index` ignored.
+
+    Returns:
+        `torch.Tensor` of shape `(len(attentions) + 1, num_labels)`, float64: a row of summed shares per scale, then
+        the row of pixel counts. Summed over batches (and processes), row `s` divided by the last is the mean share.
+    """
+    resized = [F.interpolate(attention.float(), size=labels.shape[-2:], mode="bilinear",
+                             align_corners=align_corners)[:, 0].clamp(0, 1) for attention in attentions]
+    labelled = labels != ignore_index
+    classes = labels[labelled]
+    rows = [torch.bincount(classes, weights=weight[labelled].double(), minlength=num_labels)
+            for weight in hierarchical_scale_weights(resized)]
+    rows.append(torch.bincount(classes, minlength=num_labels).double())
+    return torch.stack(rows)
 
 
 def wait_for_device(device: torch.device) -> None:
@@ -155,6 +195,7 @@ def evaluate_scales(
     visuals_writer: VisualsWriter | None = None,
     batch_size: int = 1,
     batch_size_flag: str = "--batch-size",
+    scale_shares: bool = False,
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
@@ -162,9 +203,11 @@ def evaluate_scales(
     `tile_overlap`) as in `predict`; predictions are always scored at the labels' size. `precision` (a key of
     `PRECISIONS`) is the autocast dtype of the forward; `num_workers` DataLoader workers read and decode the images;
     `prediction_writer` (needs `dataset.sample_ids()`) saves each prediction, `visuals_writer` (likewise) pictures the
-    images it chooses after the evaluation (two more forwards of each, not timed; their ids and error rates then in
+    images it chooses after the evaluation (one more prediction of each, not timed; their ids and error rates then in
     `visuals_writer.pictured`); `batch_size` images of one size go through the model together (`batch_size_flag`: the
-    option an error about mixed sizes names).
+    option an error about mixed sizes names). `scale_shares` (HMSA's chain over several scales) adds
+    `"scale_shares"`: per class and over all labelled pixels, the mean share of each scale in the result
+    (`hierarchical_scale_weights`, from the unmirrored pass).
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
@@ -182,6 +225,12 @@ def evaluate_scales(
     # per image: wrong and labelled pixels, to choose the images to picture (the worst ones, if asked)
     image_errors = (torch.zeros(len(dataset), 2, dtype=torch.float64, device=device) if visuals_writer is not None
                     else None)
+    share_sums = None
+    if scale_shares and len(scales) > 1:
+        if model.config.scale_fusion != "hierarchical":
+            raise ValueError(f"scale shares read HMSA's attention chain; this model fuses its scales with "
+                             f"scale_fusion={model.config.scale_fusion!r}")
+        share_sums = torch.zeros(len(scales) + 1, num_labels, dtype=torch.float64, device=device)
     seconds = 0.0
     with torch.inference_mode():
         bar = tqdm(total=len(shard), desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
@@ -192,8 +241,13 @@ def evaluate_scales(
             labels = batch["labels"].to(device)
             start = time.perf_counter()
             with autocast:
-                logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
+                logits, outputs = predict_with_attentions(model, pixel_values, scales, flip, max_long_side,
+                                                          share_sums is not None, **tiling)
             predictions = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)
+            if share_sums is not None:
+                share_sums += scale_share_sums(outputs.attentions, labels, num_labels, model.config.ignore_index,
+                                               model.config.align_corners)
+            del outputs
             wait_for_device(predictions.device)
             seconds += time.perf_counter() - start
             accumulator.update(predictions, labels)
@@ -220,6 +274,17 @@ def evaluate_scales(
         visuals_writer.pictured = [(sample_ids[index], error_rates[index]) for index in chosen]
     metrics = accumulator.compute()
     names = [(id2label or model.config.id2label)[i] for i in range(num_labels)]
+    shares = {}
+    if share_sums is not None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(share_sums)
+        *sums, counts = share_sums.cpu()
+        ascending = sorted(scales)
+        shares = {"scale_shares": {
+            "all": {str(scale): float(total.sum() / counts.sum()) for scale, total in zip(ascending, sums)},
+            "per_category": {name: {str(scale): float(total[c] / counts[c]) for scale, total in zip(ascending, sums)}
+                             if counts[c] else None for c, name in enumerate(names)},
+        }}
     return {
         "scales": scales,
         "flip": flip,
@@ -233,7 +298,27 @@ def evaluate_scales(
         "mean_accuracy": float(metrics["mean_accuracy"]),
         "overall_accuracy": float(metrics["overall_accuracy"]),
         "per_category_iou": {name: float(v) for name, v in zip(names, metrics["per_category_iou"].tolist())},
+        **shares,
     }
+
+
+def scale_share_table(results: list[dict]) -> str:
+    """For each evaluated chain with `"scale_shares"`: classes as rows, scales as columns, the mean share (in %) of each
+    scale in the result over the class's pixels (empty when no row has shares)."""
+    tables = []
+    for row in results:
+        if "scale_shares" not in row:
+            continue
+        shares, scales = row["scale_shares"], list(row["scale_shares"]["all"])
+        lines = [f"Share of each scale in the result ({scale_list_label(row['scales'], row['flip'], row['precision'])}"
+                 f"; flip: the unmirrored pass)", "", "| class | " + " | ".join(f"{s}x" for s in scales) + " |",
+                 "|---|" + "---:|" * len(scales)]
+        for name, per_scale in shares["per_category"].items():
+            cells = ["n/a"] * len(scales) if per_scale is None else [f"{100 * per_scale[s]:.1f}" for s in scales]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("| **all pixels** | " + " | ".join(f"**{100 * shares['all'][s]:.1f}**" for s in scales) + " |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def wrong_and_labelled_pixels(predictions: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -248,15 +333,13 @@ def picture_image(model: HMSForSemanticSegmentation, sample: dict[str, torch.Ten
                   autocast: contextlib.AbstractContextManager | None = None, max_long_side: int | None = None,
                   **tiling: Any) -> float:
     """Writes the pictures of one image (`sample`: `pixel_values` and `labels`, as the evaluation datasets give):
-    its prediction as `predict` makes it, and the per-scale maps of one more forward that returns them. Returns the
-    image's share of wrongly predicted labelled pixels (NaN without labelled pixels)."""
+    its prediction as `predict` makes it, with the per-scale maps of its unmirrored pass. Returns the image's share of
+    wrongly predicted labelled pixels (NaN without labelled pixels)."""
     pixel_values = sample["pixel_values"][None].to(model.device)
     labels = sample["labels"][None].to(model.device)
     with torch.inference_mode():
         with autocast or contextlib.nullcontext():
-            logits = predict(model, pixel_values, scales, flip, max_long_side, **tiling)
-            outputs = model(shrink_to_long_side(pixel_values, max_long_side), scales=scales, output_attentions=True,
-                            **tiling)
+            logits, outputs = predict_with_attentions(model, pixel_values, scales, flip, max_long_side, **tiling)
         prediction = preprocess_logits_for_metrics(logits.float(), labels, model.config.align_corners)
         wrong, labelled = wrong_and_labelled_pixels(prediction, labels, model.config.ignore_index)[0].tolist()
     visuals_writer.write(sample_id, pixel_values[0], labels[0], prediction[0], outputs)
@@ -366,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visuals-select", "--visuals_select", dest="visuals_select", choices=SELECTIONS,
                         default="spread", help="spread: images spread evenly over the split; worst: those with the "
                                                "largest share of wrongly predicted pixels (the reference's --dump_topn)")
+    parser.add_argument("--scale-shares", "--scale_shares", dest="scale_shares", action="store_true",
+                        help="also report, per class, how much of the result each scale decided (HMSA's chain: the "
+                             "mean share of each scale over the class's pixels); keeps the per-scale maps of each "
+                             "forward, so it needs more memory")
     add_large_input_arguments(parser)
     return parser
 
@@ -469,6 +556,10 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             if not _may_write(visuals.paths(candidates), "--save-visuals", "pictures", args.overwrite):
                 return 2
         state.wait_for_everyone()  # every process has checked before any writes
+        if args.scale_shares and model.config.scale_fusion != "hierarchical":
+            print(f"error: --scale-shares reads HMSA's attention chain; {path} fuses its scales with scale_fusion="
+                  f"{model.config.scale_fusion!r}", file=sys.stderr)
+            return 2
         try:
             tiling, max_long_side = large_input_settings(args, model.config)
         except ValueError as error:
@@ -477,7 +568,8 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         results_by_model[name] = [
             evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
                             args.num_workers, progress=args.progress and state.is_main_process,
-                            prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size, **tiling)
+                            prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size,
+                            scale_shares=args.scale_shares, **tiling)
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
@@ -485,6 +577,8 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
     tables = []
     for name, results in results_by_model.items():
         tables.append((f"### {name}\n\n" if len(results_by_model) > 1 else "") + markdown_table(results))
+        if args.scale_shares:
+            tables.append(scale_share_table(results))
     if len(results_by_model) > 1:
         tables.insert(0, "### mIoU and pixel accuracy by scale list\n\n" + comparison_table(results_by_model))
     table = "\n".join(tables)
