@@ -754,12 +754,16 @@ def test_two_processes_train_on_a_stream(tiny_model_dir, synthetic_dir, tmp_path
     report_dir.mkdir()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", "29533"]
+    # --eval_visuals: process 0 pictures after each evaluation (the one after step 1 while process 1 trains on)
     argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, tmp_path / "run", "--do_train", "--streaming",
-                              "--max_steps", "2", "--class_uniform_fraction", "0")
+                              "--max_steps", "2", "--class_uniform_fraction", "0", "--do_eval", "--eval_strategy",
+                              "steps", "--eval_steps", "1", "--eval_visuals", "1")
     _launch(command, "accelerate", report_dir, argv)
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["distributed"] for r in reports) and reports[0]["parameters"] == reports[1]["parameters"]
     assert logged_learning_rates(tmp_path / "run", "accelerate") == pytest.approx([0.01, 0.01 * 0.5 ** 2])
+    assert sorted(p.name for p in (tmp_path / "run" / "visuals").iterdir()) == ["step-1", "step-2"]
+    assert all(len(list(step.iterdir())) == 9 + 1 for step in (tmp_path / "run" / "visuals").iterdir())
 
 
 def logged_history(output_dir: Path, script: str) -> list[dict]:
