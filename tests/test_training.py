@@ -364,16 +364,24 @@ def test_eval_visuals_picture_the_same_images_at_each_evaluation(tiny_model_dir,
     from hms_segmentation.training import train_accelerate
 
     output = tmp_path / "run"
+    # the Trainer keeps every evaluation's pictures here; train-accelerate, by default, the latest only
+    keep = ("--eval_visuals_keep", "0") if script == "trainer" else ()
     argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--do_eval", "--eval_strategy",
-                              "steps", "--eval_steps", "2", "--eval_visuals", "1")
-    (run_training if script == "trainer" else train_accelerate.run_training)(*parse_arguments(argv))
-    assert sorted(p.name for p in (output / "visuals").iterdir()) == ["step-2", "step-3"]  # during and after training
-    for step in (2, 3):
+                              "steps", "--eval_steps", "2", "--eval_visuals", "1", *keep)
+    (output / "visuals").mkdir(parents=True)
+    (output / "visuals" / "notes.txt").write_text("mine")  # not a step folder: never removed
+    (run_training if script == "trainer" else train_accelerate.run_training)(*parse_arguments(
+        [*argv, "--overwrite_output_dir"]))
+    steps = [2, 3] if script == "trainer" else [3]  # during and after training
+    assert sorted(p.name for p in (output / "visuals").iterdir()) == ["notes.txt"] + [f"step-{s}" for s in steps]
+    for step in steps:
         pictures = sorted(p.name for p in (output / "visuals" / f"step-{step}").iterdir())
         assert len(pictures) == 9 + 1 and pictures[1].endswith("_attn_0.5x.png") and pictures[0] == "index.html"
         assert f"step {step}" in (output / "visuals" / f"step-{step}" / "index.html").read_text()
     with pytest.raises(ValueError, match="--eval_visuals must be >= 0"):
         parse_arguments([*argv, "--eval_visuals", "-1"])
+    with pytest.raises(ValueError, match="--eval_visuals_keep must be >= 0"):
+        parse_arguments([*argv, "--eval_visuals_keep", "-1"])
 
 
 def test_trainer_evaluates_a_model_cast_to_bf16(tiny_model_dir, synthetic_dir, tmp_path):
@@ -762,8 +770,8 @@ def test_two_processes_train_on_a_stream(tiny_model_dir, synthetic_dir, tmp_path
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["distributed"] for r in reports) and reports[0]["parameters"] == reports[1]["parameters"]
     assert logged_learning_rates(tmp_path / "run", "accelerate") == pytest.approx([0.01, 0.01 * 0.5 ** 2])
-    assert sorted(p.name for p in (tmp_path / "run" / "visuals").iterdir()) == ["step-1", "step-2"]
-    assert all(len(list(step.iterdir())) == 9 + 1 for step in (tmp_path / "run" / "visuals").iterdir())
+    assert sorted(p.name for p in (tmp_path / "run" / "visuals").iterdir()) == ["step-2"]  # the latest evaluation's
+    assert len(list((tmp_path / "run" / "visuals" / "step-2").iterdir())) == 9 + 1
 
 
 def logged_history(output_dir: Path, script: str) -> list[dict]:

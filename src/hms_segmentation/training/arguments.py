@@ -318,8 +318,13 @@ class HMSTrainingArguments(TrainingArguments):
         default=0,
         metadata={"help": "at each evaluation, picture this many validation images (spread over the split, the same "
                           "ones each time) into <output_dir>/visuals/step-<step>/ with an index.html: input, ground "
-                          "truth, prediction, each scale's prediction and attention map, as the reference shows its "
+                          "truth, prediction, each scale's prediction, attention and share, as the reference shows its "
                           "validation images (0: none)"},
+    )
+    eval_visuals_keep: int = field(
+        default=1,
+        metadata={"help": "how many evaluations' pictures --eval_visuals keeps, the latest (1, the default: as the "
+                          "reference, which overwrites its pictures; about 7.5 MB per 1024x2048 image); 0: all"},
     )
 
     def __post_init__(self) -> None:
@@ -354,6 +359,8 @@ class HMSTrainingArguments(TrainingArguments):
                                  "model takes images: leave it unset")
         if self.eval_visuals < 0:
             raise ValueError(f"--eval_visuals must be >= 0 (0: no pictures), got {self.eval_visuals}")
+        if self.eval_visuals_keep < 0:
+            raise ValueError(f"--eval_visuals_keep must be >= 0 (0: keep all), got {self.eval_visuals_keep}")
         if self.do_predict:
             raise ValueError("--do_predict: these scripts have no prediction split; predict with hms-segmentation "
                              "autolabel (label maps) or evaluate (scores), or pipeline('image-segmentation', ...)")

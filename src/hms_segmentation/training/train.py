@@ -17,6 +17,8 @@ import functools
 import json
 import logging
 import math
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -338,14 +340,26 @@ class SetEpochCallback(TrainerCallback):
             dataset.set_epoch(int(state.epoch or 0))
 
 
-def evaluation_visuals_dir(training_args: HMSTrainingArguments, step: int) -> Path:
-    """Where `--eval_visuals` pictures the evaluation at `step`."""
-    return Path(training_args.output_dir) / "visuals" / f"step-{step}"
+def write_evaluation_visuals(model: HMSForSemanticSegmentation, eval_dataset, training_args: HMSTrainingArguments,
+                             step: int, palette: tuple[tuple[int, int, int], ...]) -> Path:
+    """`--eval_visuals N` (one process): pictures N images of the evaluation split, the same ones each time, into
+    `<output_dir>/visuals/step-<step>/`, then removes the pictures of earlier evaluations beyond the
+    `--eval_visuals_keep` latest. Returns the new folder."""
+    root = Path(training_args.output_dir) / "visuals"
+    folder = root / f"step-{step}"
+    save_evaluation_visuals(model, eval_dataset, folder, training_args.eval_visuals, palette,
+                            f"{training_args.output_dir}, step {step}")
+    if training_args.eval_visuals_keep:
+        steps = sorted(int(match[1]) for path in root.iterdir() if (match := re.fullmatch(r"step-(\d+)", path.name)))
+        for old in steps[:-training_args.eval_visuals_keep]:
+            if old != step:  # an evaluation of a resumed run at an earlier step is still the newest
+                shutil.rmtree(root / f"step-{old}")
+    return folder
 
 
 class EvaluationVisualsCallback(TrainerCallback):
-    """`--eval_visuals N`: after each evaluation, the first process pictures N images of the evaluation split (the
-    same ones each time) with the model as evaluated, into `evaluation_visuals_dir`."""
+    """`--eval_visuals N`: after each evaluation, the first process pictures N images of the evaluation split with the
+    model as evaluated (`write_evaluation_visuals`)."""
 
     def __init__(self, eval_dataset, palette: tuple[tuple[int, int, int], ...]):
         self.eval_dataset = eval_dataset
@@ -353,8 +367,7 @@ class EvaluationVisualsCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and model is not None:
-            save_evaluation_visuals(model, self.eval_dataset, evaluation_visuals_dir(args, state.global_step),
-                                    args.eval_visuals, self.palette, f"{args.output_dir}, step {state.global_step}")
+            write_evaluation_visuals(model, self.eval_dataset, args, state.global_step, self.palette)
 
 
 class HMSTrainer(Trainer):

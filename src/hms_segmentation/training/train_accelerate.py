@@ -38,7 +38,7 @@ from ..evaluation import metrics_to_json
 
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments, parse_arguments
 from .datasets import build_datasets, dataset_label_ids
-from .evaluate import evaluate_scales, save_evaluation_visuals
+from .evaluate import evaluate_scales
 from .train import (
     NonFiniteLossError,
     build_model,
@@ -47,12 +47,12 @@ from .train import (
     configure_logging,
     create_optimizer,
     create_scheduler,
-    evaluation_visuals_dir,
     hub_repository,
     normalize_uint8_pixel_values,
     optimizer_steps_per_epoch,
     pooled_means,
     publish_model_folder,
+    write_evaluation_visuals,
     write_model_card,
 )
 
@@ -82,7 +82,7 @@ FOLLOWED_TRAINING_ARGUMENTS = frozenset({
     # logging, evaluation, checkpoints, publishing
     "logging_strategy", "logging_steps", "logging_first_step", "log_level", "log_level_replica", "log_on_each_node",
     "disable_tqdm", "report_to", "run_name", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
-    "eval_visuals",
+    "eval_visuals", "eval_visuals_keep",
     "save_strategy", "save_steps", "save_total_limit", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo",
     "hub_strategy", "hub_revision", "hub_always_push",
 })
@@ -131,9 +131,7 @@ def evaluate(
                              progress=show_progress and accelerator.is_local_main_process, batch_size=batch_size,
                              batch_size_flag="--per_device_eval_batch_size")
     if visuals is not None and visuals[0].eval_visuals and accelerator.is_main_process:
-        args, step, palette = visuals
-        save_evaluation_visuals(network, eval_dataset, evaluation_visuals_dir(args, step), args.eval_visuals, palette,
-                                f"{args.output_dir}, step {step}")
+        write_evaluation_visuals(network, eval_dataset, *visuals)
     network.train()
     metrics = {f"eval_{key}": result[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")}
     metrics.update({f"eval_iou_{name}": iou for name, iou in result["per_category_iou"].items()})
