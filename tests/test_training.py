@@ -1139,11 +1139,17 @@ def test_scale_shares_are_the_mean_weight_of_each_scale_over_each_class(tiny_mod
 
 
 def test_visuals_pick_images_evenly_and_only_the_attention_maps_the_fusion_reads():
-    from hms_segmentation.training.visuals import attention_scales, visualized_indices, worst_indices
+    from hms_segmentation.training.visuals import VisualsWriter, attention_scales, visualized_indices, worst_indices
 
     assert visualized_indices(10, 3) == [0, 3, 6] and visualized_indices(500, 10)[-1] == 450  # the reference's spacing
     assert visualized_indices(3, 0) == [0, 1, 2]  # every image
     assert visualized_indices(2, 5) == [0, 1]
+    with pytest.raises(ValueError, match="--num-visuals must be >= 0"):
+        worst_indices([0.5], -1)
+    # a single scale: no attention read, no share to show
+    assert VisualsWriter(Path("unused"), (), [1.0], "hierarchical").file_names("a") == {
+        "input": "a_input.png", "ground truth": "a_gt.png", "prediction": "a_prediction.png",
+        "composited": "a_composited.png", "prediction 1.0x": "a_pred_1.0x.png"}
     with pytest.raises(ValueError, match="--num-visuals must be >= 0"):
         visualized_indices(3, -2)
     nan = float("nan")

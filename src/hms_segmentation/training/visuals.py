@@ -45,8 +45,7 @@ def visualized_indices(num_images: int, count: int) -> list[int]:
 def worst_indices(error_rates: Sequence[float], count: int) -> list[int]:
     """The indices of the `count` largest error rates (all when `count` is 0), largest first, ties by index; an image
     without labelled pixels (rate NaN) is never among the worst."""
-    if count < 0:
-        raise ValueError(f"--num-visuals must be >= 0 (0: every image), got {count}")
+    visualized_indices(0, count)  # checks the count
     order = sorted(range(len(error_rates)), key=lambda index: (
         -error_rates[index] if not math.isnan(error_rates[index]) else math.inf, index))
     return order[:count] if count else order
@@ -111,7 +110,8 @@ class VisualsWriter:
         self.palette = palette
         self.scales = sorted(scales)
         self.attention_scales = attention_scales(scales, scale_fusion)
-        self.weight_scales = self.scales if scale_fusion == "hierarchical" else []
+        # one scale alone decides everything: a white picture says nothing
+        self.weight_scales = self.scales if scale_fusion == "hierarchical" and len(self.scales) > 1 else []
         self.count = count
         self.select = select
         self.align_corners = align_corners
