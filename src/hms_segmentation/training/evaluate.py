@@ -533,7 +533,8 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         print(f"error: --dataset {args.dataset} --data-dir {args.data_dir} --split {args.split}: {error}",
               file=sys.stderr)
         return 2
-    label_ids, palette = dataset_label_ids(data_args)
+    if args.save_predictions is not None or args.save_visuals is not None:  # (Mapillary's come from its config file)
+        label_ids, palette = dataset_label_ids(data_args)
     writer = visuals = None
     if args.save_predictions is not None:
         writer = PredictionWriter(args.save_predictions, args.prediction_format, label_ids, palette)
@@ -549,6 +550,10 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
                   f"{len(id2label)}", file=sys.stderr)
             return 2
+        if args.scale_shares and model.config.scale_fusion != "hierarchical":
+            print(f"error: --scale-shares reads HMSA's attention chain; {path} fuses its scales with scale_fusion="
+                  f"{model.config.scale_fusion!r}", file=sys.stderr)
+            return 2
         if args.save_visuals is not None:  # one model: its fusion says which attention maps are read
             visuals = VisualsWriter(args.save_visuals, palette, scale_lists[0], model.config.scale_fusion,
                                     args.num_visuals, args.visuals_select, model.config.align_corners)
@@ -556,10 +561,6 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             if not _may_write(visuals.paths(candidates), "--save-visuals", "pictures", args.overwrite):
                 return 2
         state.wait_for_everyone()  # every process has checked before any writes
-        if args.scale_shares and model.config.scale_fusion != "hierarchical":
-            print(f"error: --scale-shares reads HMSA's attention chain; {path} fuses its scales with scale_fusion="
-                  f"{model.config.scale_fusion!r}", file=sys.stderr)
-            return 2
         try:
             tiling, max_long_side = large_input_settings(args, model.config)
         except ValueError as error:
