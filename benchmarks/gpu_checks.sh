@@ -7,7 +7,8 @@
 #   3. the README's quickstart at a toy budget with the model on the GPU (where the Trainer puts it), down to the
 #      prediction figure, which is drawn on the CPU;
 #   4. the training blur on the device (benchmarks/blur.py adds a CUDA row when a GPU is visible);
-#   5. `hms-segmentation evaluate --precision fp16` of the quickstart's model, against fp32 in the same run.
+#   5. `hms-segmentation evaluate --precision fp16` of the quickstart's model, against fp32 in the same run, the
+#      half-precision run also with --scale-shares and --save-visuals (the per-class shares and pictures from GPU maps).
 # Each step has its own time limit, so one that hangs leaves the others their time; every JSON lands in OUTPUT_DIR.
 #
 #   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # on a machine with a CUDA GPU and the package installed
@@ -41,4 +42,7 @@ for precision in fp32 $half; do
         --scales 1.0 0.5,1.0 --precision $precision --no-progress --output-dir "$output_dir/evaluate_${device}_$precision" \
         --overwrite || status=1
 done
+timeout 120 python -m hms_segmentation.training.evaluate --model "$quickstart/model" --data-dir "$quickstart/data" \
+    --scales 0.5,1.0,2.0 --precision $half --scale-shares --save-visuals "$output_dir/visuals_$device" --num-visuals 2 \
+    --visuals-select worst --no-progress --output-dir "$output_dir/shares_$device" --overwrite || status=1
 exit $status
