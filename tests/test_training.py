@@ -1127,7 +1127,18 @@ def test_scale_shares_are_the_mean_weight_of_each_scale_over_each_class(tiny_mod
     assert present and all(sum(per_scale.values()) == pytest.approx(1) for per_scale in present.values())
     assert shares["per_category"].keys() == chain["per_category_iou"].keys()
     table = (output / "results.md").read_text()
-    assert "Share of each scale in the result (0.5,1.0,2.0" in table and "| **all pixels** |" in table
+    assert "Share of each scale in the result (0.5,1.0,2.0)" in table and "| **all pixels** |" in table
+    # a split without labelled pixels (the test split's placeholders): n/a, not a division by zero
+    from hms_segmentation.training.evaluate import scale_share_table
+
+    from hms_segmentation.training.evaluate import evaluate_scales
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()
+    unlabelled = [{"pixel_values": torch.zeros(3, 64, 128), "labels": torch.full((64, 128), 255)}]
+    empty = evaluate_scales(model, unlabelled, [0.5, 1.0, 2.0], scale_shares=True)
+    assert empty["scale_shares"]["all"] == {"0.5": None, "1.0": None, "2.0": None}
+    assert set(empty["scale_shares"]["per_category"].values()) == {None}
+    assert "| **all pixels** | n/a | n/a | n/a |" in scale_share_table([empty])
     # the baselines fuse without the chain: refused, naming the setting
     config_path = tmp_path / "average" / "config.json"
     model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir)

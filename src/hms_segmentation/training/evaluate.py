@@ -281,7 +281,9 @@ def evaluate_scales(
         *sums, counts = share_sums.cpu()
         ascending = sorted(scales)
         shares = {"scale_shares": {
-            "all": {str(scale): float(total.sum() / counts.sum()) for scale, total in zip(ascending, sums)},
+            # None: no labelled pixel (e.g. the test split's placeholder labels)
+            "all": {str(scale): float(total.sum() / counts.sum()) if counts.sum() else None
+                    for scale, total in zip(ascending, sums)},
             "per_category": {name: {str(scale): float(total[c] / counts[c]) for scale, total in zip(ascending, sums)}
                              if counts[c] else None for c, name in enumerate(names)},
         }}
@@ -310,13 +312,14 @@ def scale_share_table(results: list[dict]) -> str:
         if "scale_shares" not in row:
             continue
         shares, scales = row["scale_shares"], list(row["scale_shares"]["all"])
+        flip = "; flip: of the unmirrored pass" if row["flip"] else ""
         lines = [f"Share of each scale in the result ({scale_list_label(row['scales'], row['flip'], row['precision'])}"
-                 f"; flip: the unmirrored pass)", "", "| class | " + " | ".join(f"{s}x" for s in scales) + " |",
-                 "|---|" + "---:|" * len(scales)]
+                 f"{flip})", "", "| class | " + " | ".join(f"{s}x" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
         for name, per_scale in shares["per_category"].items():
             cells = ["n/a"] * len(scales) if per_scale is None else [f"{100 * per_scale[s]:.1f}" for s in scales]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("| **all pixels** | " + " | ".join(f"**{100 * shares['all'][s]:.1f}**" for s in scales) + " |")
+        overall = ["n/a" if shares["all"][s] is None else f"**{100 * shares['all'][s]:.1f}**" for s in scales]
+        lines.append("| **all pixels** | " + " | ".join(overall) + " |")
         tables.append("\n".join(lines) + "\n")
     return "\n".join(tables)
 
