@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                  align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
                    for attention in outputs.attentions]
         for scale, weight in zip(outputs.scales, hierarchical_scale_weights(resized)):
-            Image.fromarray(weight.mul(255).round().to(torch.uint8).numpy()).save(args.output_dir / f"weight_{scale}x.png")
+            grey = weight.mul(255).round().to(torch.uint8).numpy()
+            Image.fromarray(grey).save(args.output_dir / f"weight_{scale}x.png")
             shares[f"{scale}x"] = round(float(weight.mean()), 4)
     summary = {
         "model": args.model,

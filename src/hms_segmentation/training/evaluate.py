@@ -314,7 +314,8 @@ def scale_share_table(results: list[dict]) -> str:
         shares, scales = row["scale_shares"], list(row["scale_shares"]["all"])
         flip = "; flip: of the unmirrored pass" if row["flip"] else ""
         lines = [f"Share of each scale in the result ({scale_list_label(row['scales'], row['flip'], row['precision'])}"
-                 f"{flip})", "", "| class | " + " | ".join(f"{s}x" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
+                 f"{flip})", "", "| class | " + " | ".join(f"{s}x" for s in scales) + " |",
+                 "|---|" + "---:|" * len(scales)]
         for name, per_scale in shares["per_category"].items():
             cells = ["n/a"] * len(scales) if per_scale is None else [f"{100 * per_scale[s]:.1f}" for s in scales]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -445,13 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "benchmark server and evaluator; train_ids: the model's classes; color: a palette PNG")
     parser.add_argument("--save-visuals", "--save_visuals", dest="save_visuals", type=Path, default=None,
                         help="also write pictures of some images (input, ground truth, prediction, each scale's "
-                             "prediction and attention map) and an index.html over them into DIR (one --model, one "
-                             "--scales list; the reference's --dump_assets); existing files are kept unless --overwrite")
+                             "prediction, attention and share) and an index.html over them into DIR (one --model, "
+                             "one --scales list; the reference's --dump_assets); existing files are kept unless "
+                             "--overwrite")
     parser.add_argument("--num-visuals", "--num_visuals", dest="num_visuals", type=int, default=10,
                         help="how many images --save-visuals pictures (0: every image)")
     parser.add_argument("--visuals-select", "--visuals_select", dest="visuals_select", choices=SELECTIONS,
                         default="spread", help="spread: images spread evenly over the split; worst: those with the "
-                                               "largest share of wrongly predicted pixels (the reference's --dump_topn)")
+                                               "largest share of wrongly predicted pixels (the reference's "
+                                               "--dump_topn)")
     parser.add_argument("--scale-shares", "--scale_shares", dest="scale_shares", action="store_true",
                         help="also report, per class, how much of the result each scale decided (HMSA's chain: the "
                              "mean share of each scale over the class's pixels); keeps the per-scale maps of each "

@@ -71,8 +71,8 @@ def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -
         attentions = [F.interpolate(attention.float().cpu(), size=(height, width), mode="bilinear",
                                     align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
                       for attention in multi.attentions]
-    panels = [denormalized_image(pixel_values[0])] + [
-        np.asarray(colour_labels(labels, CITYSCAPES_PALETTE)) for labels in (sample["labels"], single, multi_prediction)]
+    panels = [denormalized_image(pixel_values[0])] + [np.asarray(colour_labels(labels, CITYSCAPES_PALETTE))
+                                                      for labels in (sample["labels"], single, multi_prediction)]
     panels += [np.asarray(grey_picture(weight).convert("RGB")) for weight in hierarchical_scale_weights(attentions)]
     rows = [np.concatenate(panels[i:i + 2], axis=1) for i in range(0, len(panels) - 1, 2)]
     if len(panels) % 2:
