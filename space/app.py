@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from hms_segmentation import HMSForSemanticSegmentation, HMSImageProcessor, hierarchical_scale_weights
+from hms_segmentation.modeling_hms import attentions_at_size
 from hms_segmentation.data.io import load_image
 from hms_segmentation.data.synthesize import render_street_scene
 from hms_segmentation.demo import colorize, load_model, palette_for
@@ -242,11 +243,7 @@ def segment(model: HMSForSemanticSegmentation, image: Image.Image, scales: Seque
         if flip:
             logits = (logits + model(pixel_values.flip(-1), scales=list(scales)).logits.flip(-1)) / 2
         labels = processor.post_process_semantic_segmentation({"logits": logits}, target_sizes=[size])[0]
-        attentions = [
-            torch.nn.functional.interpolate(attention, size=size, mode="bilinear", align_corners=False)[0, 0]
-            .clamp(0, 1).numpy()
-            for attention in outputs.attentions
-        ]
+        attentions = [attention[0].numpy() for attention in attentions_at_size(outputs.attentions, size)]
     seconds = time.perf_counter() - start
     return Segmentation(labels.numpy().astype(np.uint8), attentions, list(outputs.scales), seconds)
 

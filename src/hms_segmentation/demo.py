@@ -26,7 +26,7 @@ from .hub import check_model_source
 from .label_tables import CITYSCAPES_PALETTE
 from .image_processing_hms import shrink_to_long_side
 from .inference_options import add_large_input_arguments, large_input_settings
-from .modeling_hms import HMSForSemanticSegmentation, hierarchical_scale_weights
+from .modeling_hms import HMSForSemanticSegmentation, attentions_at_size, hierarchical_scale_weights
 
 def street_scene(height: int = 256, width: int = 512, seed: int = 0) -> Image.Image:
     """A simple street-like test picture (sky, buildings, road, poles) when no image is given."""
@@ -129,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(attention_map).save(args.output_dir / f"attention_{scale}x.png")
     shares = {}
     if model.config.scale_fusion == "hierarchical":  # each scale's share of the result, at the image's size
-        resized = [F.interpolate(attention.float(), size=(image.height, image.width), mode="bilinear",
-                                 align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
-                   for attention in outputs.attentions]
+        resized = [attention[0] for attention in
+                   attentions_at_size(outputs.attentions, (image.height, image.width), model.config.align_corners)]
         for scale, weight in zip(outputs.scales, hierarchical_scale_weights(resized)):
             grey = weight.mul(255).round().to(torch.uint8).numpy()
             Image.fromarray(grey).save(args.output_dir / f"weight_{scale}x.png")

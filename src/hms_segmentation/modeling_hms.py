@@ -121,6 +121,18 @@ def hierarchical_scale_weights(attentions: Sequence[torch.Tensor]) -> list[torch
     return weights
 
 
+def attentions_at_size(
+    attentions: Sequence[torch.Tensor], size: tuple[int, int], align_corners: bool = False
+) -> list[torch.Tensor]:
+    """
+    The attention maps of a call with `output_attentions=True`, each `(batch, 1, h_s, w_s)`, resized bilinearly to
+    `size` as float32 `(batch, height, width)` maps in [0, 1]: maps of one size, as `hierarchical_scale_weights`
+    takes them and as pictures show them.
+    """
+    return [F.interpolate(attention.float(), size=tuple(size), mode="bilinear", align_corners=align_corners)[:, 0]
+            .clamp(0, 1) for attention in attentions]
+
+
 def _blend_towards(
     running: torch.Tensor, prediction: torch.Tensor, attention: torch.Tensor, align_corners: bool, may_overwrite: bool
 ) -> torch.Tensor:

@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..configuration_hms import validate_scales
@@ -55,7 +54,12 @@ from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess
 from ..hub import check_model_source, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import add_large_input_arguments, large_input_settings
-from ..modeling_hms import HMSForSemanticSegmentation, HMSSemanticSegmenterOutput, hierarchical_scale_weights
+from ..modeling_hms import (
+    HMSForSemanticSegmentation,
+    HMSSemanticSegmenterOutput,
+    attentions_at_size,
+    hierarchical_scale_weights,
+)
 from .arguments import DATASETS, DataArguments, parse_scales
 from .datasets import build_eval_dataset, check_same_size, dataset_label_ids
 from .visuals import SELECTIONS, VisualsWriter, visualized_indices
@@ -163,8 +167,7 @@ def scale_share_sums(attentions: tuple[torch.Tensor, ...], labels: torch.Tensor,
         `torch.Tensor` of shape `(len(attentions) + 1, num_labels)`, float64: a row of summed shares per scale, then
         the row of pixel counts. Summed over batches (and processes), row `s` divided by the last is the mean share.
     """
-    resized = [F.interpolate(attention.float(), size=labels.shape[-2:], mode="bilinear",
-                             align_corners=align_corners)[:, 0].clamp(0, 1) for attention in attentions]
+    resized = attentions_at_size(attentions, labels.shape[-2:], align_corners)
     labelled = labels != ignore_index
     classes = labels[labelled]
     rows = [torch.bincount(classes, weights=weight[labelled].double(), minlength=num_labels)

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from ..evaluation import make_compute_metrics, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE
-from ..modeling_hms import hierarchical_scale_weights
+from ..modeling_hms import attentions_at_size, hierarchical_scale_weights
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
 from .datasets import build_datasets
@@ -68,9 +67,8 @@ def save_prediction_figure(model, sample: dict[str, torch.Tensor], path: Path) -
         single = model(pixel_values.to(model.device), scales=SINGLE_SCALE).logits.argmax(1)[0].cpu()
         multi = model(pixel_values.to(model.device), scales=MULTI_SCALE, output_attentions=True)
         multi_prediction = multi.logits.argmax(1)[0].cpu()
-        attentions = [F.interpolate(attention.float().cpu(), size=(height, width), mode="bilinear",
-                                    align_corners=model.config.align_corners)[0, 0].clamp(0, 1)
-                      for attention in multi.attentions]
+        attentions = [attention[0].cpu() for attention in
+                      attentions_at_size(multi.attentions, (height, width), model.config.align_corners)]
     panels = [denormalized_image(pixel_values[0])] + [np.asarray(colour_labels(labels, CITYSCAPES_PALETTE))
                                                       for labels in (sample["labels"], single, multi_prediction)]
     panels += [np.asarray(grey_picture(weight).convert("RGB")) for weight in hierarchical_scale_weights(attentions)]

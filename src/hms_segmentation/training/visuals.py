@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..data.io import write_png_atomically
 from ..label_tables import IMAGENET_MEAN, IMAGENET_STD
-from ..modeling_hms import HMSSemanticSegmenterOutput, hierarchical_scale_weights
+from ..modeling_hms import HMSSemanticSegmenterOutput, attentions_at_size, hierarchical_scale_weights
 
 INDEX_FILE = "index.html"
 COMPOSITE_WEIGHT = 0.4
@@ -161,14 +161,12 @@ class VisualsWriter:
         predicted = colour_labels(prediction, self.palette)
         pictures = {"input": image, "ground truth": colour_labels(labels, self.palette), "prediction": predicted,
                     "composited": Image.blend(image, predicted, COMPOSITE_WEIGHT)}
-        attentions = []
-        for scale, logits, attention in zip(outputs.scales, outputs.scale_logits, outputs.attentions):
+        attentions = [attention[0] for attention in attentions_at_size(outputs.attentions, size, self.align_corners)]
+        for scale, logits, attention in zip(outputs.scales, outputs.scale_logits, attentions):
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=self.align_corners)
             pictures[f"prediction {scale}x"] = colour_labels(logits.argmax(1)[0], self.palette)
-            attentions.append(F.interpolate(attention.float(), size=size, mode="bilinear",
-                                            align_corners=self.align_corners)[0, 0].clamp(0, 1))
             if scale in self.attention_scales:
-                pictures[f"attention {scale}x"] = grey_picture(attentions[-1])
+                pictures[f"attention {scale}x"] = grey_picture(attention)
         if self.weight_scales:
             for scale, weight in zip(outputs.scales, hierarchical_scale_weights(attentions)):
                 pictures[f"weight {scale}x"] = grey_picture(weight)
