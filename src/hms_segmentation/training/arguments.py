@@ -324,7 +324,7 @@ class HMSTrainingArguments(TrainingArguments):
     eval_visuals_keep: int = field(
         default=1,
         metadata={"help": "how many evaluations' pictures --eval_visuals keeps, the latest (1, the default: as the "
-                          "reference, which overwrites its pictures; about 7.5 MB per 1024x2048 image); 0: all"},
+                          "reference, which overwrites its pictures; 7.5-10 MB per 1024x2048 image); 0: all"},
     )
 
     def __post_init__(self) -> None:
