@@ -240,6 +240,24 @@ def test_deeplab_training_with_batch_size_one_says_what_is_needed():
     assert torch.isfinite(model(pixel_values, labels=labels).loss)
 
 
+def test_deeplab_training_with_one_image_per_process_under_sync_batch_norm_is_left_to_it(monkeypatch):
+    # the reference's 1 image per GPU: SyncBatchNorm over several processes has the statistics a single one lacks
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_MOBILENET)).train()
+    model.decode_head.aspp.image_pooling.norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        model.decode_head.aspp.image_pooling.norm)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"batch_size >= 2 in training mode.*--sync_bn"):  # not distributed
+        model(pixel_values)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    with pytest.raises(ValueError, match=r"batch_size >= 2 in training mode"):  # one process: nothing to sync with
+        model(pixel_values)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    # our check lets it through; PyTorch's SyncBatchNorm then wants the GPU it runs on (CUDA-only)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm expected input tensor to be on GPU"):
+        model(pixel_values)
+
+
 def test_mobilenet_preset_is_small():
     model = HMSForSemanticSegmentation(HMSConfig.from_preset("mobilenetv2_deeplabv3plus"))
     assert math.isclose(sum(p.numel() for p in model.backbone.parameters()) / 1e6, 1.81, abs_tol=0.01)

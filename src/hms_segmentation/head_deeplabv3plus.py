@@ -9,6 +9,15 @@ from torch.nn import functional as F
 from .head_ocr import HMSConvNormReLU
 
 
+def _normalises_across_processes(norm: nn.Module) -> bool:
+    """Whether `norm` is a SyncBatchNorm in a run of several processes: its batch statistics then span them all."""
+    if not isinstance(norm, nn.SyncBatchNorm):
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
+
+
 class HMSAtrousSpatialPyramidPooling(nn.Module):
     """
     ASPP: image pooling, a 1x1 branch and dilated 3x3 branches, concatenated in that order (no projection after).
@@ -27,12 +36,14 @@ class HMSAtrousSpatialPyramidPooling(nn.Module):
         self.out_channels = (2 + len(dilations)) * channels
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[0] == 1 and self.image_pooling.norm.training:
+        norm = self.image_pooling.norm
+        if norm.training and features.shape[0] == 1 and not _normalises_across_processes(norm):
             # BatchNorm over the pooled (batch, channels, 1, 1) map has one value per channel: no batch statistics
             raise ValueError(
                 "the DeepLabV3+ decoder needs batch_size >= 2 in training mode (its image-pooling branch normalises "
                 "one pooled value per image with BatchNorm), got batch_size 1; train with a batch of at least 2, "
-                "or put the BatchNorm layers in eval mode (frozen statistics)"
+                "with SyncBatchNorm over several GPUs (--sync_bn), or with the BatchNorm layers in eval mode (frozen "
+                "statistics)"
             )
         pooled = self.image_pooling(features.mean(dim=(2, 3), keepdim=True))
         pooled = F.interpolate(pooled, size=features.shape[-2:], mode="bilinear", align_corners=self.align_corners)
