@@ -1,0 +1,307 @@
+"""Export a model's chained multi-scale inference to ONNX, for onnxruntime, TensorRT and other runtimes.
+
+    hms-segmentation export-onnx --model DIR_OR_HUB_ID --output hms.onnx [--scales 0.5,1.0,2.0] [--flip] [--labels]
+
+The graph takes normalised images (what `HMSImageProcessor` gives) of any batch size, height and width, runs every
+scale of the list and the attention chain, and returns the fused logits at the input's size (averaged with those of
+the mirrored image with `--flip`, as `hms-segmentation evaluate --flip` scores them), plus the per-pixel class with
+`--labels`. Before the file is written, onnxruntime runs it at two image sizes against the PyTorch model.
+Needs the `onnx` extra: `pip install "hms-segmentation[onnx]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_hms import validate_scales
+from .hub import check_model_source
+from .modeling_hms import HMSForSemanticSegmentation
+
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+MIN_EXAMPLE_SIDES = (128, 256)
+"""The smallest example image (height, width): PyTorch specialises a feature map with a side of 1 to that size."""
+RELATIVE_TOLERANCE = 1e-3
+"""Largest allowed difference between onnxruntime's and PyTorch's logits, as a share of the largest logit (or of 1)."""
+
+
+class HMSChainedInference(nn.Module):
+    """
+    What the exported graph computes: the chain over `scales` (the model's forward in eval mode, never tiled), averaged
+    with the mirrored image's result when `flip`, and the per-pixel argmax when `with_labels`.
+
+    Input: `pixel_values` (batch, 3, height, width), normalised. Output: `logits` (batch, num_labels, height, width),
+    and with `with_labels` also `labels` (batch, height, width), int64 class indices.
+    """
+
+    def __init__(self, model: HMSForSemanticSegmentation, scales: list[float], flip: bool, with_labels: bool):
+        super().__init__()
+        self.model = model
+        self.scales = list(scales)
+        self.flip = flip
+        self.with_labels = with_labels
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(pixel_values, scales=self.scales).logits
+        if self.flip:
+            logits = (logits + self.model(pixel_values.flip(-1), scales=self.scales).logits.flip(-1)) / 2
+        if self.with_labels:
+            return logits, logits.argmax(dim=1)
+        return logits
+
+
+@dataclass
+class OnnxCheck:
+    """How onnxruntime's result compared with PyTorch's at one input size."""
+
+    size: tuple[int, int]
+    max_difference: float
+    """Largest absolute difference of the logits."""
+    largest_logit: float
+    label_agreement: float
+    """Share of pixels whose argmax class is the same."""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_difference <= RELATIVE_TOLERANCE * max(1.0, self.largest_logit)
+
+
+def _require_onnx_packages() -> None:
+    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)}, not installed; pip install \"hms-segmentation[onnx]\""
+        )
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse (`ValueError`, `FileExistsError`) an output path that is a folder, or whose files exist and not
+    `overwrite`: the graph, and the `.data` file of its weights that a graph over 2 GB needs."""
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder; expected the path of the .onnx file to write")
+    existing = [str(path) for path in (output, output.with_name(output.name + ".data")) if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+@contextlib.contextmanager
+def _without_tiling(model: HMSForSemanticSegmentation) -> Iterator[None]:
+    # a graph has one code path for every size: tiling, which depends on the size, stays off (config restored after)
+    budget = model.config.tile_pixel_budget
+    model.config.tile_pixel_budget = None
+    try:
+        yield
+    finally:
+        model.config.tile_pixel_budget = budget
+
+
+def _name_dimensions(graph) -> None:
+    """Name the symbolic sizes of the graph's inputs and outputs `batch`, `height` and `width`, as runtimes show them
+    (the exporter numbers them)."""
+    import onnx_ir
+
+    shape = graph.inputs[0].shape
+    names = {str(shape[axis]): name for axis, name in ((0, "batch"), (2, "height"), (3, "width"))}
+    for value in [*graph.inputs, *graph.outputs]:
+        value.shape = onnx_ir.Shape([
+            onnx_ir.SymbolicDim(names.get(str(dim), str(dim))) if isinstance(dim, onnx_ir.SymbolicDim) else dim
+            for dim in value.shape
+        ])
+
+
+def onnx_metadata(
+    model: HMSForSemanticSegmentation, scales: list[float], flip: bool, with_labels: bool
+) -> dict[str, str]:
+    """What a runtime needs to feed the graph and read its result, as the ONNX file's metadata (strings)."""
+    from .image_processing_hms import HMSImageProcessor
+
+    processor = HMSImageProcessor()
+    return {
+        "hms_segmentation.scales": ",".join(map(str, scales)),
+        "hms_segmentation.flip": json.dumps(flip),
+        "hms_segmentation.outputs": "logits,labels" if with_labels else "logits",
+        "hms_segmentation.input": "pixel_values: float32 (batch, 3, height, width), RGB scaled to [0, 1], then "
+                                  "(x - image_mean) / image_std; any height and width",
+        "hms_segmentation.image_mean": json.dumps(list(processor.image_mean)),
+        "hms_segmentation.image_std": json.dumps(list(processor.image_std)),
+        "hms_segmentation.id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
+        "hms_segmentation.trunk": model.config.trunk,
+    }
+
+
+def check_against_pytorch(
+    path: Path, graph: HMSChainedInference, sizes: list[tuple[int, int]], seed: int = 0
+) -> list[OnnxCheck]:
+    """Run the ONNX file at `path` in onnxruntime (CPU) and `graph` in PyTorch on the same random batch of two images,
+    once per size; return how they compare."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    for size in sizes:
+        pixel_values = torch.randn(2, 3, *size, generator=generator)
+        with torch.no_grad():
+            expected = graph(pixel_values)
+        expected_logits = expected[0] if graph.with_labels else expected
+        outputs = session.run(None, {"pixel_values": pixel_values.numpy()})
+        logits = torch.from_numpy(outputs[0])
+        labels = torch.from_numpy(outputs[1]) if graph.with_labels else logits.argmax(dim=1)
+        checks.append(OnnxCheck(
+            size=size,
+            max_difference=float((logits - expected_logits).abs().max()),
+            largest_logit=float(expected_logits.abs().max()),
+            label_agreement=float((labels == expected_logits.argmax(dim=1)).float().mean()),
+        ))
+    return checks
+
+
+def export_onnx(
+    model: HMSForSemanticSegmentation,
+    output: str | os.PathLike,
+    scales: list[float] | None = None,
+    flip: bool = False,
+    with_labels: bool = False,
+    example_size: tuple[int, int] = (256, 512),
+    opset_version: int | None = None,
+    check: bool = True,
+    overwrite: bool = False,
+) -> list[OnnxCheck]:
+    """
+    Export `model`'s chained inference over `scales` (default: `config.inference_scales`) to the ONNX file `output`,
+    with symbolic batch size, height and width (see `HMSChainedInference` for inputs and outputs). The file (and its
+    `.data` file, for a graph over 2 GB) appears only once complete and, with `check`, once onnxruntime gave PyTorch's
+    result at `example_size` and at a smaller, odd size.
+
+    Returns:
+        The checks' results (empty without `check`).
+
+    Raises:
+        FileExistsError: `output` exists and not `overwrite`.
+        ValueError: A model that is not float32, a bad scale list or example size, or a check that failed (the file is
+            then not written).
+        ImportError: The ONNX packages are missing.
+    """
+    output = Path(output)
+    if model.dtype != torch.float32:
+        raise ValueError(f"export a float32 model (model.float()), got {model.dtype}: runtimes such as TensorRT choose "
+                         "their own reduced precision from a float32 graph")
+    scales = validate_scales(model.config.inference_scales if scales is None else scales, "scales")
+    height, width = example_size
+    if height < MIN_EXAMPLE_SIDES[0] or width < MIN_EXAMPLE_SIDES[1]:
+        raise ValueError(f"example size {height}x{width} is too small: need at least {MIN_EXAMPLE_SIDES[0]}x"
+                         f"{MIN_EXAMPLE_SIDES[1]} (no feature map may have a side of 1, which would fix that size)")
+    check_output(output, overwrite)
+    _require_onnx_packages()
+
+    was_training = model.training
+    graph = HMSChainedInference(model, scales, flip, with_labels).eval()
+    # symbolic sizes whose constraints PyTorch infers (named Dims would have to state them), renamed afterwards
+    dims = {axis: torch.export.Dim.DYNAMIC for axis in (0, 2, 3)}
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed: never a user's file
+    staging.mkdir(parents=True)
+    try:
+        # the exporter warns that torchvision's operators are skipped: this package never uses them
+        registration_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration_logger.level
+        registration_logger.setLevel(logging.ERROR)
+        try:
+            with _without_tiling(model), torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # PyTorch's own
+                program = torch.onnx.export(
+                    graph, (torch.zeros(1, 3, height, width),), dynamo=True, verbose=False,
+                    dynamic_shapes={"pixel_values": dims}, input_names=["pixel_values"],
+                    output_names=["logits", "labels"] if with_labels else ["logits"], opset_version=opset_version,
+                )
+        finally:
+            registration_logger.setLevel(level)
+        _name_dimensions(program.model.graph)
+        program.model.metadata_props.update(onnx_metadata(model, scales, flip, with_labels))
+        program.save(str(staging / output.name))
+        checks = []
+        if check:
+            odd_size = (height * 3 // 4 + 1, width * 3 // 4 + 3)
+            with _without_tiling(model):
+                checks = check_against_pytorch(staging / output.name, graph, [(height, width), odd_size])
+            failed = [c for c in checks if not c.passed]
+            if failed:
+                raise ValueError("the ONNX graph does not give PyTorch's result: " + "; ".join(
+                    f"at {c.size[0]}x{c.size[1]} the logits differ by up to {c.max_difference:.3g} (largest logit "
+                    f"{c.largest_logit:.3g}, tolerance {RELATIVE_TOLERANCE:g} of it)" for c in failed
+                ) + f"; {output} was not written (--no-check writes it anyway)")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for produced in sorted(staging.iterdir()):
+            os.replace(produced, output.parent / produced.name)
+        return checks
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        model.train(was_training)
+
+
+def _example_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 256x512), got {text!r}") from None
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hms-segmentation export-onnx", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="save_pretrained folder or Hub id")
+    parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--scales", default=None,
+                        help="comma-separated scales of the chain (default: the model config's inference_scales)")
+    parser.add_argument("--flip", action="store_true", help="average with the result of the mirrored image")
+    parser.add_argument("--labels", action="store_true",
+                        help="also output the per-pixel class (int64), the logits' argmax")
+    parser.add_argument("--example-size", "--example_size", type=_example_size, default=(256, 512),
+                        help="HEIGHTxWIDTH of the image the export traces (the graph takes any size); at least "
+                             f"{MIN_EXAMPLE_SIDES[0]}x{MIN_EXAMPLE_SIDES[1]}")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: PyTorch's)")
+    parser.add_argument("--no-check", "--no_check", dest="check", action="store_false",
+                        help="skip comparing onnxruntime's result with PyTorch's before writing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        scales = None if args.scales is None else validate_scales(
+            [s for s in args.scales.split(",") if s.strip()], "--scales")
+        check_output(args.output, args.overwrite)
+        _require_onnx_packages()
+        model = HMSForSemanticSegmentation.from_pretrained(check_model_source(args.model), dtype=torch.float32)
+        start = time.perf_counter()
+        checks = export_onnx(model, args.output, scales, args.flip, args.labels, args.example_size, args.opset,
+                             args.check, args.overwrite)
+    except (ValueError, FileExistsError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    scales = scales or model.config.inference_scales
+    print(f"exported the chain over {','.join(map(str, scales))}{' + flip' if args.flip else ''} to {args.output} "
+          f"({args.output.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s")
+    for c in checks:
+        print(f"  onnxruntime vs PyTorch at {c.size[0]}x{c.size[1]}: logits differ by up to {c.max_difference:.2g} "
+              f"(largest {c.largest_logit:.3g}); same class at {100 * c.label_agreement:.2f}% of pixels")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

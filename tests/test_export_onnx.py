@@ -1,0 +1,157 @@
+"""`hms-segmentation export-onnx`: the chained inference as an ONNX graph that onnxruntime runs at any size, giving
+what `hms-segmentation evaluate` scores."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from conftest import require_shared
+from PIL import Image
+from tiny_configs import TINY_HRNET, TINY_RESNET, save_tiny_model
+
+from hms_segmentation import HMSConfig, HMSForSemanticSegmentation, HMSImageProcessor
+from hms_segmentation import export_onnx as export_module
+from hms_segmentation.cli import main as cli_main
+from hms_segmentation.data.transforms import SegmentationEvalTransform
+from hms_segmentation.export_onnx import export_onnx
+from hms_segmentation.training.evaluate import predict
+
+
+@pytest.fixture(scope="module")
+def tiny_deeplab_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_deeplab"), TINY_RESNET, num_labels=19)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_deeplab_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny DeepLabV3+ model's chain over 0.5, 1.0, 2.0 with flip and labels, exported by the command; returns the
+    file and what the command printed."""
+    output = tmp_path_factory.mktemp("export") / "graphs" / "hms.onnx"  # its folder does not exist yet
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(output),
+                         "--scales", "0.5,1.0,2.0", "--flip", "--labels"]) == 0
+    return output, printed.getvalue()
+
+
+def test_the_exported_chain_with_flip_gives_what_evaluate_scores(tiny_deeplab_dir, exported):
+    output, printed = exported
+    assert re.search(r"exported the chain over 0\.5,1\.0,2\.0 \+ flip to .*hms\.onnx", printed)
+    assert len(re.findall(r"onnxruntime vs PyTorch at (256x512|193x387): .* same class at 100\.00% of pixels",
+                          printed)) == 2
+    assert sorted(p.name for p in output.parent.iterdir()) == ["hms.onnx"]  # no staging folder left
+
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("pixel_values", ["batch", 3, "height", "width"])]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("logits", ["batch", 19, "height", "width"]),
+                                                                  ("labels", ["batch", "height", "width"])]
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert metadata["hms_segmentation.scales"] == "0.5,1.0,2.0" and json.loads(metadata["hms_segmentation.flip"])
+    assert json.loads(metadata["hms_segmentation.image_mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert len(json.loads(metadata["hms_segmentation.id2label"])) == 19
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
+    frame = require_shared("data", "cityscapes_sample", "leftImg8bit", "val", "frankfurt",
+                           "frankfurt_000000_000294_leftImg8bit.png")
+    real = SegmentationEvalTransform()(Image.open(frame).convert("RGB"))["pixel_values"][None]  # 128x256
+    odd = torch.randn(2, 3, 97, 161, generator=torch.Generator().manual_seed(0))  # another batch size, odd sides
+    for pixel_values in (real, odd):
+        with torch.no_grad():
+            expected = predict(model, pixel_values, [0.5, 1.0, 2.0], flip=True)
+        logits, labels = session.run(None, {"pixel_values": pixel_values.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+        assert np.array_equal(labels, expected.argmax(dim=1).numpy())
+
+
+def test_the_readme_runs_the_exported_graph_on_a_photo(tiny_deeplab_dir, exported, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Deployment: ONNX", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    shutil.copytree(tiny_deeplab_dir, tmp_path / "hms_quickstart" / "model")
+    HMSImageProcessor().save_pretrained(tmp_path / "hms_quickstart" / "model")  # as the quickstart's folder has it
+    (tmp_path / "hms.onnx").symlink_to(exported[0])
+    photo = Image.open(require_shared("data", "street_photos", "sf.jpg"))  # 1920x1080: a quarter of it is enough
+    photo.resize((480, 270)).save(tmp_path / "street.jpg")
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(snippet, "README.md", "exec"), names)
+    assert names["labels"].shape == (270, 480) and names["labels"].dtype == torch.int64
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
+    with torch.no_grad():
+        logits = predict(model, torch.from_numpy(names["inputs"]["pixel_values"]), [0.5, 1.0, 2.0], flip=True)
+    expected = names["processor"].post_process_semantic_segmentation({"logits": logits}, target_sizes=[(270, 480)])[0]
+    assert (names["labels"] == expected).float().mean() > 0.999  # the same but for near-ties of the random model
+
+
+def test_hrnet_ocr_exports_its_config_scales_untiled_and_leaves_the_model_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET, inference_scales=[0.5, 1.0], tile_pixel_budget=4096,
+                                                 tile_size=64, tile_overlap=16)).train()
+    checks = export_onnx(model, tmp_path / "hrnet.onnx")
+    assert [c.size for c in checks] == [(256, 512), (193, 387)] and all(c.passed for c in checks)
+    assert model.training and model.config.tile_pixel_budget == 4096  # the user's model and config as they were
+    session = onnxruntime.InferenceSession(str(tmp_path / "hrnet.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["hms_segmentation.scales"] == "0.5,1.0"
+    pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))  # smaller than the example
+    with torch.no_grad():
+        expected = model.eval()(pixel_values, scales=[0.5, 1.0], tile_pixel_budget=None).logits
+    (logits,) = session.run(None, {"pixel_values": pixel_values.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_that_fails_its_check_is_not_written(tiny_deeplab_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "RELATIVE_TOLERANCE", -1.0)  # no difference passes
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir)
+    with pytest.raises(ValueError, match=r"does not give PyTorch's result: at 256x512 the logits differ by up to .*"
+                                         r"hms\.onnx was not written \(--no-check writes it anyway\)"):
+        export_onnx(model, tmp_path / "hms.onnx", scales=[1.0])
+    assert list(tmp_path.iterdir()) == []
+    assert export_onnx(model, tmp_path / "hms.onnx", scales=[1.0], check=False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hms.onnx"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scales", "0.5,-1"], r"--scales must be a non-empty list of positive"),
+    (["--example-size", "64x128"], r"example size 64x128 is too small: need at least 128x256"),
+    (["--model", "no/such/folder"], r"--model no/such/folder: no such folder"),
+])
+def test_bad_arguments_are_named_before_anything_is_written(tiny_deeplab_dir, tmp_path, capsys, argv, message):
+    base = {"--model": str(tiny_deeplab_dir), "--output": str(tmp_path / "hms.onnx")}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    assert cli_main(["export-onnx", *[item for pair in base.items() for item in pair]]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_is_never_replaced_without_overwrite(tiny_deeplab_dir, tmp_path, capsys):
+    output = tmp_path / "hms.onnx"
+    output.write_bytes(b"the user's earlier export")
+    (tmp_path / "folder.onnx").mkdir()
+    assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(output)]) == 2
+    assert "hms.onnx already exists; pass --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == b"the user's earlier export"
+    assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(tmp_path / "folder.onnx")]) == 2
+    assert "is a folder; expected the path of the .onnx file" in capsys.readouterr().err
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir)
+    with pytest.raises(ValueError, match=r"export a float32 model \(model.float\(\)\), got torch.bfloat16"):
+        export_onnx(model.to(torch.bfloat16), tmp_path / "bf16.onnx")
+
+
+def test_missing_onnx_packages_are_named_with_the_extra_to_install(tiny_deeplab_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxscript" else find_spec(name, *args))
+    assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(tmp_path / "hms.onnx")]) == 2
+    assert 'ONNX export needs onnxscript, not installed; pip install "hms-segmentation[onnx]"' in \
+        capsys.readouterr().err
