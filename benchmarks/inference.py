@@ -14,7 +14,9 @@ found by timing each `segment_single_scale` call from the outside; under `torch.
 graph whose parts cannot be timed apart, so compiled rows report the chain as n/a.
 
 Precisions run under `torch.autocast` (fp32: no autocast). Variants: `eager`; `channels_last` (model and input in
-channels-last memory format); `compile` (`torch.compile(model)`, default inductor backend). A row that fails (an op
+channels-last memory format); `compile` (`torch.compile(model)`, default inductor backend); `onnxruntime` (the graph
+of `hms-segmentation export-onnx` for the row's scales, fp32, CPU only, in onnxruntime with as many intra-op threads
+as torch gets; exported before the warm-up, whose time does not include the export). A row that fails (an op
 without a kernel for that precision on that device, a compiler error) or passes `--row-timeout` is reported as
 such instead of stopping the run.
 
@@ -46,7 +48,7 @@ from pathlib import Path
 
 DEFAULT_SCALE_SETS = ("1.0", "0.5,1.0", "0.5,1.0,2.0", "0.25,0.5,1.0,2.0")
 PRECISIONS = ("fp32", "bf16", "fp16")
-VARIANTS = ("eager", "channels_last", "compile")
+VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
 
 
 def _vm_hwm_mib() -> float:
@@ -96,9 +98,13 @@ def _row_worker(spec: dict, connection) -> None:
             model = model.to(memory_format=torch.channels_last)
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
 
-        # Only uncompiled rows are instrumented: a Python timer inside a compiled forward would split its graph.
+        # Only PyTorch's uncompiled rows are instrumented: a Python timer in a compiled forward would split its graph.
         per_scale_seconds: list[float] = []
-        if spec["variant"] != "compile":
+        instrumented = spec["variant"] in ("eager", "channels_last")
+        if spec["variant"] == "onnxruntime":
+            forward = _onnxruntime_forward(model, spec)
+            del model  # the session holds its own copy of the weights
+        elif instrumented:
             segment = model.segment_single_scale
 
             def timed_segment(x, **kwargs):
@@ -118,6 +124,9 @@ def _row_worker(spec: dict, connection) -> None:
         scales = spec["scales"]
 
         def call() -> None:
+            if spec["variant"] == "onnxruntime":
+                forward(pixel_values)
+                return
             autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(device.type, autocast_dtype)
             with torch.inference_mode(), autocast:
                 forward(pixel_values, scales=scales)
@@ -146,7 +155,7 @@ def _row_worker(spec: dict, connection) -> None:
             call()
             synchronize()
             total = time.perf_counter() - start
-            chain = None if spec["variant"] == "compile" else total - sum(per_scale_seconds)
+            chain = total - sum(per_scale_seconds) if instrumented else None
             connection.send({"total_s": total, "chain_s": chain})
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _vm_hwm_mib()
         connection.send(
@@ -157,6 +166,30 @@ def _row_worker(spec: dict, connection) -> None:
                          "traceback": traceback.format_exc()[-4000:]})
     finally:
         connection.close()
+
+
+def _onnxruntime_forward(model, spec: dict):
+    """The row's chain exported to ONNX and loaded in onnxruntime; returns a call that runs it on a torch tensor."""
+    import tempfile
+
+    import onnxruntime
+
+    from hms_segmentation.export_onnx import export_onnx
+
+    if spec["precision"] != "fp32" or spec["device"] != "cpu":
+        raise ValueError("the onnxruntime variant runs the exported float32 graph on the CPU only (fp32, --device cpu)")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "hms.onnx"
+        example_size = (max(128, spec["height"]), max(256, spec["width"]))
+        export_onnx(model, path, scales=spec["scales"], example_size=example_size, check=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = spec["threads"], 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(pixel_values):
+        return session.run(None, {"pixel_values": pixel_values.numpy()})
+
+    return run
 
 
 def _parse_row(text: str) -> tuple[str, str, list[float]]:
@@ -254,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         totals = [r["total_s"] for r in rounds]
         row["latency_s"] = statistics.median(totals)
         row["latency_s_all_rounds"] = totals
-        if row["variant"] == "compile":
+        if row["variant"] in ("compile", "onnxruntime"):
             row["chain_s"] = row["chain_share"] = None
         else:
             row["chain_s"] = statistics.median(r["chain_s"] for r in rounds)
