@@ -33,22 +33,22 @@ def tiny_deeplab_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tiny_deeplab_dir, tmp_path_factory) -> tuple[Path, str]:
-    """The tiny DeepLabV3+ model's chain over 0.5, 1.0, 2.0 with flip and labels, exported by the command; returns the
-    file and what the command printed."""
-    output = tmp_path_factory.mktemp("export") / "graphs" / "hms.onnx"  # its folder does not exist yet
+    """The tiny DeepLabV3+ model's chain over 0.5, 1.0, 2.0 with flip and labels, exported by the command into (a copy
+    of) its folder, the default place; returns the file and what the command printed."""
+    folder = tmp_path_factory.mktemp("export") / "model"
+    shutil.copytree(tiny_deeplab_dir, folder)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(output),
-                         "--scales", "0.5,1.0,2.0", "--flip", "--labels"]) == 0
-    return output, printed.getvalue()
+        assert cli_main(["export-onnx", "--model", str(folder), "--scales", "0.5,1.0,2.0", "--flip", "--labels"]) == 0
+    return folder / "onnx" / "model.onnx", printed.getvalue()
 
 
 def test_the_exported_chain_with_flip_gives_what_evaluate_scores(tiny_deeplab_dir, exported):
     output, printed = exported
-    assert re.search(r"exported the chain over 0\.5,1\.0,2\.0 \+ flip to .*hms\.onnx", printed)
+    assert re.search(r"exported the chain over 0\.5,1\.0,2\.0 \+ flip to .*model/onnx/model\.onnx", printed)
     assert len(re.findall(r"onnxruntime vs PyTorch at (256x512|193x387): .* same class at 100\.00% of pixels",
                           printed)) == 2
-    assert sorted(p.name for p in output.parent.iterdir()) == ["hms.onnx"]  # no staging folder left
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.onnx"]  # no staging folder left
 
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape) for i in session.get_inputs()] == [("pixel_values", ["batch", 3, "height", "width"])]
@@ -76,9 +76,8 @@ def test_the_readme_runs_the_exported_graph_on_a_photo(tiny_deeplab_dir, exporte
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Deployment: ONNX", 1)[1].split("\n## ", 1)[0]
     (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    shutil.copytree(tiny_deeplab_dir, tmp_path / "hms_quickstart" / "model")
+    shutil.copytree(exported[0].parent.parent, tmp_path / "hms_quickstart" / "model")  # with onnx/model.onnx
     HMSImageProcessor().save_pretrained(tmp_path / "hms_quickstart" / "model")  # as the quickstart's folder has it
-    (tmp_path / "hms.onnx").symlink_to(exported[0])
     photo = Image.open(require_shared("data", "street_photos", "sf.jpg"))  # 1920x1080: a quarter of it is enough
     photo.resize((480, 270)).save(tmp_path / "street.jpg")
     monkeypatch.chdir(tmp_path)
@@ -155,3 +154,36 @@ def test_missing_onnx_packages_are_named_with_the_extra_to_install(tiny_deeplab_
     assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(tmp_path / "hms.onnx")]) == 2
     assert 'ONNX export needs onnxscript, not installed; pip install "hms-segmentation[onnx]"' in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("card", ["generated", "the folder's"])
+def test_a_graph_exported_into_the_model_folder_is_published_with_it(exported, tmp_path, monkeypatch, card):
+    import huggingface_hub
+    from fake_hub import install_fake_hub
+
+    from hms_segmentation.hub import push_to_hub, save_for_hub
+
+    fake_hub = install_fake_hub(monkeypatch)
+    folder = tmp_path / "model"
+    model = HMSForSemanticSegmentation.from_pretrained(exported[0].parent.parent)
+    if card == "generated":
+        model.save_pretrained(folder)
+    else:  # a card without the ONNX section, as a training run writes it
+        save_for_hub(model, folder)
+    (folder / "onnx").mkdir()
+    shutil.copy(exported[0], folder / "onnx" / "model.onnx")
+    (folder / "onnx" / ".model.onnx.partial").mkdir()  # an export under way is not published
+    push_to_hub(folder, "someone/hms-tiny", token="hf_test")
+    (commit,) = fake_hub.instances[0].commits
+    assert commit["files"]["onnx/model.onnx"] == exported[0].read_bytes()
+    assert not [name for name in commit["files"] if "partial" in name]
+    readme = commit["files"]["README.md"].decode()
+    assert readme.count("## ONNX") == 1 and "`onnx/model.onnx`: the chained multi-scale inference" in readme
+
+    # the card's code, run against the local folder instead of the Hub
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme.split("## ONNX", 1)[1], flags=re.DOTALL)[:1]
+    HMSImageProcessor().save_pretrained(folder)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **_: str(Path(repo) / filename))
+    names: dict = {}
+    exec(compile(snippet.replace('"someone/hms-tiny"', repr(str(folder))), "README.md", "exec"), names)
+    assert names["label_map"].shape == (128, 256)

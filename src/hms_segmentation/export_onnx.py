@@ -1,11 +1,12 @@
 """Export a model's chained multi-scale inference to ONNX, for onnxruntime, TensorRT and other runtimes.
 
-    hms-segmentation export-onnx --model DIR_OR_HUB_ID --output hms.onnx [--scales 0.5,1.0,2.0] [--flip] [--labels]
+    hms-segmentation export-onnx --model DIR_OR_HUB_ID [--output hms.onnx] [--scales 0.5,1.0,2.0] [--flip] [--labels]
 
 The graph takes normalised images (what `HMSImageProcessor` gives) of any batch size, height and width, runs every
 scale of the list and the attention chain, and returns the fused logits at the input's size (averaged with those of
 the mirrored image with `--flip`, as `hms-segmentation evaluate --flip` scores them), plus the per-pixel class with
-`--labels`. Before the file is written, onnxruntime runs it at two image sizes against the PyTorch model.
+`--labels`. Before the file is written, onnxruntime runs it at two image sizes against the PyTorch model. By default
+it goes into the model folder, as `onnx/model.onnx`, where `hms-segmentation push` publishes it with the model.
 Needs the `onnx` extra: `pip install "hms-segmentation[onnx]"`.
 """
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from .configuration_hms import validate_scales
-from .hub import check_model_source
+from .hub import ONNX_FOLDER, check_model_source
 from .modeling_hms import HMSForSemanticSegmentation
 
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
@@ -264,7 +265,9 @@ def _example_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation export-onnx", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="save_pretrained folder or Hub id")
-    parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"the .onnx file to write (default for a model folder: <folder>/{ONNX_FOLDER}/model.onnx, "
+                             "which `hms-segmentation push` publishes)")
     parser.add_argument("--scales", default=None,
                         help="comma-separated scales of the chain (default: the model config's inference_scales)")
     parser.add_argument("--flip", action="store_true", help="average with the result of the mirrored image")
@@ -285,9 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scales = None if args.scales is None else validate_scales(
             [s for s in args.scales.split(",") if s.strip()], "--scales")
+        source = check_model_source(args.model)
+        if args.output is None:
+            if not Path(args.model).is_dir():
+                raise ValueError(f"--output is needed for the Hub model {args.model} (the default is inside a local "
+                                 "model folder)")
+            args.output = Path(args.model) / ONNX_FOLDER / "model.onnx"
         check_output(args.output, args.overwrite)
         _require_onnx_packages()
-        model = HMSForSemanticSegmentation.from_pretrained(check_model_source(args.model), dtype=torch.float32)
+        model = HMSForSemanticSegmentation.from_pretrained(source, dtype=torch.float32)
         start = time.perf_counter()
         checks = export_onnx(model, args.output, scales, args.flip, args.labels, args.example_size, args.opset,
                              args.check, args.overwrite)

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,9 @@ LOCAL_MODEL_ID = "path/to/this/folder"
 replaces it with the repository id."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ONNX_FOLDER = "onnx"
+"""Where `hms-segmentation export-onnx` writes into a model folder, and `push_to_hub` publishes from (the layout of ONNX
+files in Hub repositories)."""
 """Files that may execute code when loaded: never published, never read by `push_to_hub`."""
 
 
@@ -248,6 +252,7 @@ def build_model_card(
     provenance: str | None = None,
     model_name: str | None = None,
     revision: str | None = None,
+    onnx_graphs: Sequence[str] = (),
 ) -> ModelCard:
     """
     The model card of an HMS checkpoint, with `huggingface_hub`'s `ModelCard` / `ModelCardData`.
@@ -265,6 +270,8 @@ def build_model_card(
         provenance: One paragraph on where the weights come from (e.g. a converted NVIDIA checkpoint).
         model_name: Title and `model-index` name; defaults to the last part of `repo_id`, else ``hms-<trunk>``.
         revision: The branch the card will live on, when not the main one: the usage code loads from it.
+        onnx_graphs: Paths in the repository of ONNX graphs from `hms-segmentation export-onnx` (e.g.
+            ``onnx/model.onnx``): the card then says how to run them (see `onnx_section`).
     """
     evaluation = load_evaluation_results(evaluation) if evaluation is not None else None
     dataset = dataset or (evaluation or {}).get("dataset")
@@ -294,6 +301,7 @@ def build_model_card(
         provenance or "",
         "## Results\n\n" + _results_section(evaluation, described, split),
         "## How to use\n\n" + _usage_section(config, model_reference(model_id, revision)),
+        onnx_section(onnx_graphs, model_reference(model_id, revision)) if onnx_graphs else "",
         "## Training recipe\n\n" + _recipe_section(config, training_details),
         "## Classes\n\n" + ", ".join(f"{index}: {name}" for index, name in sorted(config.id2label.items())),
         "## Credits\n\n" + _credits_section(),
@@ -374,6 +382,43 @@ print(label_map.shape, [model.config.id2label[int(i)] for i in label_map.unique(
 
 Scales: `model(..., scales=[...])` per call; in a pipeline, set `segmenter.image_processor.inference_scales = [1.0]`
 (the processor then passes `scales` to the model) or `segmenter.model.config.inference_scales` (default: {scales})."""
+
+
+def onnx_section(graphs: Sequence[str], reference: str) -> str:
+    """The card's section on the repository's ONNX graphs (`graphs`: their paths in it), with code that runs the first
+    in onnxruntime; `reference` as `model_reference` gives it."""
+    listed = ", ".join(f"`{graph}`" for graph in graphs)
+    return f"""## ONNX
+
+{listed}: the chained multi-scale inference exported by `hms-segmentation export-onnx`, for onnxruntime and other
+runtimes: normalised images of any batch size, height and width in (`pixel_values`), the fused logits at the input's
+size out (`logits`). Its scale list, flip and outputs are in the file's metadata (`hms_segmentation.*` keys).
+
+```python
+import onnxruntime
+import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from transformers import AutoImageProcessor
+
+processor = AutoImageProcessor.from_pretrained({reference}, trust_remote_code=True)
+session = onnxruntime.InferenceSession(hf_hub_download({reference}, filename="{graphs[0]}"))
+image = Image.new("RGB", (256, 128), (90, 120, 150))  # or Image.open("street.jpg")
+inputs = processor(images=image, return_tensors="np")
+(logits,) = session.run(["logits"], {{"pixel_values": inputs["pixel_values"]}})
+label_map = processor.post_process_semantic_segmentation({{"logits": torch.from_numpy(logits)}},
+                                                         target_sizes=[(image.height, image.width)])[0]
+```"""
+
+
+def onnx_files(folder: str | Path) -> list[Path]:
+    """The ONNX graphs in a model folder's `onnx/` (and the `.data` file of a graph over 2 GB), which `push_to_hub`
+    publishes as they are; hidden entries (an export under way) are not among them."""
+    onnx_folder = Path(folder) / ONNX_FOLDER
+    if not onnx_folder.is_dir():
+        return []
+    return sorted(path for path in onnx_folder.iterdir() if path.is_file() and not path.name.startswith(".")
+                  and path.name.endswith((".onnx", ".onnx.data")))
 
 
 def _recipe_section(config: HMSConfig, training_details: Mapping[str, Any] | None) -> str:
@@ -538,7 +583,8 @@ def push_to_hub(
 
     The folder is never modified: the files are staged in a temporary folder (the model re-saved as safetensors with
     its remote code, the image processor from `preprocessor_config.json` or the default one, the folder's
-    `README.md`, or a card generated here when the folder has none or `evaluation` is given), checked with
+    `README.md`, or a card generated here when the folder has none or `evaluation` is given, the ONNX graphs of its
+    `onnx/` folder as they are (see `onnx_files`; the card then gains a section on them), checked with
     `check_hub_folder`, and sent with one `HfApi.create_commit`. The staging folder is removed whatever happens.
 
     Args:
@@ -574,10 +620,19 @@ def push_to_hub(
             existing_license = card.data.license
         if evaluation is not None:  # new results: a new card, keeping the license of the old one
             card = None
+        graphs = onnx_files(folder)
+        graph_paths = [f"{ONNX_FOLDER}/{path.name}" for path in graphs if path.name.endswith(".onnx")]
+        if card is not None and graph_paths and "\n## ONNX\n" not in card.content:
+            section = onnx_section(graph_paths, model_reference(repo_id, revision))
+            card = ModelCard(f"{card.content.rstrip()}\n\n{section}\n")
         save_for_hub(
             model, staging, image_processor=processor, card=card, evaluation=evaluation, dataset=dataset,
             split=split, repo_id=repo_id, license=license or existing_license or PACKAGE_LICENSE, revision=revision,
+            onnx_graphs=graph_paths,
         )
+        for path in graphs:
+            (staging / ONNX_FOLDER).mkdir(exist_ok=True)
+            shutil.copyfile(path, staging / ONNX_FOLDER / path.name)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
             for path in check_hub_folder(staging)
