@@ -122,6 +122,7 @@ def test_a_graph_that_fails_its_check_is_not_written(tiny_deeplab_dir, tmp_path,
     (["--scales", "0.5,-1"], r"--scales must be a non-empty list of positive"),
     (["--example-size", "64x128"], r"example size 64x128 is too small: need at least 128x256"),
     (["--model", "no/such/folder"], r"--model no/such/folder: no such folder"),
+    (["--opset", "17"], r"opset 17: PyTorch's ONNX exporter writes opset 18 or later"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tiny_deeplab_dir, tmp_path, capsys, argv, message):
     base = {"--model": str(tiny_deeplab_dir), "--output": str(tmp_path / "hms.onnx")}

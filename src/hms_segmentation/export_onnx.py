@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ from .modeling_hms import HMSForSemanticSegmentation
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 MIN_EXAMPLE_SIDES = (128, 256)
 """The smallest example image (height, width): PyTorch specialises a feature map with a side of 1 to that size."""
+MIN_OPSET = 18
+"""The oldest ONNX opset PyTorch's (dynamo) exporter writes."""
 RELATIVE_TOLERANCE = 1e-3
 """Largest allowed difference between onnxruntime's and PyTorch's logits, as a share of the largest logit (or of 1)."""
 
@@ -193,8 +196,8 @@ def export_onnx(
 
     Raises:
         FileExistsError: `output` exists and not `overwrite`.
-        ValueError: A model that is not float32, a bad scale list or example size, or a check that failed (the file is
-            then not written).
+        ValueError: A model that is not float32, a bad scale list, example size or opset, or a check that failed (the
+            file is then not written).
         ImportError: The ONNX packages are missing.
     """
     output = Path(output)
@@ -206,6 +209,8 @@ def export_onnx(
     if height < MIN_EXAMPLE_SIDES[0] or width < MIN_EXAMPLE_SIDES[1]:
         raise ValueError(f"example size {height}x{width} is too small: need at least {MIN_EXAMPLE_SIDES[0]}x"
                          f"{MIN_EXAMPLE_SIDES[1]} (no feature map may have a side of 1, which would fix that size)")
+    if opset_version is not None and opset_version < MIN_OPSET:
+        raise ValueError(f"opset {opset_version}: PyTorch's ONNX exporter writes opset {MIN_OPSET} or later")
     check_output(output, overwrite)
     _require_onnx_packages()
 
@@ -213,9 +218,9 @@ def export_onnx(
     graph = HMSChainedInference(model, scales, flip, with_labels).eval()
     # symbolic sizes whose constraints PyTorch infers (named Dims would have to state them), renamed afterwards
     dims = {axis: torch.export.Dim.DYNAMIC for axis in (0, 2, 3)}
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed: never a user's file
-    staging.mkdir(parents=True)
+    # written beside the output and moved into place once complete (hidden: `push` never publishes it)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         # the exporter warns that torchvision's operators are skipped: this package never uses them
         registration_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -231,6 +236,10 @@ def export_onnx(
                 )
         finally:
             registration_logger.setLevel(level)
+        written_opset = program.model.opset_imports.get("")
+        if opset_version is not None and written_opset != opset_version:
+            raise ValueError(f"opset {opset_version} was asked for, but PyTorch's exporter wrote opset {written_opset}; "
+                             f"{output} was not written")
         _name_dimensions(program.model.graph)
         program.model.metadata_props.update(onnx_metadata(model, scales, flip, with_labels))
         program.save(str(staging / output.name))
@@ -245,7 +254,6 @@ def export_onnx(
                     f"at {c.size[0]}x{c.size[1]} the logits differ by up to {c.max_difference:.3g} (largest logit "
                     f"{c.largest_logit:.3g}, tolerance {RELATIVE_TOLERANCE:g} of it)" for c in failed
                 ) + f"; {output} was not written (--no-check writes it anyway)")
-        output.parent.mkdir(parents=True, exist_ok=True)
         for produced in sorted(staging.iterdir()):
             os.replace(produced, output.parent / produced.name)
         return checks
@@ -276,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--example-size", "--example_size", type=_example_size, default=(256, 512),
                         help="HEIGHTxWIDTH of the image the export traces (the graph takes any size); at least "
                              f"{MIN_EXAMPLE_SIDES[0]}x{MIN_EXAMPLE_SIDES[1]}")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: PyTorch's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset version, {MIN_OPSET} or later (default: PyTorch's exporter's)")
     parser.add_argument("--no-check", "--no_check", dest="check", action="store_false",
                         help="skip comparing onnxruntime's result with PyTorch's before writing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
