@@ -50,10 +50,10 @@ LOCAL_MODEL_ID = "path/to/this/folder"
 replaces it with the repository id."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Files that may execute code when loaded: never published, never read by `push_to_hub`."""
 ONNX_FOLDER = "onnx"
 """Where `hms-segmentation export-onnx` writes into a model folder, and `push_to_hub` publishes from (the layout of ONNX
 files in Hub repositories)."""
-"""Files that may execute code when loaded: never published, never read by `push_to_hub`."""
 
 
 @dataclass(frozen=True)
