@@ -46,8 +46,8 @@ def exported(tiny_deeplab_dir, tmp_path_factory) -> tuple[Path, str]:
 def test_the_exported_chain_with_flip_gives_what_evaluate_scores(tiny_deeplab_dir, exported):
     output, printed = exported
     assert re.search(r"exported the chain over 0\.5,1\.0,2\.0 \+ flip to .*model/onnx/model\.onnx", printed)
-    assert len(re.findall(r"onnxruntime vs PyTorch at (256x512|193x387): .* same class at 100\.00% of pixels",
-                          printed)) == 2
+    checks = r"onnxruntime vs PyTorch at (256x512|193x387): .* same class at (99\.9\d|100\.00)% of pixels"
+    assert len(re.findall(checks, printed)) == 2
     assert sorted(p.name for p in output.parent.iterdir()) == ["model.onnx"]  # no staging folder left
 
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
@@ -69,7 +69,9 @@ def test_the_exported_chain_with_flip_gives_what_evaluate_scores(tiny_deeplab_di
             expected = predict(model, pixel_values, [0.5, 1.0, 2.0], flip=True)
         logits, labels = session.run(None, {"pixel_values": pixel_values.numpy()})
         torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
-        assert np.array_equal(labels, expected.argmax(dim=1).numpy())
+        assert np.array_equal(labels, logits.argmax(axis=1))
+        # the same classes but where another processor's float rounding may tip a near-tie of the random model
+        assert (labels == expected.argmax(dim=1).numpy()).mean() > 0.999
 
 
 def test_the_readme_runs_the_exported_graph_on_a_photo(tiny_deeplab_dir, exported, tmp_path, monkeypatch):
@@ -188,3 +190,14 @@ def test_a_graph_exported_into_the_model_folder_is_published_with_it(exported, t
     names: dict = {}
     exec(compile(snippet.replace('"someone/hms-tiny"', repr(str(folder))), "README.md", "exec"), names)
     assert names["label_map"].shape == (128, 256)
+
+
+@pytest.mark.parametrize("trunk", ["mobilenetv2", "transformers_convnext"])
+def test_the_small_budget_trunks_export_too(trunk, tmp_path):
+    from test_trunks import SLIM_DECODER, TINY_BACKBONES, TINY_MOBILENET
+
+    torch.manual_seed(0)
+    config = TINY_MOBILENET if trunk == "mobilenetv2" else {
+        "backbone_config": TINY_BACKBONES["convnext"].to_dict(), **SLIM_DECODER}
+    checks = export_onnx(HMSForSemanticSegmentation(HMSConfig(**config)), tmp_path / "hms.onnx", scales=[0.5, 1.0])
+    assert len(checks) == 2 and all(check.passed and check.label_agreement > 0.999 for check in checks)
