@@ -703,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     left_out = left_out_files(args.folder)
     if left_out:
         print(f"not published (pickles are never loaded, checkpoints stay local): {', '.join(left_out)}")
-    print(f"published {args.folder} -> {url}")
+    graphs = ", ".join(path.relative_to(args.folder).as_posix() for path in onnx_files(args.folder))
+    print(f"published {args.folder}{f' (with {graphs})' if graphs else ''} -> {url}")
     return 0
 
 
