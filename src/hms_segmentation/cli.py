@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("hms_segmentation.training.evaluate", "mIoU of a checkpoint at one or more scale lists (+flip)"),
     "autolabel": ("hms_segmentation.autolabel", "label unlabelled images with a teacher, keeping confident pixels"),
     "demo": ("hms_segmentation.demo", "chained multi-scale inference on an image; saves labels and attention maps"),
-    "export-onnx": ("hms_segmentation.export_onnx", "export the chained inference as one ONNX graph (onnxruntime, TensorRT)"),
+    "export-onnx": ("hms_segmentation.export_onnx", "export the chained inference as one ONNX graph (onnxruntime)"),
     "convert-nvidia": ("hms_segmentation.convert_nvidia", "convert an NVIDIA/semantic-segmentation checkpoint"),
     "push": ("hms_segmentation.hub", "publish a model folder (weights, config, processor, code, card) in one commit"),
 }
