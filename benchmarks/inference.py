@@ -174,13 +174,13 @@ def _onnxruntime_forward(model, spec: dict):
 
     import onnxruntime
 
-    from hms_segmentation.export_onnx import export_onnx
+    from hms_segmentation.export_onnx import MIN_EXAMPLE_SIDES, export_onnx
 
     if spec["precision"] != "fp32" or spec["device"] != "cpu":
         raise ValueError("the onnxruntime variant runs the exported float32 graph on the CPU only (fp32, --device cpu)")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "hms.onnx"
-        example_size = (max(128, spec["height"]), max(256, spec["width"]))
+        example_size = (max(MIN_EXAMPLE_SIDES[0], spec["height"]), max(MIN_EXAMPLE_SIDES[1], spec["width"]))
         export_onnx(model, path, scales=spec["scales"], example_size=example_size, check=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = spec["threads"], 1

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from hms_segmentation import HMSForSemanticSegmentation, HMSImageProcessor, hierarchical_scale_weights
-from hms_segmentation.modeling_hms import attentions_at_size
+from hms_segmentation.modeling_hms import attentions_at_size, average_with_mirrored
 from hms_segmentation.data.io import load_image
 from hms_segmentation.data.synthesize import render_street_scene
 from hms_segmentation.demo import colorize, load_model, palette_for
@@ -241,7 +241,7 @@ def segment(model: HMSForSemanticSegmentation, image: Image.Image, scales: Seque
         outputs = model(pixel_values, scales=list(scales), output_attentions=True)
         logits = outputs.logits
         if flip:
-            logits = (logits + model(pixel_values.flip(-1), scales=list(scales)).logits.flip(-1)) / 2
+            logits = average_with_mirrored(model, pixel_values, logits, scales=list(scales))
         labels = processor.post_process_semantic_segmentation({"logits": logits}, target_sizes=[size])[0]
         attentions = [attention[0].numpy() for attention in attentions_at_size(outputs.attentions, size)]
     seconds = time.perf_counter() - start

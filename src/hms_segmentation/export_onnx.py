@@ -32,7 +32,8 @@ from torch import nn
 
 from .configuration_hms import validate_scales
 from .hub import ONNX_FOLDER, check_model_source
-from .modeling_hms import HMSForSemanticSegmentation
+from .label_tables import IMAGENET_MEAN, IMAGENET_STD
+from .modeling_hms import HMSForSemanticSegmentation, average_with_mirrored
 
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 MIN_EXAMPLE_SIDES = (128, 256)
@@ -62,7 +63,7 @@ class HMSChainedInference(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(pixel_values, scales=self.scales).logits
         if self.flip:
-            logits = (logits + self.model(pixel_values.flip(-1), scales=self.scales).logits.flip(-1)) / 2
+            logits = average_with_mirrored(self.model, pixel_values, logits, scales=self.scales)
         if self.with_labels:
             return logits, logits.argmax(dim=1)
         return logits
@@ -131,17 +132,14 @@ def onnx_metadata(
     model: HMSForSemanticSegmentation, scales: list[float], flip: bool, with_labels: bool
 ) -> dict[str, str]:
     """What a runtime needs to feed the graph and read its result, as the ONNX file's metadata (strings)."""
-    from .image_processing_hms import HMSImageProcessor
-
-    processor = HMSImageProcessor()
     return {
         "hms_segmentation.scales": ",".join(map(str, scales)),
         "hms_segmentation.flip": json.dumps(flip),
         "hms_segmentation.outputs": "logits,labels" if with_labels else "logits",
         "hms_segmentation.input": "pixel_values: float32 (batch, 3, height, width), RGB scaled to [0, 1], then "
                                   "(x - image_mean) / image_std; any height and width",
-        "hms_segmentation.image_mean": json.dumps(list(processor.image_mean)),
-        "hms_segmentation.image_std": json.dumps(list(processor.image_std)),
+        "hms_segmentation.image_mean": json.dumps(list(IMAGENET_MEAN)),
+        "hms_segmentation.image_std": json.dumps(list(IMAGENET_STD)),
         "hms_segmentation.id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "hms_segmentation.trunk": model.config.trunk,
     }
@@ -238,8 +236,8 @@ def export_onnx(
             registration_logger.setLevel(level)
         written_opset = program.model.opset_imports.get("")
         if opset_version is not None and written_opset != opset_version:
-            raise ValueError(f"opset {opset_version} was asked for, but PyTorch's exporter wrote opset {written_opset}; "
-                             f"{output} was not written")
+            raise ValueError(f"opset {opset_version} was asked for, but PyTorch's exporter wrote opset "
+                             f"{written_opset}; {output} was not written")
         _name_dimensions(program.model.graph)
         program.model.metadata_props.update(onnx_metadata(model, scales, flip, with_labels))
         program.save(str(staging / output.name))

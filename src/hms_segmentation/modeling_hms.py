@@ -12,6 +12,7 @@ import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,6 +132,17 @@ def attentions_at_size(
     """
     return [F.interpolate(attention.float(), size=tuple(size), mode="bilinear", align_corners=align_corners)[:, 0]
             .clamp(0, 1) for attention in attentions]
+
+
+def average_with_mirrored(
+    model: nn.Module, pixel_values: torch.Tensor, logits: torch.Tensor, **forward_kwargs: Any
+) -> torch.Tensor:
+    """
+    The reference's flip test-time augmentation: `logits`, the model's `(batch, num_labels, H, W)` output for
+    `pixel_values`, averaged with the output for the mirrored images, mirrored back. `forward_kwargs` (`scales`,
+    tiling) go to the mirrored call.
+    """
+    return (logits + model(pixel_values.flip(-1), **forward_kwargs).logits.flip(-1)) / 2
 
 
 def _blend_towards(

@@ -58,6 +58,7 @@ from ..modeling_hms import (
     HMSForSemanticSegmentation,
     HMSSemanticSegmenterOutput,
     attentions_at_size,
+    average_with_mirrored,
     hierarchical_scale_weights,
 )
 from .arguments import DATASETS, DataArguments, parse_scales
@@ -149,7 +150,7 @@ def predict_with_attentions(
     outputs = model(pixel_values, scales=scales, output_attentions=output_attentions, **tiling)
     logits = outputs.logits
     if flip:
-        logits = (logits + model(pixel_values.flip(-1), scales=scales, **tiling).logits.flip(-1)) / 2
+        logits = average_with_mirrored(model, pixel_values, logits, scales=scales, **tiling)
     return logits, outputs
 
 
