@@ -386,6 +386,60 @@ def test_trunk_and_heads_compile_without_graph_breaks(tiny_model):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("settings", [
+    {"trunk": "hrnet_ocr"},
+    {"trunk": "hrnet_ocr", "ocr_aux_rmi": True, "scale_fusion": "explicit"},
+    {"trunk": "resnet50_deeplabv3plus"},
+    {"trunk": "resnet50_deeplabv3plus", "primary_loss": "cross_entropy"},
+], ids=["hrnet_ocr", "hrnet_ocr_aux_rmi_explicit", "deeplab", "deeplab_cross_entropy"])
+def test_the_training_forward_and_its_losses_compile_into_one_graph(settings):
+    """`--torch_compile` trains the whole two-scale forward with every loss term (RMI included) as one graph
+    (`fullgraph`: a graph break fails), with the loss and gradients of the uncompiled model. Dynamo's `eager` backend:
+    its tracing, without code generation (seconds on a CPU); the same random numbers, so dropout draws alike."""
+    import torch._dynamo
+
+    base = TINY_HRNET if settings["trunk"] == "hrnet_ocr" else TINY_RESNET
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**{**base, **settings})).train()
+    pixel_values = images(height=64, width=96)
+    labels = torch.randint(0, 5, (2, 64, 96), generator=torch.Generator().manual_seed(2))
+    labels[:, :8] = 255
+
+    def loss_and_gradients(forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = forward(pixel_values, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected_grads = loss_and_gradients(model)
+    torch._dynamo.reset()
+    loss, grads = loss_and_gradients(torch.compile(model, backend="eager", fullgraph=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        # relative to the whole tensor (single entries may cancel to nearly nothing), absolute for the biases before
+        # a BatchNorm, whose gradient is zero up to rounding
+        difference, norm = (grad - expected_grads[name]).norm().item(), expected_grads[name].norm().item()
+        assert difference <= 1e-4 * norm + 1e-6, f"{name}: gradients differ by {difference:.2e} (norm {norm:.2e})"
+
+
+def test_labels_out_of_range_still_fail_under_torch_compile(tiny_hrnet):
+    # the eager check's `if outside.any()` would split the graph: compiled, an assertion inside it fails instead
+    import torch._dynamo
+
+    labels = torch.zeros(2, 48, 64, dtype=torch.long)
+    labels[0, 0, 0] = 7  # num_labels is 5
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_hrnet, backend="eager", fullgraph=True)
+    try:
+        with pytest.raises(RuntimeError, match=r"labels must be class ids in \[0, 5\) \(num_labels\) or ignore_index"):
+            compiled(images(), labels=labels)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_chain_exports_with_torch_export_for_any_image_size(tiny_model):
     """Deployment: `torch.export` traces the whole chained forward once, with symbolic height and width. The example
     must be large enough that no feature map has a side of 1 (PyTorch specialises sizes 0 and 1)."""

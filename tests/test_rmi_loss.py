@@ -63,10 +63,16 @@ def _blocky_inputs(
 
 
 def _loss_and_grad(
-    loss_fn: RMILoss, logits: torch.Tensor, labels: torch.Tensor, **kwargs
+    loss_fn: RMILoss, logits: torch.Tensor, labels: torch.Tensor, compiled: bool = False, **kwargs
 ) -> tuple[RMILossOutput, torch.Tensor]:
+    """The loss terms and the logits' gradient; `compiled`: through `torch.compile` in one graph (`fullgraph`), with
+    Dynamo's `eager` backend (its tracing, then the captured graph run as it is: no code generation, seconds)."""
     logits = logits.detach().clone().requires_grad_(True)
-    output = loss_fn.forward_components(logits, labels, **kwargs)
+    forward_components = loss_fn.forward_components
+    if compiled:
+        torch._dynamo.reset()
+        forward_components = torch.compile(forward_components, backend="eager", fullgraph=True)
+    output = forward_components(logits, labels, **kwargs)
     output.loss.backward()
     return output, logits.grad
 
@@ -76,12 +82,15 @@ def test_parity_cases_are_available(parity_dir: Path) -> None:
     assert NUMERIC_CASES and ERROR_CASES, f"no RMI parity cases found in {parity_dir / 'rmi' / 'cases.json'}"
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case_name", NUMERIC_CASES)
-def test_matches_reference_case(case_name: str, parity_vectors: dict[str, torch.Tensor]) -> None:
+def test_matches_reference_case(case_name: str, compiled: bool, parity_vectors: dict[str, torch.Tensor]) -> None:
+    # compiled: under torch.compile the loss takes its plain-operation path (the banded one would split the graph),
+    # which must match the reference as closely
     case = PARITY_CASES[case_name]
     loss_fn, do_rmi = _loss_from_config(case["config"])
     logits, labels = parity_vectors[f"{case_name}/logits"], parity_vectors[f"{case_name}/labels"]
-    output, grad = _loss_and_grad(loss_fn, logits, labels, do_rmi=do_rmi)
+    output, grad = _loss_and_grad(loss_fn, logits, labels, compiled=compiled, do_rmi=do_rmi)
 
     reference_loss = parity_vectors[f"{case_name}/loss"]
     assert output.loss.dtype == reference_loss.dtype == torch.float32
@@ -93,6 +102,45 @@ def test_matches_reference_case(case_name: str, parity_vectors: dict[str, torch.
     reference_grad = parity_vectors[f"{case_name}/grad"]
     assert grad.dtype == reference_grad.dtype
     torch.testing.assert_close(grad, reference_grad, **tolerance["grad"])
+
+
+@pytest.mark.parametrize("settings, labels_kind", [
+    ({}, "blocky"),
+    ({"lambda_way": 0, "rmi_radius": 2}, "blocky"),
+    ({"rmi_pool_size": 1, "rmi_pool_stride": 1}, "blocky"),
+    ({}, "single_class"),
+    ({"exclude_ignored_from_rmi": True}, "blocky"),
+    ({"exclude_ignored_from_rmi": True, "rmi_pool_way": 0}, "one_image_ignored"),
+    ({"exclude_ignored_from_rmi": True}, "all_ignored"),
+])
+def test_compiled_loss_matches_the_uncompiled_one(settings: dict, labels_kind: str) -> None:
+    """What the parity cases do not cover: the opt-in exclusion of ignored pixels, absent and constant label maps
+    (which the eager path skips and the compiled one computes), no pooling, the other lambda way."""
+    logits, labels = _blocky_inputs(batch_size=2, num_classes=7, height=40, width=56)
+    if labels_kind == "single_class":
+        labels = torch.full_like(labels, 4)
+    elif labels_kind == "one_image_ignored":
+        labels[1] = 255
+    elif labels_kind == "all_ignored":
+        labels = torch.full_like(labels, 255)
+    loss_fn = RMILoss(num_classes=7, **settings)
+    expected, expected_grad = _loss_and_grad(loss_fn, logits, labels)
+    output, grad = _loss_and_grad(loss_fn, logits, labels, compiled=True)
+    for name in RMILossOutput._fields:
+        torch.testing.assert_close(getattr(output, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-8)
+    if labels_kind == "one_image_ignored":
+        assert torch.count_nonzero(grad[1]) == 0
+
+
+def test_compiled_loss_under_bfloat16_autocast_is_the_float32_loss() -> None:
+    logits, labels = _blocky_inputs()
+    expected, expected_grad = _loss_and_grad(RMILoss(), logits.float(), labels, compiled=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, grad = _loss_and_grad(RMILoss(), logits.bfloat16(), labels, compiled=True)
+    assert output.loss.dtype == torch.float32
+    torch.testing.assert_close(output.loss, expected.loss, rtol=1e-2, atol=1e-2)
+    assert torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("case_name", ERROR_CASES)

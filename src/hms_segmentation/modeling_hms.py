@@ -620,6 +620,14 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: 
     # RMI would silently ignore such pixels and cross-entropy fail inside its kernel (a device-side assert on GPUs);
     # usually raw dataset ids (Cityscapes labelIds 0..33) fed to a model of training ids, or a wrong num_labels
     outside = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
+    if torch.compiler.is_compiling():
+        # `if outside.any()` would split the compiled graph at a data-dependent branch; the assertion stays in it
+        torch._assert_async(
+            ~outside.any(),
+            f"labels must be class ids in [0, {num_labels}) (num_labels) or ignore_index {ignore_index}: are they raw "
+            "dataset ids rather than training ids, or is num_labels not the dataset's?",
+        )
+        return
     if outside.any():
         found = torch.unique(labels[outside]).tolist()
         raise ValueError(

@@ -148,6 +148,22 @@ def _bce_per_pixel(logits: torch.Tensor, sigmoid: torch.Tensor, labels: torch.Te
     return per_pixel
 
 
+def _sigmoid_terms_traceable(
+    logits: torch.Tensor, safe_labels: torch.Tensor, valid_mask: torch.Tensor, pool_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`_SigmoidTerms` in plain differentiable operations, for `torch.compile`: its loops over bands, writes
+    into views and hand-written backward would split the compiled graph, while the compiler fuses these operations
+    itself. Same arguments and results (Σ_c BCE = Σ_c softplus(x_c) − x_label, as there)."""
+    per_pixel = F.softplus(logits).sum(dim=1, keepdim=True) - logits.gather(1, safe_labels)
+    bce_sum = (per_pixel * valid_mask).sum(dtype=torch.float64)
+    if pool_size is None:
+        return bce_sum, logits.new_empty(0)
+    probs = torch.sigmoid(logits) * valid_mask + PROBABILITY_OFFSET
+    if pool_size > 1:
+        probs = F.avg_pool2d(probs, pool_size, pool_size, pool_size // 2)
+    return bce_sum, probs
+
+
 class _SigmoidTerms(torch.autograd.Function):
     """Sigmoid BCE sum and masked (average-pooled) probabilities, band by band, with a hand-written backward.
 
@@ -278,11 +294,10 @@ class _RegionCovariance(torch.autograd.Function):
         gram = shifts.new_empty(shifts.shape[0], dim + 1, dim + 1)
         for start, stop, augmented in _region_chunks(maps, shifts, radius, point_weights):
             torch.matmul(augmented, augmented.transpose(1, 2), out=gram[start:stop])
-        sums, counts = gram[:, :dim, dim:], gram[:, dim:, dim:].clamp(min=1.0)
-        means = sums / counts
+        covariance, means = _covariance_from_gram(gram)
         ctx.save_for_backward(label_maps, prob_maps, shifts, means, point_weights)
         ctx.radius = radius
-        return gram[:, :dim, :dim] - means * sums.transpose(1, 2)
+        return covariance
 
     @staticmethod
     def backward(ctx, grad_covariance: torch.Tensor):
@@ -305,6 +320,30 @@ class _RegionCovariance(torch.autograd.Function):
             torch.matmul(augmented_grad[start:stop], augmented, out=grad_vectors[:size])
             grad_maps[start:stop] = _fold_region_vectors(grad_vectors[:size], radius, out=grad_chunk[:size].zero_())
         return None, grad_maps, None, None
+
+
+def _covariance_from_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrices `(P, d + 1, d + 1)` of ``[V; w]`` (region vectors, weight row) -> the centred, un-normalised
+    covariances ``S = V Vᵀ − n μ μᵀ`` `(P, d, d)` and the means ``μ`` `(P, d, 1)`."""
+    dim = gram.shape[-1] - 1
+    sums, counts = gram[:, :dim, dim:], gram[:, dim:, dim:].clamp(min=1.0)
+    means = sums / counts
+    return gram[:, :dim, :dim] - means * sums.transpose(1, 2), means
+
+
+def _region_covariance_traceable(
+    label_maps: torch.Tensor, prob_maps: torch.Tensor, radius: int, point_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """:class:`_RegionCovariance` in plain differentiable operations, for `torch.compile` (see
+    :func:`_sigmoid_terms_traceable`): ``F.unfold`` builds the region vectors of every pair at once, in the same row
+    order, and autograd differentiates them. Same arguments and result."""
+    maps = torch.cat([label_maps, prob_maps], dim=1).double()
+    maps = maps - maps.mean(dim=(2, 3), keepdim=True)  # the shift of _RegionCovariance, for the same conditioning
+    vectors = F.unfold(maps, radius)
+    if point_weights is None:
+        point_weights = vectors.new_ones(vectors.shape[0], 1, vectors.shape[-1])
+    augmented = torch.cat([vectors * point_weights, point_weights], dim=1)
+    return _covariance_from_gram(torch.matmul(augmented, augmented.transpose(1, 2)))[0]
 
 
 def _region_chunks(
@@ -408,7 +447,10 @@ class RMILoss(nn.Module):
     sigmoid); the statistics run batched over (image, class) pairs: one matmul per chunk of pairs for all covariance
     blocks, one batched Cholesky, triangular solve and Cholesky for all pairs. Pairs whose pooled label map is
     constant (mostly absent classes) are skipped: their value is the constant ``r²·log(√α + 1e-8)`` and their
-    gradient is zero, exactly as computed by the reference.
+    gradient is zero, exactly as computed by the reference. Under ``torch.compile`` (``--torch_compile``) the same
+    values come from plain tensor operations that the compiler fuses and differentiates, since the bands, the
+    hand-written backwards and the skipping (a data-dependent size) would split its graph: every pair's region vectors
+    are built at once, ``B·C·(2r² + 1)·N`` float64 values (about 1.3 GB for 65 classes and two 1024x1024 crops).
 
     Args:
         num_classes (`int`, *optional*, defaults to 19):
@@ -588,7 +630,8 @@ class RMILoss(nn.Module):
         valid_mask = valid.to(logits.dtype)
 
         pool_size = self._fused_pool_size() if do_rmi else None
-        bce_sum, probs = _SigmoidTerms.apply(logits, safe_labels.unsqueeze(1), valid_mask.unsqueeze(1), pool_size)
+        sigmoid_terms = _sigmoid_terms_traceable if torch.compiler.is_compiling() else _SigmoidTerms.apply
+        bce_sum, probs = sigmoid_terms(logits, safe_labels.unsqueeze(1), valid_mask.unsqueeze(1), pool_size)
         bce_loss = (bce_sum / (torch.count_nonzero(valid) + 1)).float()
         if not do_rmi:
             return RMILossOutput(loss=bce_loss, bce_loss=bce_loss, rmi_loss=None)
@@ -699,14 +742,18 @@ class RMILoss(nn.Module):
         batch_size, num_classes, height, width = pooled_probs.shape
         onehot = pooled_onehot.reshape(batch_size * num_classes, 1, height, width)
         probs = pooled_probs.reshape(batch_size * num_classes, 1, height, width)
+        if point_weights is not None:
+            point_weights = point_weights.repeat_interleave(num_classes, dim=0)
+        if torch.compiler.is_compiling():
+            # Every pair: choosing the informative ones (below) has a data-dependent size, which splits the graph.
+            covariance = _region_covariance_traceable(onehot, probs, self.rmi_radius, point_weights)
+            return _conditional_half_log_det(covariance).view(batch_size, num_classes)
         # A class whose label map is constant in an image (absent, mostly) has zero label covariance, so its value is
         # the constant r²·log(√α + 1e-8) and its gradient exactly zero: only the other pairs are computed.
         dim = self.rmi_radius**2
         constant = dim * math.log(math.sqrt(POSITIVE_DEFINITE_ALPHA) + LOG_EPSILON)
         result = torch.full((batch_size * num_classes,), constant, dtype=torch.float64, device=probs.device)
         informative = (onehot.amax(dim=(1, 2, 3)) > onehot.amin(dim=(1, 2, 3))).nonzero().squeeze(1)
-        if point_weights is not None:
-            point_weights = point_weights.repeat_interleave(num_classes, dim=0)
         if 0 < informative.numel() < result.numel():
             onehot, probs = onehot[informative], probs[informative]
             point_weights = None if point_weights is None else point_weights[informative]
