@@ -28,6 +28,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     LoggerType,
     ProjectConfiguration,
+    TorchDynamoPlugin,
 )
 from accelerate.utils.memory import clear_device_cache
 from tqdm.auto import tqdm
@@ -65,7 +66,8 @@ FOLLOWED_TRAINING_ARGUMENTS = frozenset({
     # the run
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "resume_from_checkpoint", "ignore_data_skip", "seed",
     "data_seed", "full_determinism", "use_cpu", "local_rank", "fp16", "bf16", "tf32", "stop_on_nonfinite_loss",
-    "torch_empty_cache_steps", "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+    "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
+    "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
     "gradient_checkpointing_kwargs",
     # batches and data loading
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -124,7 +126,9 @@ def evaluate(
     `evaluate_scales`, in which each process evaluates every `num_processes`-th image and the confusion matrices are
     summed (a loader from `accelerator.prepare` would pad the last batches with repeated images, counted twice).
     `visuals`: `(args, step, palette)` for `--eval_visuals`, pictured by the main process as the Trainer script does."""
-    network = accelerator.unwrap_model(model)  # no DDP: ranks may see different numbers of batches here
+    # No DDP: ranks may see different numbers of batches here. Not compiled either: each image size and scale of
+    # the full-size chain would be one more compilation.
+    network = accelerator.unwrap_model(model, keep_torch_compile=False)
     network.eval()
     result = evaluate_scales(network, eval_dataset, network.config.inference_scales, device=accelerator.device,
                              id2label=id2label, precision=_EVALUATION_PRECISIONS[accelerator.mixed_precision],
@@ -155,6 +159,9 @@ def run_training(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.data_seed),
         kwargs_handlers=[_ddp_options(args)],
         log_with=_trackers(args.report_to),
+        # --torch_compile: the training forward (and its loss) is compiled when the model is prepared, as the Trainer's
+        dynamo_plugin=(TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+                       if args.torch_compile else None),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir) / "runs")),
     )
@@ -314,7 +321,7 @@ def run_training(
     progress.close()
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if on_train_end is not None:
         on_train_end(unwrapped, accelerator)
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
@@ -345,9 +352,6 @@ def check_followed_arguments(args: HMSTrainingArguments) -> None:
     if args.load_best_model_at_end or args.save_strategy == "best":
         raise ValueError("--load_best_model_at_end and --save_strategy best need the Trainer script (hms-segmentation "
                          "train); this script saves the model of its last step")
-    if args.torch_compile:
-        raise ValueError("--torch_compile: this script does not compile the model; use the Trainer script "
-                         "(hms-segmentation train)")
     if args.lr_scheduler_type == "reduce_lr_on_plateau":
         raise ValueError("--lr_scheduler_type reduce_lr_on_plateau steps on evaluation metrics: use the Trainer script "
                          "(hms-segmentation train)")
