@@ -8,25 +8,43 @@
 #      prediction figure, which is drawn on the CPU;
 #   4. the training blur on the device (benchmarks/blur.py adds a CUDA row when a GPU is visible);
 #   5. `hms-segmentation evaluate --precision fp16` of the quickstart's model, against fp32 in the same run, the
-#      half-precision run also with --scale-shares and --save-visuals (the per-class shares and pictures from GPU maps).
+#      half-precision run also with --scale-shares and --save-visuals (the per-class shares and pictures from GPU maps);
+#   6. in a run of its own (`compile`, up to 7 minutes: the compilation of W48's training step is most of it): the
+#      W48 fp16 RMI training step under torch.compile (inductor, what --torch_compile does) against eager.
 # Each step has its own time limit, so one that hangs leaves the others their time; every JSON lands in OUTPUT_DIR.
 #
-#   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # on a machine with a CUDA GPU and the package installed
-#   bash benchmarks/gpu_checks.sh OUTPUT_DIR --smoke    # the same commands on CPU at toy sizes (checks the script)
+#   bash benchmarks/gpu_checks.sh OUTPUT_DIR            # steps 1-5, on a machine with a CUDA GPU and the package
+#   bash benchmarks/gpu_checks.sh OUTPUT_DIR compile    # step 6 only, on the same machine
+#   bash benchmarks/gpu_checks.sh OUTPUT_DIR --smoke    # steps 1-6 on CPU at toy sizes (checks the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-output_dir=${1:?usage: bash benchmarks/gpu_checks.sh OUTPUT_DIR [--smoke]}
+output_dir=${1:?usage: bash benchmarks/gpu_checks.sh OUTPUT_DIR [compile|--smoke]}
+mode=${2:-}
+case "$mode" in
+    ""|compile|--smoke) ;;
+    *) echo "gpu_checks.sh: the second argument must be compile or --smoke, got '$mode'" >&2; exit 2 ;;
+esac
 mkdir -p "$output_dir"
 export PYTHONUNBUFFERED=1
-if [ "${2:-}" = "--smoke" ]; then
+if [ "$mode" = "--smoke" ]; then
     device=cpu; maps="--num-images 3 --typed-images 2 --height 64 --width 128"; mean_iou_device=""
     train="--preset hrnet_small_ocr --crop-size 128 --batch-size 2 --steps 1 --precision fp32"; blur="--size 64 --repeats 3"; half=bf16
+    compiled="--preset hrnet_small_ocr --crop-size 128 --batch-size 2 --steps 1 --precision fp32"  # see BENCHMARKS.md: not 64
 else
     device=cuda; maps="--num-images 100 --typed-images 10"; mean_iou_device="--device cuda"
     train="--preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --steps 5 --precision fp32 fp16"; blur="--repeats 15"; half=fp16
+    compiled="--preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --steps 5 --precision fp16"
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')" || exit 1
 fi
 status=0
+compiled_step() {
+    timeout 420 python benchmarks/train_step.py --device "$device" $compiled --losses rmi --variants eager compile \
+        --output "$output_dir/train_step_compile_$device.json" || status=1
+}
+if [ "$mode" = "compile" ]; then
+    compiled_step
+    exit $status
+fi
 # cityscapesscripts (when installed) checks values on 5 maps only: its CPU time is not the point here
 timeout 240 python benchmarks/mean_iou.py $maps --cityscapes-images 5 --rounds 5 $mean_iou_device \
     --output "$output_dir/mean_iou_$device.json" || status=1
@@ -45,4 +63,7 @@ done
 timeout 120 python -m hms_segmentation.training.evaluate --model "$quickstart/model" --data-dir "$quickstart/data" \
     --scales 0.5,1.0,2.0 --precision $half --scale-shares --save-visuals "$output_dir/visuals_$device" --num-visuals 2 \
     --visuals-select worst --no-progress --output-dir "$output_dir/shares_$device" --overwrite || status=1
+if [ "$mode" = "--smoke" ]; then
+    compiled_step
+fi
 exit $status

@@ -46,34 +46,11 @@ import time
 import traceback
 from pathlib import Path
 
+from process_memory import peak_resident_mib, reset_peak_resident, resident_mib
+
 DEFAULT_SCALE_SETS = ("1.0", "0.5,1.0", "0.5,1.0,2.0", "0.25,0.5,1.0,2.0")
 PRECISIONS = ("fp32", "bf16", "fp16")
 VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
-
-
-def _vm_hwm_mib() -> float:
-    """Peak resident set size of this process, MiB (resettable through /proc/self/clear_refs)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _vm_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _row_worker(spec: dict, connection) -> None:
@@ -134,18 +111,18 @@ def _row_worker(spec: dict, connection) -> None:
         if cuda:
             memory_before = torch.cuda.memory_allocated() / 2**20
         else:
-            memory_before = _vm_rss_mib()
+            memory_before = resident_mib()
         synchronize()
         start = time.perf_counter()
         call()  # warm-up; compiles for `compile`
         synchronize()
         first_call = time.perf_counter() - start
-        compile_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _vm_hwm_mib()
+        compile_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_resident_mib()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             peak_reset = True
         else:
-            peak_reset = _reset_peak_rss()
+            peak_reset = reset_peak_resident()
         connection.send({"ready": True, "first_call_s": first_call, "peak_mib_during_warm_up": compile_peak})
 
         while connection.recv() == "run":
@@ -157,7 +134,7 @@ def _row_worker(spec: dict, connection) -> None:
             total = time.perf_counter() - start
             chain = total - sum(per_scale_seconds) if instrumented else None
             connection.send({"total_s": total, "chain_s": chain})
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _vm_hwm_mib()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_resident_mib()
         connection.send(
             {"peak_mib": peak, "memory_before_mib": memory_before, "peak_reset_after_warm_up": peak_reset}
         )

@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 from hms_segmentation import rmi_loss
 from hms_segmentation.rmi_loss import RMILoss
+from process_memory import peak_resident_mib, reset_peak_resident, resident_mib
 
 IGNORE_INDEX = 255
 METHODS = {
@@ -186,31 +186,6 @@ def time_stages(args: argparse.Namespace, num_classes: int) -> dict[str, float]:
     return results
 
 
-def _status_mib(field: str) -> float:
-    """A size field of /proc/self/status (Linux), MiB; NaN elsewhere."""
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.exists() else []:
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_resident_set() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ≥ 4.0), so that import-time peaks do not count."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_resident_set_mib(reset_worked: bool) -> float:
-    if reset_worked:
-        return _status_mib("VmHWM")
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss is KiB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def measure_memory_in_this_process(args: argparse.Namespace, num_classes: int, method: str) -> dict[str, float]:
     logits, labels = make_inputs(
         args.batch_size, num_classes, args.height, args.width, uses_half_classes(method), args.device
@@ -225,10 +200,10 @@ def measure_memory_in_this_process(args: argparse.Namespace, num_classes: int, m
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        reset_worked = reset_peak_resident_set()
-        before = _status_mib("VmRSS")
+        reset_peak_resident()  # import-time peaks do not count
+        before = resident_mib()
         forward_backward(function, logits, labels)
-        peak = peak_resident_set_mib(reset_worked)
+        peak = peak_resident_mib()
     return {"before_mib": before, "peak_mib": peak, "loss_mib": peak - before}
 
 

@@ -26,18 +26,12 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
+from process_memory import peak_resident_mib
+
 SCALES = (0.5, 1.0, 2.0)
-
-
-def _vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure_memory(preset: str, height: int, width: int, tiling: dict, threads: int, device: str, queue) -> None:
@@ -49,7 +43,7 @@ def _measure_memory(preset: str, height: int, width: int, tiling: dict, threads:
     torch.manual_seed(0)
     model = HMSForSemanticSegmentation(HMSConfig.from_preset(preset)).eval().to(device)
     pixel_values = torch.randn(1, 3, height, width, device=device)
-    baseline_mib = _vm_hwm_mib()
+    baseline_mib = peak_resident_mib()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         cuda_baseline = torch.cuda.memory_allocated()
@@ -66,8 +60,8 @@ def _measure_memory(preset: str, height: int, width: int, tiling: dict, threads:
         "date": time.strftime("%Y-%m-%d"),
         "load_average_1min_at_start": os.getloadavg()[0],
         "seconds": seconds,
-        "peak_rss_mib": _vm_hwm_mib(),
-        "peak_rss_above_model_and_input_mib": _vm_hwm_mib() - baseline_mib,
+        "peak_rss_mib": peak_resident_mib(),
+        "peak_rss_above_model_and_input_mib": peak_resident_mib() - baseline_mib,
         "logits_shape": list(logits.shape),
     }
     if device == "cuda":

@@ -2,13 +2,18 @@
 
 Each configuration runs in a fresh process (peak RSS, or peak CUDA memory, is its own); `--rounds` repeats every
 configuration in interleaved order and keeps the fastest round, so a busy machine slows all of them alike. Side by side
-in one run: the primary loss (RMI vs cross-entropy), on a GPU fp32 vs fp16 autocast, and the multi-scale fusion scheme
-(`--fusions`): HMSA's hierarchical attention trains on 0.5+1.0, the baselines (explicit attention over scales, Chen et
-al. 2016; average; max) train on all the scales they infer on, 0.5+1.0+2.0.
+in one run: the primary loss (RMI vs cross-entropy), on a GPU fp32 vs fp16 autocast, the multi-scale fusion scheme
+(`--fusions`: HMSA's hierarchical attention trains on 0.5+1.0, the baselines (explicit attention over scales, Chen et
+al. 2016; average; max) train on all the scales they infer on, 0.5+1.0+2.0), and `--variants eager compile`
+(`torch.compile(model)`, inductor, what `--torch_compile` does in the training scripts: its compilation is the warm-up
+step, reported apart as "first step s"). Memory is the peak of the timed steps after the warm-up (on CPU the resident
+peak, reset after the warm-up, less the resident size before it: compiled code and caches count, the compilation's own
+peak is reported apart).
 
     python benchmarks/train_step.py --preset hrnet_small_ocr --crop-size 512 --batch-size 2 --steps 5
     python benchmarks/train_step.py --device cuda --preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --precision fp16
     python benchmarks/train_step.py --fusions hierarchical explicit average max --losses cross_entropy --rounds 2
+    python benchmarks/train_step.py --crop-size 512 --variants eager compile --losses rmi cross_entropy
 """
 
 from __future__ import annotations
@@ -17,20 +22,13 @@ import argparse
 import json
 import multiprocessing
 import platform
-import resource
 import time
 from pathlib import Path
 
+from process_memory import peak_resident_mib, reset_peak_resident, resident_mib
+
 FUSION_TRAINING_SCALES = {"hierarchical": [0.5, 1.0], "explicit": [0.5, 1.0, 2.0], "average": [0.5, 1.0, 2.0],
                           "max": [0.5, 1.0, 2.0]}
-
-
-def _resident_mib() -> float:
-    """Current resident memory of this process (VmRSS), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _measure(config: dict, queue) -> None:
@@ -45,6 +43,7 @@ def _measure(config: dict, queue) -> None:
         config["preset"], primary_loss=config["loss"], scale_fusion=config["fusion"],
         training_scales=FUSION_TRAINING_SCALES[config["fusion"]],
     )).to(device).train()
+    forward = torch.compile(model) if config["variant"] == "compile" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     size = config["crop_size"]
     pixel_values = torch.randn(config["batch_size"], 3, size, size, device=device)
@@ -54,7 +53,7 @@ def _measure(config: dict, queue) -> None:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(pixel_values, labels=labels).loss
+            loss = forward(pixel_values, labels=labels).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -64,22 +63,31 @@ def _measure(config: dict, queue) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    resident_before = _resident_mib()
-    step()  # warm-up
+    def peak_mib() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_resident_mib()
+
+    resident_before = resident_mib()
+    start = time.perf_counter()
+    step()  # warm-up; compiles for `compile`
+    synchronize()
+    first_step = time.perf_counter() - start
+    warm_up_peak = peak_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    synchronize()
+        peak_reset = True
+    else:
+        peak_reset = reset_peak_resident()  # where it cannot be, the warm-up's peak stays in
     start = time.perf_counter()
     for _ in range(config["steps"]):
         step()
     synchronize()
     seconds = (time.perf_counter() - start) / config["steps"]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # on CPU, the growth of the peak over the set-up (model, optimizer, inputs) is what one step needs
+    peak = peak_mib()
+    # on CPU, the growth of the peak over the set-up (model, optimizer, inputs) is what the steps need
     step_peak = peak if device.type == "cuda" else peak - resident_before
     queue.put({**config, "seconds_per_step": seconds, "samples_per_second": config["batch_size"] / seconds,
-               "peak_memory_mib": peak, "step_memory_mib": step_peak,
+               "first_step_seconds": first_step, "peak_memory_mib": peak, "step_memory_mib": step_peak,
+               "warm_up_peak_memory_mib": warm_up_peak, "peak_reset_after_warm_up": peak_reset,
                "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS"})
 
 
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--losses", nargs="+", default=["rmi", "cross_entropy"], choices=["rmi", "cross_entropy"])
     parser.add_argument("--fusions", nargs="+", default=["hierarchical"], choices=sorted(FUSION_TRAINING_SCALES))
+    parser.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compile"],
+                        help="compile: torch.compile(model) (inductor), as --torch_compile in the training scripts")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; the fastest round is kept")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None,
@@ -118,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     configs = [
         {"preset": args.preset, "crop_size": args.crop_size, "batch_size": args.batch_size, "steps": args.steps,
-         "device": args.device, "precision": precision, "loss": loss, "fusion": fusion,
+         "device": args.device, "precision": precision, "loss": loss, "fusion": fusion, "variant": variant,
          "training_scales": FUSION_TRAINING_SCALES[fusion], "threads": args.threads}
         for fusion in args.fusions for precision in args.precision for loss in args.losses
+        for variant in args.variants
     ]
     best: dict[int, dict] = {}
     for _ in range(args.rounds):
@@ -141,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.preset}, crop {args.crop_size}, batch {args.batch_size}, {args.device}, mean of {args.steps} steps, "
           f"best of {args.rounds} interleaved round(s); ratios against the first row")
-    print(f"{'fusion':<13}{'scales':<14}{'precision':<10}{'loss':<15}{'s/step':>9}{'samples/s':>11}{'peak MiB':>10}"
-          f"{'step MiB':>10}{'time x':>8}{'mem x':>7}")
+    print(f"{'fusion':<13}{'scales':<14}{'precision':<10}{'loss':<15}{'variant':<9}{'first step s':>13}{'s/step':>9}"
+          f"{'samples/s':>11}{'peak MiB':>10}{'step MiB':>10}{'time x':>8}{'mem x':>7}")
     for row in rows:
         print(f"{row['fusion']:<13}{'+'.join(map(str, row['training_scales'])):<14}{row['precision']:<10}"
-              f"{row['loss']:<15}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.2f}"
-              f"{row['peak_memory_mib']:>10.0f}{row['step_memory_mib']:>10.0f}{row['time_vs_first']:>8.2f}"
-              f"{row['step_memory_vs_first']:>7.2f}")
+              f"{row['loss']:<15}{row['variant']:<9}{row['first_step_seconds']:>13.1f}{row['seconds_per_step']:>9.3f}"
+              f"{row['samples_per_second']:>11.2f}{row['peak_memory_mib']:>10.0f}{row['step_memory_mib']:>10.0f}"
+              f"{row['time_vs_first']:>8.2f}{row['step_memory_vs_first']:>7.2f}")
     if args.output is None:
         print("not written: pass --output FILE to keep these results as JSON")
         return 0
