@@ -1,9 +1,10 @@
 """Started by `torchrun` / `accelerate launch` in tests: trains with one of our scripts, then writes what this rank saw.
 
 `rank<R>.json` holds the parameter checksum of this process's model after training, the training sample ids it read,
-the evaluation images it read and the loss terms of each of its training steps, so the test can check that gradients
-were all-reduced (identical parameters), that ranks read disjoint shards, that evaluation covered every image and
-that the logged loss terms are means over the processes.
+the evaluation images it read, the loss terms of each of its training steps and what `torch.compile` captured, so the
+test can check that gradients were all-reduced (identical parameters), that ranks read disjoint shards, that
+evaluation covered every image, that the logged loss terms are means over the processes and that --torch_compile
+compiled.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 
 def write_report(report_dir: Path, model: torch.nn.Module, is_distributed: bool, extra: dict) -> None:
+    from torch._dynamo.utils import counters
+
     rank = int(os.environ.get("RANK", 0))
     sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     report = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", 1)), "distributed": is_distributed,
-              "parameters": parameter_digest(model), "sync_batch_norm": sync_bn, **extra}
+              "parameters": parameter_digest(model), "sync_batch_norm": sync_bn,
+              # what torch.compile (--torch_compile) captured in this process
+              "compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"]),
+              **extra}
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
