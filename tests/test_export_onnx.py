@@ -58,6 +58,7 @@ def test_the_exported_chain_with_flip_gives_what_evaluate_scores(tiny_deeplab_di
     assert metadata["hms_segmentation.scales"] == "0.5,1.0,2.0" and json.loads(metadata["hms_segmentation.flip"])
     assert json.loads(metadata["hms_segmentation.image_mean"]) == pytest.approx([0.485, 0.456, 0.406])
     assert len(json.loads(metadata["hms_segmentation.id2label"])) == 19
+    assert json.loads(metadata["hms_segmentation.align_corners"]) is False  # how evaluate resizes the logits
 
     model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
     frame = require_shared("data", "cityscapes_sample", "leftImg8bit", "val", "frankfurt",
@@ -157,6 +158,14 @@ def test_missing_onnx_packages_are_named_with_the_extra_to_install(tiny_deeplab_
     assert cli_main(["export-onnx", "--model", str(tiny_deeplab_dir), "--output", str(tmp_path / "hms.onnx")]) == 2
     assert 'ONNX export needs onnxscript, not installed; pip install "hms-segmentation[onnx]"' in \
         capsys.readouterr().err
+    # evaluating a graph needs onnxruntime only
+    assert cli_main(["evaluate", "--model", str(tmp_path / "hms.onnx"), "--data-dir", str(tmp_path / "data")]) == 2
+    assert "no such ONNX file" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else find_spec(name, *args))
+    assert cli_main(["evaluate", "--model", str(tmp_path / "hms.onnx"), "--data-dir", str(tmp_path / "data")]) == 2
+    assert 'Running an ONNX graph needs onnxruntime, not installed; pip install "hms-segmentation[onnx]"' in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("card", ["generated", "the folder's"])
@@ -207,3 +216,83 @@ def test_the_small_budget_trunks_export_too(trunk, tmp_path):
         "backbone_config": TINY_BACKBONES["convnext"].to_dict(), **SLIM_DECODER}
     checks = export_onnx(HMSForSemanticSegmentation(HMSConfig(**config)), tmp_path / "hms.onnx", scales=[0.5, 1.0])
     assert len(checks) == 2 and all(check.passed and check.label_agreement > 0.999 for check in checks)
+
+
+def test_evaluate_scores_the_exported_graph_as_the_model_in_one_table(tiny_deeplab_dir, exported, tmp_path):
+    """`evaluate --model torch=DIR --model ort=GRAPH`: the deployed graph's figures beside the model's; the graph's own
+    scale list and flip are the defaults."""
+    from test_training import ensure_tiny_synthetic
+
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    data_dir = ensure_tiny_synthetic(tmp_path / "data")
+    graph = exported[0]
+    common = ["--data-dir", str(data_dir), "--flip", "--no-progress"]
+    assert evaluate_main(["--model", f"torch={tiny_deeplab_dir}", "--model", f"ort={graph}", *common,
+                          "--output-dir", str(tmp_path / "both")]) == 0
+    results = json.loads((tmp_path / "both" / "results.json").read_text())["results_by_model"]
+    (by_torch,), (by_graph,) = results["torch"], results["ort"]
+    assert by_torch["scales"] == by_graph["scales"] == [0.5, 1.0, 2.0] and by_torch["flip"] and by_graph["flip"]
+    assert by_graph["runtime"] == "onnxruntime" and by_graph["images"] == 2
+    assert by_graph["mean_iou"] == pytest.approx(by_torch["mean_iou"], abs=1e-3)
+    for name, iou in by_torch["per_category_iou"].items():
+        assert (iou is None and by_graph["per_category_iou"][name] is None) or \
+            by_graph["per_category_iou"][name] == pytest.approx(iou, abs=1e-3), name
+    assert "| 0.5,1.0,2.0 +flip |" in (tmp_path / "both" / "results.md").read_text()
+    # the graph alone, its predictions saved: those of the model's evaluation
+    assert evaluate_main(["--model", str(graph), *common, "--save-predictions", str(tmp_path / "by_graph"),
+                          "--prediction-format", "train_ids"]) == 0
+    assert evaluate_main(["--model", str(tiny_deeplab_dir), *common, "--scales", "0.5,1.0,2.0", "--save-predictions",
+                          str(tmp_path / "by_torch"), "--prediction-format", "train_ids"]) == 0
+    saved = sorted(path.name for path in (tmp_path / "by_torch").iterdir())
+    assert saved == sorted(path.name for path in (tmp_path / "by_graph").iterdir()) and len(saved) == 2
+    for name in saved:
+        agreement = (np.asarray(Image.open(tmp_path / "by_graph" / name)) ==
+                     np.asarray(Image.open(tmp_path / "by_torch" / name))).mean()
+        assert agreement > 0.999, name  # the same but for near-ties of the random model
+    # a graph that another tool changed and kept the metadata of: onnxruntime's int8 quantisation
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(graph, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    assert evaluate_main(["--model", f"int8={tmp_path / 'int8.onnx'}", *common, "--output-dir", str(tmp_path / "q")]) == 0
+    (quantized,) = json.loads((tmp_path / "q" / "results.json").read_text())["results"]
+    assert quantized["runtime"] == "onnxruntime" and 0 <= quantized["mean_iou"] <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scales", "1.0"], r"computes the chain over 0\.5,1\.0,2\.0 only: pass --scales 0\.5,1\.0,2\.0"),
+    ([], r"was exported with --flip: evaluate it with --flip"),
+    (["--flip", "--precision", "bf16"], r"--precision bf16: --model .*model\.onnx runs in the precision it holds"),
+    (["--flip", "--scale-shares"], r"--scale-shares needs the attention maps, which --model .* does not output"),
+    (["--flip", "--save-visuals", "VISUALS"], r"--save-visuals needs the attention maps"),
+    (["--flip", "--tile_pixel_budget", "4096"], r"--tile_pixel_budget: --model .* is never tiled"),
+], ids=["scales", "flip", "precision", "scale_shares", "visuals", "tiling"])
+def test_evaluate_refuses_what_a_graph_cannot_give(exported, tmp_path, capsys, flags, message):
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    flags = [str(tmp_path / "visuals") if flag == "VISUALS" else flag for flag in flags]
+    assert evaluate_main(["--model", str(exported[0]), "--data-dir", str(tmp_path / "data"), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "data").exists()  # refused before the dataset is made
+
+
+def test_evaluate_names_an_onnx_file_it_cannot_use(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from hms_segmentation.training.evaluate import main as evaluate_main
+
+    def refused(path: Path) -> str:
+        assert evaluate_main(["--model", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+        return capsys.readouterr().err
+
+    assert re.search(r"missing\.onnx: no such ONNX file", refused(tmp_path / "missing.onnx"))
+    (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")
+    assert re.search(r"broken\.onnx: onnxruntime cannot load it as an ONNX graph", refused(tmp_path / "broken.onnx"))
+    # a valid graph, but not one of export-onnx: no metadata, no `logits`
+    identity = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["out"])], "other",
+                                 [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 4, 4])],
+                                 [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])])
+    onnx.save(helper.make_model(identity, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "other.onnx")
+    assert re.search(r"other\.onnx: not a graph written by hms-segmentation export-onnx \(expected a `logits` output "
+                     r"and the metadata hms_segmentation\.scales", refused(tmp_path / "other.onnx"))

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_hms import validate_scales
 from .hub import ONNX_FOLDER, check_model_source
-from .label_tables import IMAGENET_MEAN, IMAGENET_STD
+from .label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from .modeling_hms import HMSForSemanticSegmentation, average_with_mirrored
 
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
@@ -85,11 +86,11 @@ class OnnxCheck:
         return self.max_difference <= RELATIVE_TOLERANCE * max(1.0, self.largest_logit)
 
 
-def _require_onnx_packages() -> None:
-    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+def _require_onnx_packages(modules: tuple[str, ...] = ONNX_MODULES, purpose: str = "ONNX export") -> None:
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(
-            f"ONNX export needs {', '.join(missing)}, not installed; pip install \"hms-segmentation[onnx]\""
+            f"{purpose} needs {', '.join(missing)}, not installed; pip install \"hms-segmentation[onnx]\""
         )
 
 
@@ -142,7 +143,77 @@ def onnx_metadata(
         "hms_segmentation.image_std": json.dumps(list(IMAGENET_STD)),
         "hms_segmentation.id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "hms_segmentation.trunk": model.config.trunk,
+        "hms_segmentation.align_corners": json.dumps(model.config.align_corners),
     }
+
+
+@dataclass(frozen=True)
+class ExportedGraphConfig:
+    """What evaluation reads of a model's config, for a graph: from its metadata (`onnx_metadata`)."""
+
+    id2label: dict[int, str]
+    align_corners: bool = False
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+class OnnxSegmenter:
+    """
+    A graph written by `export_onnx`, run by onnxruntime, called as `hms-segmentation evaluate` calls the model:
+    `segmenter(pixel_values, scales=...)` gives an output whose `logits` are the graph's (batch, num_labels, height,
+    width), on the input's device. The graph holds its scale list and flip (`scales`, `flip`): another scale list, the
+    attention maps, tiling or a second (mirrored) pass are refused, as it cannot compute them.
+
+    Args:
+        path (`str` or `os.PathLike`): the `.onnx` file.
+        providers (`list[str]`, *optional*): onnxruntime execution providers; default the CPU's.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None):
+        _require_onnx_packages(("onnxruntime",), "Running an ONNX graph")
+        import onnxruntime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such ONNX file")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({error})") from error
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        needed = ("hms_segmentation.scales", "hms_segmentation.flip", "hms_segmentation.id2label")
+        missing = [key for key in needed if key not in metadata]
+        if missing or "logits" not in [output.name for output in self.session.get_outputs()]:
+            raise ValueError(f"{self.path}: not a graph written by hms-segmentation export-onnx (expected a `logits` "
+                             f"output and the metadata {', '.join(needed)}; missing {', '.join(missing) or 'logits'})")
+        self.scales = [float(scale) for scale in metadata["hms_segmentation.scales"].split(",")]
+        self.flip = bool(json.loads(metadata["hms_segmentation.flip"]))
+        self.config = ExportedGraphConfig(
+            id2label={int(k): v for k, v in json.loads(metadata["hms_segmentation.id2label"]).items()},
+            align_corners=bool(json.loads(metadata.get("hms_segmentation.align_corners", "false"))),
+        )
+
+    def __call__(self, pixel_values: torch.Tensor, scales: list[float] | None = None,
+                 output_attentions: bool = False, **tiling: object) -> SemanticSegmenterOutput:
+        if scales is not None and [float(scale) for scale in scales] != self.scales:
+            raise ValueError(f"{self.path} computes the chain over {','.join(map(str, self.scales))}, not over "
+                             f"{','.join(map(str, scales))}; export the graph again with --scales for another list")
+        if output_attentions:
+            raise ValueError(f"{self.path} outputs no attention maps (they stay on PyTorch: evaluate the model folder)")
+        if any(value is not None for value in tiling.values()):
+            raise ValueError(f"{self.path} is never tiled (one code path for every size): leave the tiling options out")
+        logits = self.session.run(["logits"], {"pixel_values": pixel_values.detach().float().cpu().numpy()})[0]
+        return SemanticSegmenterOutput(logits=torch.from_numpy(logits).to(pixel_values.device))
+
+    def to(self, device: str | torch.device) -> OnnxSegmenter:
+        """onnxruntime runs on its providers' devices; the logits come back to the input's device."""
+        return self
+
+    def eval(self) -> OnnxSegmenter:
+        return self
 
 
 def check_against_pytorch(

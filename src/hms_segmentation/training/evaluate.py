@@ -25,6 +25,12 @@ scored at. `--save-visuals DIR` pictures some images (`--num-visuals`, default 1
 `--visuals-select worst` those with the most wrong pixels; 0: all), as the reference's ``--dump_assets``: input,
 ground truth, prediction, the two blended, and each scale's own prediction and attention map, with `DIR/index.html`
 showing them side by side.
+
+`--model` also takes a graph of `hms-segmentation export-onnx` (a `.onnx` file), run by onnxruntime: its scale list
+and flip are the ones it was exported with (`--scales` and `--flip` default to them and must match), so `--model
+torch=runs/m ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a graph that
+other tools changed afterwards, e.g. quantised). It has no attention maps (no `--scale-shares`, `--save-visuals`) and
+runs in the precision it holds (no `--precision`, no tiling).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +57,10 @@ from ..configuration_hms import validate_scales
 from ..data.io import write_png_atomically
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
+from ..export_onnx import OnnxSegmenter
 from ..hub import check_model_source, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
-from ..inference_options import add_large_input_arguments, large_input_settings
+from ..inference_options import TILING_ARGUMENTS, add_large_input_arguments, large_input_settings
 from ..modeling_hms import (
     HMSForSemanticSegmentation,
     HMSSemanticSegmenterOutput,
@@ -417,14 +424,16 @@ def parse_model_arguments(values: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, action="append",
-                        help="save_pretrained folder or Hub id; repeat it (optionally as NAME=PATH, e.g. rmi=runs/rmi "
-                             "ce=runs/ce) to compare models column by column in one table")
+                        help="save_pretrained folder, Hub id or .onnx graph of export-onnx; repeat it (optionally as "
+                             "NAME=PATH, e.g. rmi=runs/rmi ce=runs/ce) to compare models column by column in one table")
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--mapillary-version", "--mapillary_version", dest="mapillary_version", default="v1.2",
                         choices=MAPILLARY_VERSIONS, help="Mapillary labels: v1.2 or v2.0 (needs config_v2.0.json)")
-    parser.add_argument("--scales", nargs="+", default=DEFAULT_SCALE_LISTS, help="one or more comma-separated scale lists")
+    parser.add_argument("--scales", nargs="+", default=DEFAULT_SCALE_LISTS,
+                        help="one or more comma-separated scale lists (default: 1.0 and 0.5,1.0,2.0; for an .onnx "
+                             "graph its own)")
     parser.add_argument("--flip", action="store_true", help="average with the prediction of the mirrored image")
     parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None)
     parser.add_argument("--eval-long-side", "--eval_long_side", dest="eval_long_side", type=int, default=None,
@@ -492,8 +501,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         model_paths = parse_model_arguments(args.model)
-        for path in model_paths.values():
-            check_model_source(path)
+        graphs = {name: OnnxSegmenter(path) for name, path in model_paths.items() if Path(path).suffix == ".onnx"}
+        for name, path in model_paths.items():
+            if name not in graphs:
+                check_model_source(path)
+        if graphs:
+            if args.scales is DEFAULT_SCALE_LISTS:
+                scale_lists = [next(iter(graphs.values())).scales]
+            check_graph_arguments(args, graphs.values(), scale_lists)
         for flag, folder in (("--save-predictions", args.save_predictions), ("--save-visuals", args.save_visuals)):
             if folder is not None and (len(model_paths) > 1 or len(scale_lists) > 1):
                 default = " (two without --scales: 1.0 and 0.5,1.0,2.0)" if args.scales is DEFAULT_SCALE_LISTS else ""
@@ -502,11 +517,36 @@ def main(argv: list[str] | None = None) -> int:
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise ValueError(f"{flag} {folder} is a file; expected a folder")
         visualized_indices(1, args.num_visuals)  # checks the count
-    except ValueError as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with launched_processes(cpu=args.device == "cpu") as state:
-        return _evaluate_and_report(args, state, data_args, scale_lists, model_paths)
+        return _evaluate_and_report(args, state, data_args, scale_lists, model_paths, graphs)
+
+
+def check_graph_arguments(args: argparse.Namespace, graphs: Iterable[OnnxSegmenter],
+                          scale_lists: list[list[float]]) -> None:
+    """Refuse (`ValueError`, naming the option) what an exported graph cannot give: another scale list or flip than
+    its own, another precision, attention maps, tiling."""
+    for graph in graphs:
+        own = ",".join(map(str, graph.scales))
+        if any(scales != graph.scales for scales in scale_lists):
+            raise ValueError(f"--model {graph.path} computes the chain over {own} only: pass --scales {own} (or no "
+                             "--scales), or export the graph again for another list")
+        if args.flip != graph.flip:
+            raise ValueError(f"--model {graph.path} was exported {'with' if graph.flip else 'without'} --flip: "
+                             f"evaluate it {'with' if graph.flip else 'without'} --flip")
+        if args.precision != "fp32":
+            raise ValueError(f"--precision {args.precision}: --model {graph.path} runs in the precision it holds; "
+                             "leave --precision out")
+        for flag, value in (("--scale-shares", args.scale_shares), ("--save-visuals", args.save_visuals)):
+            if value:
+                raise ValueError(f"{flag} needs the attention maps, which --model {graph.path} does not output: "
+                                 "evaluate the model folder for them")
+        tiling = [name for name in TILING_ARGUMENTS if getattr(args, name) is not None]
+        if tiling:
+            raise ValueError(f"--{tiling[0]}: --model {graph.path} is never tiled; leave the tiling options out")
+    shrink_to_long_side(torch.zeros(1, 1, 1, 1), args.max_long_side)  # checks the value, as for a model
 
 
 @contextlib.contextmanager
@@ -528,7 +568,7 @@ def launched_processes(cpu: bool = False) -> Iterator[PartialState]:
 
 
 def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArguments, scale_lists: list[list[float]],
-                         model_paths: dict[str, str]) -> int:
+                         model_paths: dict[str, str], graphs: dict[str, OnnxSegmenter]) -> int:
     """`main` once the arguments are checked and the processes connected: evaluate, then print and save (process 0)."""
     if state.num_processes > 1 and args.device not in (None, "cpu"):
         print(f"error: --device {args.device} with {state.num_processes} processes: each process evaluates on its "
@@ -553,9 +593,12 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             return 2
     results_by_model: dict[str, list[dict]] = {}
     for name, path in model_paths.items():
-        with state.main_process_first():  # one download into the Hub cache, not one per process
-            model = HMSForSemanticSegmentation.from_pretrained(path)
-        model = model.to(device).eval()
+        if name in graphs:
+            model = graphs[name]
+        else:
+            with state.main_process_first():  # one download into the Hub cache, not one per process
+                model = HMSForSemanticSegmentation.from_pretrained(path)
+            model = model.to(device).eval()
         if len(id2label) != model.config.num_labels:
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
                   f"{len(id2label)}", file=sys.stderr)
@@ -572,15 +615,19 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
                 return 2
         state.wait_for_everyone()  # every process has checked before any writes
         try:
-            tiling, max_long_side = large_input_settings(args, model.config)
+            tiling, max_long_side = (large_input_settings(args, model.config) if name not in graphs
+                                     else ({}, args.max_long_side))
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        # a graph exported with --flip averages the mirrored image itself: one pass, reported as flipped
+        flip = args.flip and name not in graphs
         results_by_model[name] = [
-            evaluate_scales(model, dataset, scales, args.flip, device, id2label, max_long_side, args.precision,
-                            args.num_workers, progress=args.progress and state.is_main_process,
-                            prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size,
-                            scale_shares=args.scale_shares, **tiling)
+            {**evaluate_scales(model, dataset, scales, flip, device, id2label, max_long_side, args.precision,
+                               args.num_workers, progress=args.progress and state.is_main_process,
+                               prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size,
+                               scale_shares=args.scale_shares, **tiling),
+             **({"flip": args.flip, "runtime": "onnxruntime"} if name in graphs else {})}
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
