@@ -254,7 +254,8 @@ def test_evaluate_scores_the_exported_graph_as_the_model_in_one_table(tiny_deepl
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(graph, tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
-    assert evaluate_main(["--model", f"int8={tmp_path / 'int8.onnx'}", *common, "--output-dir", str(tmp_path / "q")]) == 0
+    assert evaluate_main(["--model", f"int8={tmp_path / 'int8.onnx'}", *common, "--output-dir", str(tmp_path / "q"),
+                          "--scales", "2.0,0.5,1.0"]) == 0  # the same chain, written in another order
     (quantized,) = json.loads((tmp_path / "q" / "results.json").read_text())["results"]
     assert quantized["runtime"] == "onnxruntime" and 0 <= quantized["mean_iou"] <= 1
 

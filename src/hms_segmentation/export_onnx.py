@@ -198,7 +198,7 @@ class OnnxSegmenter:
 
     def __call__(self, pixel_values: torch.Tensor, scales: list[float] | None = None,
                  output_attentions: bool = False, **tiling: object) -> SemanticSegmenterOutput:
-        if scales is not None and [float(scale) for scale in scales] != self.scales:
+        if scales is not None and sorted(float(scale) for scale in scales) != sorted(self.scales):
             raise ValueError(f"{self.path} computes the chain over {','.join(map(str, self.scales))}, not over "
                              f"{','.join(map(str, scales))}; export the graph again with --scales for another list")
         if output_attentions:

@@ -530,7 +530,7 @@ def check_graph_arguments(args: argparse.Namespace, graphs: Iterable[OnnxSegment
     its own, another precision, attention maps, tiling."""
     for graph in graphs:
         own = ",".join(map(str, graph.scales))
-        if any(scales != graph.scales for scales in scale_lists):
+        if any(sorted(scales) != sorted(graph.scales) for scales in scale_lists):  # the chain's order is its own
             raise ValueError(f"--model {graph.path} computes the chain over {own} only: pass --scales {own} (or no "
                              "--scales), or export the graph again for another list")
         if args.flip != graph.flip:
