@@ -208,13 +208,6 @@ class OnnxSegmenter:
         logits = self.session.run(["logits"], {"pixel_values": pixel_values.detach().float().cpu().numpy()})[0]
         return SemanticSegmenterOutput(logits=torch.from_numpy(logits).to(pixel_values.device))
 
-    def to(self, device: str | torch.device) -> OnnxSegmenter:
-        """onnxruntime runs on its providers' devices; the logits come back to the input's device."""
-        return self
-
-    def eval(self) -> OnnxSegmenter:
-        return self
-
 
 def check_against_pytorch(
     path: Path, graph: HMSChainedInference, sizes: list[tuple[int, int]], seed: int = 0
