@@ -37,7 +37,7 @@ from hms_segmentation.data import CityscapesOptions, load_cityscapes, load_image
 from hms_segmentation.data.cityscapes import cityscapes_label_mapping
 from hms_segmentation.data.transforms import SegmentationEvalTransform
 from hms_segmentation.label_tables import CITYSCAPES_ID2LABEL, IGNORE_INDEX
-from hms_segmentation.training.evaluate import predict
+from hms_segmentation.training.evaluate import precision_autocast, predict
 from tiny_configs import TINY_HRNET
 
 FAST = ["--scales", "0.5,1.0", "--num-workers", "0", "--no-progress"]
@@ -429,6 +429,47 @@ def test_tiled_labelling_runs_the_tiles_and_stays_close_to_untiled(teacher_dir, 
                  for name in _digests(tiled)]
     assert min(agreement) > 0.5  # OCR pools its context per tile, so tiles may differ a little (see BENCHMARKS.md)
     assert "4096" in json.dumps(_report(tiled))  # the settings in the report name the tiling
+
+def test_precision_runs_the_teacher_under_autocast_and_joins_the_fingerprint(teacher_dir, extra_root, tmp_path,
+                                                                             monkeypatch):
+    seen = []
+
+    def spying_predict(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(autolabel_module, "predict", spying_predict)
+    images = str(extra_root / "leftImg8bit" / "val")
+    full, half = tmp_path / "fp32", tmp_path / "bf16"
+    assert main(["--model", str(teacher_dir), "--input", images, "--layout", "folder", "--output-dir", str(full),
+                 *FAST]) == 0
+    assert seen == [None] * 4
+    seen.clear()
+    assert main(["--model", str(teacher_dir), "--input", images, "--layout", "folder", "--output-dir", str(half),
+                 "--precision", "bf16", *FAST]) == 0
+    assert seen == [torch.bfloat16] * 4
+    full_report, half_report = _report(full), _report(half)
+    assert (full_report["precision"], half_report["precision"]) == ("fp32", "bf16")
+    assert full_report["fingerprint"] != half_report["fingerprint"]
+    # float32 labels keep the fingerprint of the settings before --precision existed: earlier runs stay finished
+    model = HMSForSemanticSegmentation.from_pretrained(teacher_dir)
+    earlier = {name: full_report[name] for name in ("scales", "flip", "threshold", "merge_coarse", "size_divisor",
+                                                    "layout", "max_long_side", "tile_pixel_budget", "tile_size",
+                                                    "tile_overlap")}
+    assert autolabel_module.model_fingerprint(model, earlier) == full_report["fingerprint"]
+    assert _digests(full).keys() == _digests(half).keys() and len(_digests(full)) == 4
+    agreement = [np.mean(np.asarray(Image.open(full / name)) == np.asarray(Image.open(half / name)))
+                 for name in _digests(full)]
+    assert min(agreement) > 0.98  # bf16 rounding moves only pixels near the threshold or a tie
+    # labels of the other precision are the user's to replace: left alone and named
+    before = _digests(full)
+    assert main(["--model", str(teacher_dir), "--input", images, "--layout", "folder", "--output-dir", str(full),
+                 "--precision", "bf16", *FAST]) == 0
+    assert _digests(full) == before
+    assert _report(full)["images"] == {"labelled": 0, "finished_before": 0, "kept_existing": 4, "failed": 0}
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, got 'fp8'"):
+        precision_autocast("cpu", "fp8")
+
 
 def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra_root, tmp_path):
     from hms_segmentation.training.arguments import DataArguments

@@ -62,7 +62,7 @@ from .image_processing_hms import get_output_size
 from .inference_options import add_large_input_arguments, large_input_settings
 from .label_tables import IGNORE_INDEX
 from .modeling_hms import HMSForSemanticSegmentation
-from .training.evaluate import launched_processes, predict
+from .training.evaluate import PRECISIONS, launched_processes, precision_autocast, predict
 
 LABEL_SUFFIX = f"_{AUTO_LABEL_KIND}_labelTrainIds.png"
 PREVIEW_SUFFIX = f"_{AUTO_LABEL_KIND}_color.png"
@@ -546,13 +546,16 @@ def autolabel(
     max_long_side: int | None = None,
     tiling: dict[str, Any] | None = None,
     label_region: tuple[int, int, int, int] | None = None,
+    precision: str = "fp32",
 ) -> AutoLabelTally:
     """Label this process's share of `layout`'s images with `model` (already on `device`, in eval mode).
 
     Images are read by `num_workers` DataLoader workers and batched while consecutive images have the same network
     size (no padding, so a label never depends on its batch neighbours' size). Unreadable images are counted and
     named, never fatal. With `label_region`, only pixels inside it keep the teacher's label (see `keep_region`),
-    before merging with the coarse label. Returns what was done, for `AutoLabelTally.merge` and the report.
+    before merging with the coarse label. `precision` (a key of `PRECISIONS`) is the autocast dtype of the forward;
+    the softmax and the threshold are float32 whatever it is. Returns what was done, for `AutoLabelTally.merge` and
+    the report.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -561,6 +564,7 @@ def autolabel(
     num_labels = model.config.num_labels
     if num_labels > IGNORE_INDEX:
         raise ValueError(f"8-bit labels hold at most {IGNORE_INDEX} classes besides ignore, the model has {num_labels}")
+    autocast = precision_autocast(device, precision)
     palette = palette_for(num_labels)
     tally = AutoLabelTally(num_labels)
     inputs = AutoLabelInputs(layout, fingerprint, rank=rank, world_size=world_size, overwrite=overwrite,
@@ -572,7 +576,7 @@ def autolabel(
 
     def label_batch(batch: list[dict]) -> None:
         pixel_values = torch.stack([record["pixel_values"] for record in batch]).to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             logits = predict(model, pixel_values, scales, flip, max_long_side, **(tiling or {}))
         for record, image_logits in zip(batch, logits):
             job = record["job"]
@@ -655,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing label files this model and settings did not write (and an "
                              f"{REPORT_FILE} that is not a report)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="autocast dtype of the teacher's forward: fp32 (none), fp16 (GPUs; the reference's "
+                             "inference precision) or bf16; the softmax and the threshold stay float32")
     add_large_input_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -705,20 +712,23 @@ def _label_and_report(args: argparse.Namespace, state, scales: list[float], labe
                 "size_divisor": args.size_divisor, "layout": layout.kind, "max_long_side": max_long_side, **tiling}
     if label_region is not None:  # only then: labels written without a region keep their fingerprint
         settings["label_region"] = list(label_region)
+    if args.precision != "fp32":  # likewise: float32 labels written before this option keep theirs
+        settings["precision"] = args.precision
     fingerprint = model_fingerprint(model, settings)
     model = model.to(state.device).eval()
     tally = autolabel(
         model, layout, scales=scales, flip=args.flip, threshold=args.threshold, batch_size=args.batch_size,
         num_workers=args.num_workers, size_divisor=args.size_divisor, overwrite=args.overwrite,
         max_pixels=args.max_image_pixels, fingerprint=fingerprint, rank=state.process_index,
-        max_long_side=max_long_side, tiling=tiling, label_region=label_region,
+        max_long_side=max_long_side, tiling=tiling, label_region=label_region, precision=args.precision,
         world_size=state.num_processes, device=state.device, progress=args.progress and state.is_main_process,
     )
     tallies = gather_object([tally])  # one per process, on every process
     if state.is_main_process:
         report = AutoLabelTally.merge(list(tallies)).report(model.config.id2label, {
             "model": args.model, "input": str(layout.input_dir), "output_dir": str(layout.output_dir),
-            "layout": layout.kind, "processes": state.num_processes, "fingerprint": fingerprint, **settings})
+            "layout": layout.kind, "processes": state.num_processes, "fingerprint": fingerprint,
+            "precision": args.precision, **settings})
         print(format_report(report))
         layout.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(report_path, json.dumps(report, indent=2))

@@ -79,6 +79,18 @@ RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 """`--precision`: the autocast dtype of the forward (None: float32 throughout)."""
+
+
+def precision_autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """`torch.autocast` on `device`'s type in `precision`'s dtype (a key of `PRECISIONS`); no context for fp32.
+
+    Raises:
+        ValueError: `precision` is not a key of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 DEFAULT_SCALE_LISTS = ["1.0", "0.5,1.0,2.0"]
 """`--scales` when not given: single scale against the paper's chain."""
 PREDICTION_FORMATS = ("train_ids", "label_ids", "color")
@@ -230,8 +242,7 @@ def evaluate_scales(
     sample_ids = dataset.sample_ids() if prediction_writer is not None or visuals_writer is not None else None
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=functools.partial(_collate_same_size, batch_size_flag=batch_size_flag))
-    autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] is not None
-                else contextlib.nullcontext())
+    autocast = precision_autocast(device, precision)
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=model.config.ignore_index, device=device)
     # per image: wrong and labelled pixels, to choose the images to picture (the worst ones, if asked)
     image_errors = (torch.zeros(len(dataset), 2, dtype=torch.float64, device=device) if visuals_writer is not None
