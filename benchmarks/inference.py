@@ -59,6 +59,7 @@ def _row_worker(spec: dict, connection) -> None:
         import torch
 
         from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+        from hms_segmentation.inference_options import compile_for_inference
 
         device = torch.device(spec["device"])
         cuda = device.type == "cuda"
@@ -95,7 +96,7 @@ def _row_worker(spec: dict, connection) -> None:
             model.segment_single_scale = timed_segment
             forward = model
         else:
-            forward = torch.compile(model)
+            forward = compile_for_inference(model, {"backend": "inductor", "mode": None})  # as evaluate/autolabel do
 
         autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
         scales = spec["scales"]

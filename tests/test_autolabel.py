@@ -471,6 +471,30 @@ def test_precision_runs_the_teacher_under_autocast_and_joins_the_fingerprint(tea
         precision_autocast("cpu", "fp8")
 
 
+def test_torch_compile_labels_as_eager_and_a_run_resumes_across_it(teacher_dir, extra_root, tmp_path, capsys):
+    from torch._dynamo.utils import counters
+
+    images = str(extra_root / "leftImg8bit" / "val")
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    common = ["--model", str(teacher_dir), "--input", images, "--layout", "folder", "--flip", *FAST]
+    assert main([*common, "--output-dir", str(plain)]) == 0
+    torch._dynamo.reset()
+    counters.clear()
+    assert main([*common, "--output-dir", str(compiled), "--torch-compile-backend", "eager"]) == 0
+    # the four frames share a size: one graph, the mirrored call's included
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert _digests(compiled) == _digests(plain) and len(_digests(plain)) == 4  # Dynamo's eager backend: same kernels
+    report = _report(compiled)
+    assert report["torch_compile"] == {"backend": "eager", "mode": None} and _report(plain)["torch_compile"] is None
+    assert report["fingerprint"] == _report(plain)["fingerprint"]
+    # compilation is how the labels are computed, not which settings made them: a run resumes with or without it
+    assert main([*common, "--output-dir", str(plain), "--torch-compile-backend", "eager"]) == 0
+    assert _report(plain)["images"] == {"labelled": 0, "finished_before": 4, "kept_existing": 0, "failed": 0}
+    assert main([*common, "--output-dir", str(tmp_path / "bad"), "--torch-compile-mode", "fastest"]) == 2
+    assert "--torch-compile-mode: Unrecognized mode=fastest" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra_root, tmp_path):
     from hms_segmentation.training.arguments import DataArguments
     from hms_segmentation.training.datasets import build_datasets

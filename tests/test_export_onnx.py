@@ -267,7 +267,8 @@ def test_evaluate_scores_the_exported_graph_as_the_model_in_one_table(tiny_deepl
     (["--flip", "--scale-shares"], r"--scale-shares needs the attention maps, which --model .* does not output"),
     (["--flip", "--save-visuals", "VISUALS"], r"--save-visuals needs the attention maps"),
     (["--flip", "--tile_pixel_budget", "4096"], r"--tile_pixel_budget: --model .* is never tiled"),
-], ids=["scales", "flip", "precision", "scale_shares", "visuals", "tiling"])
+    (["--flip", "--torch-compile"], r"--torch-compile: --model .*model\.onnx runs in onnxruntime"),
+], ids=["scales", "flip", "precision", "scale_shares", "visuals", "tiling", "torch_compile"])
 def test_evaluate_refuses_what_a_graph_cannot_give(exported, tmp_path, capsys, flags, message):
     from hms_segmentation.training.evaluate import main as evaluate_main
 

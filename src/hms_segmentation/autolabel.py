@@ -59,7 +59,13 @@ from .data.transforms import SegmentationEvalTransform
 from .demo import colorize, palette_for
 from .hub import check_model_source
 from .image_processing_hms import get_output_size
-from .inference_options import add_large_input_arguments, large_input_settings
+from .inference_options import (
+    add_compile_arguments,
+    add_large_input_arguments,
+    compile_for_inference,
+    compile_settings,
+    large_input_settings,
+)
 from .label_tables import IGNORE_INDEX
 from .modeling_hms import HMSForSemanticSegmentation
 from .training.evaluate import PRECISIONS, launched_processes, precision_autocast, predict
@@ -575,9 +581,11 @@ def autolabel(
                else "auto-labelling", disable=not progress, dynamic_ncols=True)
 
     def label_batch(batch: list[dict]) -> None:
-        pixel_values = torch.stack([record["pixel_values"] for record in batch]).to(device)
-        with torch.inference_mode(), autocast:
-            logits = predict(model, pixel_values, scales, flip, max_long_side, **(tiling or {}))
+        # made in inference mode, like the mirrored copy `predict` makes: a compiled forward then needs one graph
+        with torch.inference_mode():
+            pixel_values = torch.stack([record["pixel_values"] for record in batch]).to(device)
+            with autocast:
+                logits = predict(model, pixel_values, scales, flip, max_long_side, **(tiling or {}))
         for record, image_logits in zip(batch, logits):
             job = record["job"]
             labels, predicted = confident_labels(image_logits, record["size"], threshold, model.config.align_corners)
@@ -663,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast dtype of the teacher's forward: fp32 (none), fp16 (GPUs; the reference's "
                              "inference precision) or bf16; the softmax and the threshold stay float32")
     add_large_input_arguments(parser)
+    add_compile_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
@@ -678,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         label_region = parse_label_region(args.label_region)
+        torch_compile = compile_settings(args)
         check_model_source(args.model)
         layout = AutoLabelLayout.detect(args.input, args.output_dir, args.layout, preview=args.preview,
                                         merge_coarse=args.merge_coarse)
@@ -693,11 +703,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with launched_processes(cpu=args.cpu) as state:
-        return _label_and_report(args, state, scales, label_region, layout, report_path)
+        return _label_and_report(args, state, scales, label_region, layout, report_path, torch_compile)
 
 
 def _label_and_report(args: argparse.Namespace, state, scales: list[float], label_region, layout: AutoLabelLayout,
-                      report_path: Path) -> int:
+                      report_path: Path, torch_compile: dict[str, str | None] | None = None) -> int:
     """`main` once the arguments are checked and the processes connected: label, then report (process 0)."""
     from accelerate.utils import gather_object
 
@@ -714,8 +724,10 @@ def _label_and_report(args: argparse.Namespace, state, scales: list[float], labe
         settings["label_region"] = list(label_region)
     if args.precision != "fp32":  # likewise: float32 labels written before this option keep theirs
         settings["precision"] = args.precision
+    # not torch_compile: like the batch size, it changes at most the rounding, not the labelling (a run may resume
+    # without it)
     fingerprint = model_fingerprint(model, settings)
-    model = model.to(state.device).eval()
+    model = compile_for_inference(model.to(state.device).eval(), torch_compile)
     tally = autolabel(
         model, layout, scales=scales, flip=args.flip, threshold=args.threshold, batch_size=args.batch_size,
         num_workers=args.num_workers, size_divisor=args.size_divisor, overwrite=args.overwrite,
@@ -728,7 +740,7 @@ def _label_and_report(args: argparse.Namespace, state, scales: list[float], labe
         report = AutoLabelTally.merge(list(tallies)).report(model.config.id2label, {
             "model": args.model, "input": str(layout.input_dir), "output_dir": str(layout.output_dir),
             "layout": layout.kind, "processes": state.num_processes, "fingerprint": fingerprint,
-            "precision": args.precision, **settings})
+            "precision": args.precision, "torch_compile": torch_compile, **settings})
         print(format_report(report))
         layout.output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(report_path, json.dumps(report, indent=2))

@@ -178,6 +178,10 @@ def markdown_table(results: list[dict]) -> str:
     lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
     lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
     lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
+    if any("warm_up_seconds" in r for r in results):  # torch.compile's first call, kept out of the time per image
+        lines.append("| first call s (compiles) | "
+                     + " | ".join(f"{r['warm_up_seconds']:.1f}" if "warm_up_seconds" in r else "n/a" for r in results)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

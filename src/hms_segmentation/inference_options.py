@@ -1,8 +1,11 @@
-"""Command-line options for large inputs, shared by every tool that runs inference (demo, evaluate, autolabel).
+"""Command-line options shared by the tools that run inference (demo, evaluate, autolabel).
 
-Two ways to keep multi-scale inference within memory (see the README, "Large images"): run each scale above a pixel
-budget as overlapping tiles (`--tile-pixel-budget`, `--tile-size`, `--tile-overlap`; defaults from the model config), or
-shrink inputs whose longer side exceeds `--max-long-side` before inference.
+Large inputs: two ways to keep multi-scale inference within memory (see the README, "Large images"): run each scale
+above a pixel budget as overlapping tiles (`--tile-pixel-budget`, `--tile-size`, `--tile-overlap`; defaults from the
+model config), or shrink inputs whose longer side exceeds `--max-long-side` before inference.
+
+Long jobs (evaluate, autolabel): `--torch-compile` compiles the model's forward with `torch.compile`, the inference
+counterpart of the training scripts' `--torch_compile` (same option names, and a backend or mode implies it).
 """
 
 from __future__ import annotations
@@ -45,3 +48,49 @@ def large_input_settings(args: argparse.Namespace, config: HMSConfig) -> tuple[d
     tiling_settings(*(getattr(config, name) if value is None else value for name, value in tiling.items()))
     shrink_to_long_side(torch.zeros(1, 1, 1, 1), args.max_long_side)
     return tiling, args.max_long_side
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--torch-compile`, `--torch-compile-backend` and `--torch-compile-mode` to `parser` (one argument group)."""
+    group = parser.add_argument_group(
+        "torch.compile (pays on long runs of same-size images: each new input size or scale list compiles again)")
+    group.add_argument("--torch-compile", "--torch_compile", dest="torch_compile", action="store_true",
+                       help="compile the model's forward with torch.compile (the first batch of each input size "
+                            "compiles: seconds to minutes)")
+    group.add_argument("--torch-compile-backend", "--torch_compile_backend", dest="torch_compile_backend",
+                       default=None, help="torch.compile backend (default: inductor); implies --torch-compile")
+    group.add_argument("--torch-compile-mode", "--torch_compile_mode", dest="torch_compile_mode", default=None,
+                       help="torch.compile mode, e.g. reduce-overhead or max-autotune; implies --torch-compile")
+
+
+def compile_settings(args: argparse.Namespace) -> dict[str, str | None] | None:
+    """`torch.compile`'s `backend` and `mode` for the parsed options, or `None` without compilation; checked now, so a
+    bad backend or mode is reported before the model and any image are read.
+
+    Raises:
+        ValueError: Naming the option and the value.
+    """
+    if not (args.torch_compile or args.torch_compile_backend or args.torch_compile_mode):
+        return None
+    settings = {"backend": args.torch_compile_backend or "inductor", "mode": args.torch_compile_mode}
+    # torch.compile checks the names when it wraps (it compiles nothing until called)
+    for option, checked in (("--torch-compile-backend", {"backend": settings["backend"]}),
+                            ("--torch-compile-mode", settings)):
+        try:
+            torch.compile(torch.nn.Identity(), **checked)
+        except Exception as error:  # torch raises its own InvalidBackend / RuntimeError types
+            raise ValueError(f"{option}: {error}") from error
+    return settings
+
+
+def compile_for_inference(model: torch.nn.Module, settings: dict[str, str | None] | None) -> torch.nn.Module:
+    """`model` with its forward compiled in place (`nn.Module.compile`, so it stays the same object and class) when
+    `settings` (from `compile_settings`) asks for it.
+
+    Static graphs (`dynamic=False`): one per input size and scale list, each a single graph. Dynamo's automatic dynamic
+    shapes would instead trace the scales of a second list as symbolic floats, which the chain's sorting of its scales
+    cannot take (a graph break per call). Past `torch._dynamo.config.recompile_limit` graphs the forward runs eagerly.
+    """
+    if settings is not None:
+        model.compile(**settings, dynamic=False)
+    return model

@@ -140,9 +140,11 @@ def average_with_mirrored(
     """
     The reference's flip test-time augmentation: `logits`, the model's `(batch, num_labels, H, W)` output for
     `pixel_values`, averaged with the output for the mirrored images, mirrored back. `forward_kwargs` (`scales`,
-    tiling) go to the mirrored call.
+    tiling) go to the mirrored call, which returns logits only (and so, compiled, reuses the graph of a first call
+    made with `output_attentions=False`).
     """
-    return (logits + model(pixel_values.flip(-1), **forward_kwargs).logits.flip(-1)) / 2
+    mirrored = model(pixel_values.flip(-1), **{**forward_kwargs, "output_attentions": False}).logits
+    return (logits + mirrored.flip(-1)) / 2
 
 
 def _blend_towards(

@@ -16,7 +16,10 @@ saved as `results.json` and `results.md` in `--output-dir`. Launched on several 
 `torchrun`), each evaluates every n-th image and the confusion matrices are summed, so the figures are those of one
 process; the time per image is then the processes' time summed over the images (device seconds per image).
 `--precision fp16` / `bf16` runs the forward under autocast (the reference evaluates in fp16); `--batch-size` images
-of one size share a forward; `--num-workers` DataLoader workers decode the images.
+of one size share a forward; `--num-workers` DataLoader workers decode the images. `--torch-compile` compiles the
+forward (`torch.compile`; `--torch-compile-backend`, `--torch-compile-mode`): each scale list's first batch runs once
+more untimed, as the compilation, reported apart ("first call s"); it pays on a long split of same-size images
+(Cityscapes), while images of varying size (Mapillary) compile again per size.
 
 `--save-predictions DIR` also writes each image's prediction as `DIR/<id>.png` (one model, one scale list): training
 ids, the dataset's own label ids (`--prediction-format label_ids`: Cityscapes' labelIds, what its benchmark server and
@@ -30,7 +33,7 @@ showing them side by side.
 and flip are the ones it was exported with (`--scales` and `--flip` default to them and must match), so `--model
 torch=runs/m ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a graph that
 other tools changed afterwards, e.g. quantised). It has no attention maps (no `--scale-shares`, `--save-visuals`) and
-runs in the precision it holds (no `--precision`, no tiling).
+runs in the precision it holds (no `--precision`, no tiling, no `--torch-compile`).
 """
 
 from __future__ import annotations
@@ -60,7 +63,14 @@ from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess
 from ..export_onnx import OnnxSegmenter
 from ..hub import check_model_source, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
-from ..inference_options import TILING_ARGUMENTS, add_large_input_arguments, large_input_settings
+from ..inference_options import (
+    TILING_ARGUMENTS,
+    add_compile_arguments,
+    add_large_input_arguments,
+    compile_for_inference,
+    compile_settings,
+    large_input_settings,
+)
 from ..modeling_hms import (
     HMSForSemanticSegmentation,
     HMSSemanticSegmenterOutput,
@@ -219,6 +229,7 @@ def evaluate_scales(
     batch_size: int = 1,
     batch_size_flag: str = "--batch-size",
     scale_shares: bool = False,
+    warm_up: bool = False,
     **tiling: Any,
 ) -> dict:
     """mIoU and per-class IoU of `model` on `dataset` at `scales`, with the time per image; classes named by
@@ -230,7 +241,9 @@ def evaluate_scales(
     `visuals_writer.pictured`); `batch_size` images of one size go through the model together (`batch_size_flag`: the
     option an error about mixed sizes names). `scale_shares` (HMSA's chain over several scales) adds
     `"scale_shares"`: per class and over all labelled pixels, the mean share of each scale in the result
-    (`hierarchical_scale_weights`, from the unmirrored pass).
+    (`hierarchical_scale_weights`, from the unmirrored pass). `warm_up` runs the first batch once more before its timed
+    pass, so that a compiled model's compilation stays out of the time per image; that first call's seconds are
+    `"warm_up_seconds"` (this process's).
 
     Under ``torch.distributed`` each process evaluates every `world_size`-th image and the counts are summed over the
     processes: every process returns the figures of the whole split."""
@@ -254,6 +267,7 @@ def evaluate_scales(
                              f"scale_fusion={model.config.scale_fusion!r}")
         share_sums = torch.zeros(len(scales) + 1, num_labels, dtype=torch.float64, device=device)
     seconds = 0.0
+    warm_up_seconds = None
     with torch.inference_mode():
         bar = tqdm(total=len(shard), desc=f"evaluating {scale_list_label(scales, flip, precision)}", unit="image",
                    disable=not progress)
@@ -261,6 +275,13 @@ def evaluate_scales(
         for batch in loader:
             pixel_values = batch["pixel_values"].to(device)
             labels = batch["labels"].to(device)
+            if warm_up and warm_up_seconds is None:
+                start = time.perf_counter()
+                with autocast:
+                    predict_with_attentions(model, pixel_values, scales, flip, max_long_side, share_sums is not None,
+                                            **tiling)
+                wait_for_device(pixel_values.device)
+                warm_up_seconds = time.perf_counter() - start
             start = time.perf_counter()
             with autocast:
                 logits, outputs = predict_with_attentions(model, pixel_values, scales, flip, max_long_side,
@@ -318,6 +339,7 @@ def evaluate_scales(
         "images": len(dataset),
         "processes": world_size,
         "seconds_per_image": seconds / max(1, len(dataset)),
+        **({"warm_up_seconds": warm_up_seconds} if warm_up_seconds is not None else {}),
         "mean_iou": float(metrics["mean_iou"]),
         "mean_accuracy": float(metrics["mean_accuracy"]),
         "overall_accuracy": float(metrics["overall_accuracy"]),
@@ -484,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "mean share of each scale over the class's pixels); keeps the per-scale maps of each "
                              "forward, so it needs more memory")
     add_large_input_arguments(parser)
+    add_compile_arguments(parser)
     return parser
 
 
@@ -496,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
+        torch_compile = compile_settings(args)
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
                                   mapillary_version=args.mapillary_version,
                                   max_eval_samples=args.max_samples, eval_long_side=args.eval_long_side)
@@ -532,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with launched_processes(cpu=args.device == "cpu") as state:
-        return _evaluate_and_report(args, state, data_args, scale_lists, model_paths, graphs)
+        return _evaluate_and_report(args, state, data_args, scale_lists, model_paths, graphs, torch_compile)
 
 
 def check_graph_arguments(args: argparse.Namespace, graphs: Iterable[OnnxSegmenter],
@@ -554,6 +578,9 @@ def check_graph_arguments(args: argparse.Namespace, graphs: Iterable[OnnxSegment
             if value:
                 raise ValueError(f"{flag} needs the attention maps, which --model {graph.path} does not output: "
                                  "evaluate the model folder for them")
+        if compile_settings(args) is not None:
+            raise ValueError(f"--torch-compile: --model {graph.path} runs in onnxruntime, which compiles nothing of "
+                             "PyTorch's; leave the torch.compile options out")
         tiling = [name for name in TILING_ARGUMENTS if getattr(args, name) is not None]
         if tiling:
             raise ValueError(f"--{tiling[0]}: --model {graph.path} is never tiled; leave the tiling options out")
@@ -579,7 +606,8 @@ def launched_processes(cpu: bool = False) -> Iterator[PartialState]:
 
 
 def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArguments, scale_lists: list[list[float]],
-                         model_paths: dict[str, str], graphs: dict[str, OnnxSegmenter]) -> int:
+                         model_paths: dict[str, str], graphs: dict[str, OnnxSegmenter],
+                         torch_compile: dict[str, str | None] | None = None) -> int:
     """`main` once the arguments are checked and the processes connected: evaluate, then print and save (process 0)."""
     if state.num_processes > 1 and args.device not in (None, "cpu"):
         print(f"error: --device {args.device} with {state.num_processes} processes: each process evaluates on its "
@@ -609,7 +637,7 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         else:
             with state.main_process_first():  # one download into the Hub cache, not one per process
                 model = HMSForSemanticSegmentation.from_pretrained(path)
-            model = model.to(device).eval()
+            model = compile_for_inference(model.to(device).eval(), torch_compile)
         if len(id2label) != model.config.num_labels:
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
                   f"{len(id2label)}", file=sys.stderr)
@@ -637,8 +665,9 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
             {**evaluate_scales(model, dataset, scales, flip, device, id2label, max_long_side, args.precision,
                                args.num_workers, progress=args.progress and state.is_main_process,
                                prediction_writer=writer, visuals_writer=visuals, batch_size=args.batch_size,
-                               scale_shares=args.scale_shares, **tiling),
-             **({"flip": args.flip, "runtime": "onnxruntime"} if name in graphs else {})}
+                               scale_shares=args.scale_shares, warm_up=torch_compile is not None, **tiling),
+             **({"flip": args.flip, "runtime": "onnxruntime"} if name in graphs else {}),
+             **({"torch_compile": torch_compile} if torch_compile is not None else {})}  # (graphs refuse it)
             for scales in scale_lists
         ]
     if not state.is_main_process:  # every process holds the summed figures; one prints and writes them
