@@ -382,6 +382,19 @@ def test_results_given_at_push_time_renew_the_card_but_keep_its_license(fake_hub
     assert card.data.license == "bsd-3-clause" and len(card.data.eval_results) == 4
 
 
+def test_license_and_dataset_given_at_push_time_reach_a_kept_card(fake_hub, tiny_model, tmp_path):
+    folder = save_for_hub(tiny_model, tmp_path / "ready")  # a card with the package's license and no dataset
+    before = snapshot(folder)
+    push_to_hub(folder, "someone/hms-tiny", token="hf_test", license="bsd-3-clause", dataset="mapillary")
+    push_to_hub(folder, "someone/hms-tiny", token="hf_test", dataset="my street photos")
+    push_to_hub(folder, "someone/hms-tiny", token="hf_test")
+    cards = [ModelCard(commit["files"]["README.md"].decode()) for api in fake_hub.instances for commit in api.commits]
+    assert [(card.data.license, card.data.datasets) for card in cards] == [
+        ("bsd-3-clause", ["mapillary-vistas"]), ("apache-2.0", ["my-street-photos"]), ("apache-2.0", None)]
+    assert cards[0].text == cards[2].text  # the card's body is kept as it was
+    assert snapshot(folder) == before
+
+
 def test_push_fails_early_offline(fake_hub, monkeypatch, plain_folder):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     before = snapshot(plain_folder)

@@ -175,10 +175,19 @@ def test_rgb_arrays_one_row_high_or_three_pixels_wide_keep_their_layout(height, 
         torch.testing.assert_close(pixels(processor, layout), expected)
 
 
-def test_rgba_array_drops_its_alpha_like_an_rgba_file(processor, odd_inputs):
+def test_rgba_array_drops_its_alpha_like_an_rgba_file(processor, odd_inputs, tmp_path):
     rgba = np.asarray(Image.open(odd_inputs / "rgba.png"))
     assert rgba.shape[-1] == 4
     torch.testing.assert_close(pixels(processor, rgba), pixels(processor, odd_inputs / "rgba.png"))
+    # (partly) transparent pixels keep their colours in every layout, as in a file (not blended onto white)
+    translucent = rgba.copy()
+    translucent[..., 3] = np.random.default_rng(0).choice([0, 128, 255], translucent.shape[:2]).astype(np.uint8)
+    Image.fromarray(translucent).save(tmp_path / "translucent.png")
+    expected = pixels(processor, np.ascontiguousarray(translucent[..., :3]))
+    torch.testing.assert_close(pixels(processor, tmp_path / "translucent.png"), expected)
+    channels_first = np.moveaxis(translucent, -1, 0).copy()
+    for layout in (translucent, torch.from_numpy(translucent), channels_first, torch.from_numpy(channels_first)):
+        torch.testing.assert_close(pixels(processor, layout), expected)
 
 
 def test_float_images_already_in_zero_one_are_flagged(processor, odd_inputs):

@@ -77,6 +77,13 @@ KNOWN_DATASETS: dict[str, DatasetDescription] = {
 """The datasets of `hms-segmentation train/evaluate --dataset`; any other name is used as given."""
 
 
+def describe_dataset(dataset: str) -> DatasetDescription:
+    """`KNOWN_DATASETS[dataset]`, or for another name that name, with a metadata id made of its lowercase letters,
+    digits, ``_.-`` and dashes."""
+    return KNOWN_DATASETS.get(dataset) or DatasetDescription(
+        dataset, re.sub(r"[^a-z0-9_.-]+", "-", dataset.lower()).strip("-"))
+
+
 class HubPublishingError(RuntimeError):
     """Publishing cannot start or did not finish; the message says why and what to do."""
 
@@ -283,9 +290,7 @@ def build_model_card(
     if evaluation is not None and dataset is None:
         raise ValueError("dataset must be given (e.g. 'cityscapes'): the evaluation JSON does not name the dataset "
                          "it was measured on")
-    described = KNOWN_DATASETS.get(dataset) if dataset else None
-    if dataset and described is None:
-        described = DatasetDescription(dataset, re.sub(r"[^a-z0-9_.-]+", "-", dataset.lower()).strip("-"))
+    described = describe_dataset(dataset) if dataset else None
     model_id = repo_id or LOCAL_MODEL_ID
     # without a repository, the trunk names the model (the placeholder's last part would read "folder")
     model_name = model_name or (repo_id.rstrip("/").split("/")[-1] if repo_id else f"hms-{config.trunk.replace('_', '-')}")
@@ -597,7 +602,9 @@ def push_to_hub(
         repo_id: `"user/name"` or `"org/name"`; created if missing.
         private: Create the repository as private.
         token: A Hugging Face token with write access; defaults to the logged-in one (`hf auth login`, `HF_TOKEN`).
-        evaluation, dataset, split, license: For a generated card (see `build_model_card`).
+        evaluation, dataset, split, license: For a generated card (see `build_model_card`). When the folder's card is
+            kept (no `evaluation`), `license` and `dataset`, if given, replace those fields of its metadata in the
+            published copy.
         commit_message: Defaults to "Upload HMS model".
         revision: The branch to commit to (created from the main branch if missing); default: the main branch.
 
@@ -624,6 +631,11 @@ def push_to_hub(
             existing_license = card.data.license
         if evaluation is not None:  # new results: a new card, keeping the license of the old one
             card = None
+        elif card is not None:  # the kept card takes what was asked for now (in the published copy only)
+            if license is not None:
+                card.data.license = license
+            if dataset is not None:
+                card.data.datasets = [describe_dataset(dataset).card_id]
         graphs = onnx_files(folder)
         graph_paths = [f"{ONNX_FOLDER}/{path.name}" for path in graphs if path.name.endswith(".onnx")]
         if card is not None and graph_paths and "\n## ONNX\n" not in card.content:
@@ -685,9 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=None, help="Hub token with write access (default: the logged-in one)")
     parser.add_argument("--results", type=Path, default=None,
                         help="results.json of `hms-segmentation evaluate`, for the card's model-index")
-    parser.add_argument("--dataset", default=None, help="dataset the results were measured on (cityscapes, ...)")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset the model was trained and the results measured on (cityscapes, ...): the card's "
+                             "metadata")
     parser.add_argument("--split", default=None, help="evaluated split (default: val)")
-    parser.add_argument("--license", default=None, help=f"license of the weights (default: {PACKAGE_LICENSE})")
+    parser.add_argument("--license", default=None,
+                        help=f"license of the weights, in the card's metadata (default: the folder card's, else "
+                             f"{PACKAGE_LICENSE})")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
     return parser

@@ -23,6 +23,7 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     get_image_size,
+    infer_channel_dimension_format,
     make_flat_list_of_images,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
@@ -221,6 +222,13 @@ class HMSImageProcessor(PilBackend):
                 image, input_data_format = np.repeat(image[..., None], 3, axis=-1), ChannelDimension.LAST
             elif image.ndim == 3 and input_data_format is None:
                 input_data_format = infer_channel_layout(image.shape)
+            if image.ndim == 3 and do_convert_rgb:
+                layout = ChannelDimension(input_data_format or infer_channel_dimension_format(image))
+                channel_axis = 0 if layout == ChannelDimension.FIRST else -1
+                if image.shape[channel_axis] == 4:
+                    # RGBA: alpha dropped, as for a PIL image and in the training reader (transformers' conversion
+                    # would blend the colours onto white wherever alpha < 255)
+                    image = np.take(image, [0, 1, 2], axis=channel_axis)
             is_float = np.issubdtype(image.dtype, np.floating) and image.size > 0
             if do_rescale and is_float and 0 <= image.min() <= image.max() <= 1:
                 warnings.warn(
