@@ -189,3 +189,27 @@ def test_an_unreadable_centroid_cache_is_rebuilt_not_fatal(train_set, tmp_path, 
     assert rebuilt.centroids == built.centroids and "is unreadable" in caplog.text
     assert json.loads(cache_file.read_text())["version"] == class_uniform_module.CENTROIDS_VERSION
     assert [path.name for path in (tmp_path / "centroids").iterdir()] == [cache_file.name]  # no temporary left
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent_workers"])
+def test_each_epoch_reaches_dataloader_workers_with_its_plan_and_augmentation(train_set, persistent):
+    """Persistent workers keep the dataset copy they started with: the epoch set afterwards must still reach them."""
+    import torch
+
+    centroids = ClassCentroidIndex.build(train_set, NUM_LABELS)
+    dataset = SegmentationTrainingDataset(train_set, SegmentationTrainTransform(CROP), num_labels=NUM_LABELS, seed=3,
+                                          class_centroids=centroids, class_uniform_fraction=1.0)
+
+    def epoch_samples(loader_or_dataset) -> list[bytes]:
+        return [sample["pixel_values"].numpy().tobytes() + sample["labels"].numpy().tobytes()
+                for sample in loader_or_dataset]
+
+    expected = []
+    for epoch in range(3):  # in this process, no workers
+        dataset.set_epoch(epoch)
+        expected.append(epoch_samples(dataset[index] for index in range(len(dataset))))
+    assert expected[0] != expected[1] != expected[2]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=persistent)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)  # as the Trainer / accelerate do, before iterating the epoch
+        assert epoch_samples(loader) == expected[epoch]

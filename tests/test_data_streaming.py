@@ -64,3 +64,44 @@ def test_dataloader_workers_each_read_their_own_shards(synthetic_cityscapes):
     without_workers = fingerprints(0)
     assert len(without_workers) == SYNTHETIC_TRAIN and len(set(without_workers)) == SYNTHETIC_TRAIN
     assert fingerprints(2) == without_workers  # crops are seeded by sample id, not by position or worker
+
+
+def test_a_frame_repeated_within_a_streamed_epoch_gets_another_crop_each_time(synthetic_cityscapes):
+    """Fine frames mixed with more auto-labelled ones repeat within an epoch: each repeat is a new augmentation."""
+    import datasets
+
+    stream = load_cityscapes(synthetic_cityscapes, "train", streaming=True, options=CityscapesOptions(num_shards=1))
+    twice = datasets.concatenate_datasets([stream, stream])
+    transform = SegmentationTrainTransform(TrainAugmentationOptions(crop_size=(16, 32)))
+    training = SegmentationTrainingStream(twice, transform, num_labels=19, seed=5)
+    training.set_epoch(0)
+    samples = [sample["pixel_values"].numpy().tobytes() for sample in training]
+    assert len(samples) == 2 * SYNTHETIC_TRAIN and len(set(samples)) == 2 * SYNTHETIC_TRAIN
+    once = SegmentationTrainingStream(stream, transform, num_labels=19, seed=5)
+    once.set_epoch(0)
+    assert [sample["pixel_values"].numpy().tobytes() for sample in once] == samples[:SYNTHETIC_TRAIN]  # first meetings
+
+
+def test_the_streamed_training_set_is_shuffled_anew_every_epoch(tmp_path):
+    from hms_segmentation.training.arguments import DataArguments
+    from hms_segmentation.training.datasets import build_datasets
+
+    def epoch_orders(seed: int, **options) -> list[list[str]]:
+        args = DataArguments(data_dir=str(tmp_path / "data"), synthetic_train_frames=8, synthetic_val_frames=1,
+                             synthetic_height=32, synthetic_width=64, streaming=True, crop_size=16,
+                             class_uniform_fraction=0.0, **options)
+        stream = build_datasets(args, seed=seed, do_eval=False).train.stream
+        orders = []
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            orders.append([row["id"] for row in stream.rows])
+        return orders
+
+    orders = epoch_orders(seed=0)
+    listed = sorted(orders[0])  # the files are listed city by city, frame by frame
+    assert all(sorted(order) == listed and len(order) == 8 for order in orders)
+    assert orders[0] != listed and orders[0] != orders[1] != orders[2]
+    assert epoch_orders(seed=0) == orders and epoch_orders(seed=1) != orders  # seeded by the training seed
+    assert epoch_orders(seed=0, shuffle_buffer_size=1)[0] != orders[0]  # (1: the shard order alone)
+    with pytest.raises(ValueError, match="--shuffle_buffer_size must be at least 1"):
+        DataArguments(shuffle_buffer_size=0)

@@ -16,6 +16,7 @@ Call ``set_epoch(epoch)`` before each epoch: it reseeds the augmentation, the cl
 
 from __future__ import annotations
 
+import collections
 import logging
 import zlib
 from collections.abc import Iterator
@@ -103,7 +104,6 @@ class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
             later epochs leave them out (the reference's ``max_cu_epoch``, 150 of 175). `None`: every epoch.
     """
 
-    epoch = 0
     skipped = 0  # bad samples met in this process during the current epoch
 
     def __init__(
@@ -122,10 +122,19 @@ class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
             raise ValueError(f"centroid_rows_epochs must be >= 0, got {centroid_rows_epochs}")
         self.centroid_rows_from = centroid_rows_from
         self.centroid_rows_epochs = centroid_rows_epochs
+        # in shared memory: DataLoader workers, persistent ones too, keep the copy of the dataset they started with,
+        # and read the epoch that the main process sets from here (as `datasets` shares a stream's epoch)
+        self._shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._plan_epoch: int | None = None
         super().__init__(dataset, transform, **options)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._shared_epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Reseed augmentation and redraw the class-uniform plan (the reference rebuilds it every epoch).
+        """Reseed augmentation and redraw the class-uniform plan (the reference rebuilds it every epoch), in this
+        process and in its DataLoader workers (each redraws the same plan when it next reads a sample).
 
         Also closes the previous epoch: its count of skipped samples is reported (for samples read in this
         process; DataLoader workers log each skip as it happens).
@@ -133,22 +142,31 @@ class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
         if self.skipped:
             logger.warning("epoch %d: skipped %d bad sample(s) of %d (skip_bad_samples=True); see the warnings above",
                            self.epoch, self.skipped, len(self))
-        self.epoch = epoch
+        self._shared_epoch.fill_(epoch)
         self.skipped = 0
-        self.plan: list[tuple[int, tuple[int, int] | None]] | None = None
-        if self.class_centroids is not None and self.class_uniform_fraction > 0:
-            sample_ids = list(self.rows["id"])
-            if self.centroid_rows_epochs is not None and epoch >= self.centroid_rows_epochs:
-                sample_ids = sample_ids[: self.centroid_rows_from]  # the centroid-only rows are done
-            self.plan = self.class_centroids.plan_epoch(sample_ids, self.class_uniform_fraction,
-                                                        np.random.default_rng([self.seed, epoch, 2**31]),
-                                                        epoch_rows=self.centroid_rows_from)
+        self._plan_for(epoch)
+
+    def _plan_for(self, epoch: int) -> list[tuple[int, tuple[int, int] | None]] | None:
+        """The class-uniform plan of `epoch` (`None` without class-uniform sampling), drawn once per process."""
+        if self._plan_epoch != epoch:
+            self.plan: list[tuple[int, tuple[int, int] | None]] | None = None
+            if self.class_centroids is not None and self.class_uniform_fraction > 0:
+                sample_ids = list(self.rows["id"])
+                if self.centroid_rows_epochs is not None and epoch >= self.centroid_rows_epochs:
+                    sample_ids = sample_ids[: self.centroid_rows_from]  # the centroid-only rows are done
+                self.plan = self.class_centroids.plan_epoch(sample_ids, self.class_uniform_fraction,
+                                                            np.random.default_rng([self.seed, epoch, 2**31]),
+                                                            epoch_rows=self.centroid_rows_from)
+            self._plan_epoch = epoch
+        return self.plan
 
     def __len__(self) -> int:
         return len(self.rows) if self.centroid_rows_from is None else self.centroid_rows_from
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row_index, centroid = self.plan[index] if self.plan is not None else (index, None)
+        epoch = self.epoch
+        plan = self._plan_for(epoch)
+        row_index, centroid = plan[index] if plan is not None else (index, None)
         for attempt in range(len(self.rows)):
             row = self.rows[(row_index + attempt) % len(self.rows)]
             try:
@@ -158,10 +176,10 @@ class SegmentationTrainingDataset(_AugmentedRows, torch.utils.data.Dataset):
                     raise
                 self.skipped += 1
                 logger.warning("skipped bad sample %s (epoch %d, %d skipped so far in this process): %s", row["id"],
-                               self.epoch, self.skipped, error)
+                               epoch, self.skipped, error)
                 centroid = None  # the centroid belonged to the bad image
                 continue
-            return self.transform(image, label, sample_generator(self.seed, self.epoch, index), centroid)
+            return self.transform(image, label, sample_generator(self.seed, epoch, index), centroid)
         raise ValueError(f"every one of the {len(self.rows)} samples failed to read; see the warnings above")
 
 
@@ -169,8 +187,10 @@ class SegmentationTrainingStream(_AugmentedRows, torch.utils.data.IterableDatase
     """Augmented training samples from a streaming dataset (arguments: see `_AugmentedRows`).
 
     In a DataLoader, each worker reads its own shards of the stream (so give it at least as many shards as workers).
-    Crops are seeded by sample id, so they do not depend on the number of workers. With class centroids, a crop is
-    centred on a class centroid with probability `class_uniform_fraction` (see `ClassCentroidIndex.choose_centroid`).
+    Crops are seeded by sample id, so they do not depend on the number of workers; a frame the stream repeats within
+    an epoch (fine frames mixed with more auto-labelled ones) gets another crop each time. With class centroids, a
+    crop is centred on a class centroid with probability `class_uniform_fraction` (see
+    `ClassCentroidIndex.choose_centroid`).
     With ``skip_bad_samples``, bad samples are skipped and their count is reported at the end of each epoch.
     """
 
@@ -184,10 +204,12 @@ class SegmentationTrainingStream(_AugmentedRows, torch.utils.data.IterableDatase
         where = f", dataloader worker {worker.id}" if worker else ""
         skipped = SkippedSamples(f"training stream, epoch {epoch}{where}")
         seen = 0
+        repeats: collections.Counter[str] = collections.Counter()
         for row in self.rows:
             seen += 1
             # Seeded by the sample id, not its position: the same crops whatever the number of workers.
-            rng = sample_generator(self.seed, epoch, zlib.crc32(row["id"].encode()))
+            rng = sample_generator(self.seed, epoch, zlib.crc32(row["id"].encode()), repeats[row["id"]])
+            repeats[row["id"]] += 1
             try:
                 image, label = self._read(row)
             except BadSampleError as error:

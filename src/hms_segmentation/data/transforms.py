@@ -52,9 +52,10 @@ RESAMPLING = ("bicubic", "bilinear")
 """Image resampling filters of the training scale step (`F.interpolate` modes with `antialias=True`: PIL's filters)."""
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random generator of one training sample: a pure function of (seed, epoch, index), whatever the workers."""
-    return np.random.default_rng([seed, epoch, index])
+def sample_generator(seed: int, epoch: int, index: int, repeat: int = 0) -> np.random.Generator:
+    """The random generator of one training sample: a pure function of (seed, epoch, index), whatever the workers.
+    `repeat` > 0 gives another generator for the same sample met again in the epoch (a stream that repeats frames)."""
+    return np.random.default_rng([seed, epoch, index, repeat] if repeat else [seed, epoch, index])
 
 
 def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:

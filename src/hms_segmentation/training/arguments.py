@@ -107,6 +107,12 @@ class DataArguments:
     train_split: str = field(default="train")
     eval_split: str = field(default="val")
     streaming: bool = field(default=False, metadata={"help": "stream the training split (IterableDataset; needs max_steps)"})
+    shuffle_buffer_size: int = field(
+        default=256,
+        metadata={"help": "--streaming: rows held to shuffle the stream, whose shard order is shuffled too, both anew "
+                          "every epoch; a row holds its encoded image when read from parquet shards or the Hub "
+                          "(1: shard order only)"},
+    )
     crop_size: int = field(default=1024, metadata={"help": "training crop height (and width, unless --crop_width)"})
     crop_width: int | None = field(
         default=None, metadata={"help": "training crop width (default: --crop_size, a square crop; the reference's "
@@ -213,6 +219,9 @@ class DataArguments:
         for name in ("synthetic_train_frames", "synthetic_val_frames", "synthetic_height", "synthetic_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size must be at least 1 (1: shard order only), got "
+                             f"{self.shuffle_buffer_size}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1 (or left out for every sample), got {getattr(self, name)}")

@@ -214,6 +214,9 @@ def build_datasets(args: DataArguments, seed: int, do_eval: bool = True) -> Segm
         "skip_bad_samples": args.skip_bad_samples,
     }
     if args.streaming:
+        # files are listed in order (city by city): shuffled shards and a shuffle buffer, reseeded by every set_epoch;
+        # one shard read at a time (more make datasets read in threads and wait at every epoch's end)
+        train_rows = train_rows.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size, max_buffer_input_shards=1)
         # epochs chained into one iteration: a resumed run skips its trained batches into the right epoch
         train = ConsecutiveEpochs(SegmentationTrainingStream(train_rows, transform, **common))
     else:
