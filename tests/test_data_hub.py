@@ -1,4 +1,5 @@
-"""Hub-style parquet shards: writing local copies, loading them (map-style and streaming), column mapping."""
+"""Hub-style parquet shards: writing local copies (also in place), loading them (map-style and streaming), column
+mapping; and `num_proc` of the map-style builder behind the loaders."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from hms_segmentation.data import (
     split_stream_for_rank,
     write_parquet_shards,
 )
+from hms_segmentation.data.hub import RAW_IMAGE_FEATURES
+from hms_segmentation.data.synthesize import SyntheticDatasetOptions, synthesize_cityscapes
 
 
 @pytest.fixture
@@ -128,3 +131,52 @@ def test_a_missing_local_folder_is_named(tmp_path):
         load_cityscapes(tmp_path / "typo", "val")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'typo'} not found"):
         load_mapillary(tmp_path / "typo", "validation")
+
+
+def _file_bytes(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.parquet"))}
+
+
+def test_shards_can_be_rewritten_in_place_from_a_stream_of_themselves(parquet_copy, hf_cache):
+    folder, original = parquet_copy
+    other_split = folder / "data" / "validation-00000-of-00001.parquet"
+    other_split.write_bytes(b"another split: never touched")
+    stream = load_cityscapes(folder, "train", streaming=True, options=CityscapesOptions(cache_dir=hf_cache))
+    paths = write_parquet_shards(stream, folder, split="train", num_shards=2)
+    assert sorted(path.name for path in (folder / "data").glob("train-*.parquet")) == [
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"] == [path.name for path in paths]
+    assert other_split.read_bytes() == b"another split: never touched"
+    assert sorted(entry.name for entry in folder.iterdir()) == ["data"]  # no staging folder left behind
+    reloaded = load_hub_dataset(str(folder / "data" / "train-*.parquet"), "train", cache_dir=hf_cache)
+    rows = {row["id"]: row for row in reloaded}
+    assert sorted(rows) == sorted(original["id"])
+    for row in original.select(range(3)):
+        np.testing.assert_array_equal(np.array(rows[row["id"]]["label"]), np.array(row["label"]))
+
+
+def test_an_error_while_writing_keeps_the_earlier_shards(parquet_copy, tmp_path):
+    folder, original = parquet_copy
+    before = _file_bytes(folder / "data")
+    raw = original.cast(RAW_IMAGE_FEATURES)
+
+    def rows_then_a_missing_file():
+        yield from (raw[index] for index in range(3))
+        yield {"image": {"path": str(tmp_path / "missing.png"), "bytes": None}, "label": raw[3]["label"], "id": "x"}
+
+    broken = datasets.IterableDataset.from_generator(rows_then_a_missing_file, features=RAW_IMAGE_FEATURES)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        write_parquet_shards(broken, folder, split="train", num_shards=2, rows_per_group=1)
+    assert _file_bytes(folder / "data") == before
+    assert sorted(entry.name for entry in folder.iterdir()) == ["data"]
+
+
+def test_more_processes_than_samples_are_lowered_with_a_warning(tmp_path, caplog):
+    root = synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "one", num_train=1, num_val=0,
+                                                         height=32, width=64, num_workers=1))
+    options = CityscapesOptions(num_proc=2, cache_dir=tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="hms_segmentation.data.builder"):
+        dataset = load_cityscapes(root, "train", options=options)
+    assert len(dataset) == 1
+    assert "num_proc=2 is more than the 1 sample(s); building with num_proc=1" in caplog.text
+    with pytest.raises(ValueError, match=r"LoaderOptions.num_proc must be >= 1 or None, got 0"):
+        load_cityscapes(root, "train", options=CityscapesOptions(num_proc=0, cache_dir=tmp_path / "cache"))

@@ -1,4 +1,5 @@
-"""The synthetic street-scene dataset: official Cityscapes layout, valid labels, determinism, safe output folder."""
+"""The synthetic street-scene dataset: official Cityscapes layout, valid labels, determinism, safe output folder,
+recovery from an interrupted generation."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from data_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 from PIL import Image
 
+from hms_segmentation.data import synthesize
 from hms_segmentation.data.synthesize import (
+    IN_PROGRESS_FILE,
     MARKER_FILE,
     SceneCanvas,
     StreetLayout,
@@ -128,3 +131,62 @@ def test_invalid_options_are_refused(tmp_path):
         SyntheticDatasetOptions(output_dir=tmp_path, height=8)
     with pytest.raises(ValueError, match="num_train"):
         SyntheticDatasetOptions(output_dir=tmp_path, num_train=0, num_val=0)
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, frames: int) -> None:
+    """Make the frame writer fail once `frames` frames are written, as a crash or Ctrl-C would."""
+    written = []
+    write_frame = synthesize._write_frame
+
+    def failing(task):
+        if len(written) == frames:
+            raise KeyboardInterrupt("interrupted")
+        write_frame(task)
+        written.append(task)
+
+    monkeypatch.setattr(synthesize, "_write_frame", failing)
+
+
+def test_an_interrupted_generation_is_regenerated_as_if_uninterrupted(tmp_path, monkeypatch):
+    options = dict(num_train=4, num_val=2, height=32, width=64, seed=5, num_workers=1)
+    reference = synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "reference", **options))
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "resumed", **options))
+    resumed = tmp_path / "resumed"
+    assert not (resumed / MARKER_FILE).exists() and (resumed / IN_PROGRESS_FILE).is_file()  # never taken as finished
+    synthesize_cityscapes(SyntheticDatasetOptions(output_dir=resumed, **options))
+    files = sorted(str(path.relative_to(resumed)) for path in resumed.rglob("*") if path.is_file())
+    assert files == sorted(str(path.relative_to(reference)) for path in reference.rglob("*") if path.is_file())
+    assert _digest(resumed) == _digest(reference)
+    assert (resumed / MARKER_FILE).read_text() == (reference / MARKER_FILE).read_text()
+
+
+def test_an_interrupted_generation_with_other_settings_is_replaced_and_user_files_are_kept(tmp_path, monkeypatch):
+    options = dict(output_dir=tmp_path, num_val=0, height=32, width=64, num_workers=1)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            synthesize_cityscapes(SyntheticDatasetOptions(num_train=5, **options))
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "gtFine" / "README").write_text("mine too")
+    synthesize_cityscapes(SyntheticDatasetOptions(num_train=2, **options))
+    assert len(list(tmp_path.glob("leftImg8bit/train/*/*.png"))) == 2  # no frame of the interrupted run is left
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "gtFine" / "README").read_text() == "mine too"
+    assert not (tmp_path / IN_PROGRESS_FILE).exists() and (tmp_path / MARKER_FILE).is_file()
+
+
+def test_a_folder_with_user_files_or_an_unreadable_marker_is_refused(tmp_path):
+    (tmp_path / "user" / "leftImg8bit").mkdir(parents=True)
+    (tmp_path / "user" / "leftImg8bit" / "photo.png").write_bytes(b"not ours")
+    options = dict(num_train=1, num_val=0, height=32, width=64, num_workers=1)
+    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'user'} is not empty and is not a synthetic dataset"):
+        synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "user", **options))
+    assert (tmp_path / "user" / "leftImg8bit" / "photo.png").read_bytes() == b"not ours"
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / IN_PROGRESS_FILE).write_text("{not json")
+    (tmp_path / "odd" / "photo.png").write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match=rf"{IN_PROGRESS_FILE}: expected the settings of a synthetic dataset"):
+        synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "odd", **options))
+    assert sorted(path.name for path in (tmp_path / "odd").iterdir()) == sorted([IN_PROGRESS_FILE, "photo.png"])

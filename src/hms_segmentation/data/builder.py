@@ -200,6 +200,20 @@ class LoaderOptions:
     num_proc: int | None = None
 
 
+def _processes_for(num_proc: int | None, num_samples: int, context: str) -> int | None:
+    """`LoaderOptions.num_proc`, lowered (with a warning) to the number of samples, as `datasets` does for shards."""
+    if num_proc is None:
+        return None
+    if num_proc < 1:
+        raise ValueError(f"{context}: LoaderOptions.num_proc must be >= 1 or None, got {num_proc}")
+    if num_proc > num_samples:
+        # every process reads one shard of at least one sample: extra processes would have nothing to read
+        logger.warning("%s: num_proc=%d is more than the %d sample(s); building with num_proc=%d", context, num_proc,
+                       num_samples, num_samples)
+        return num_samples
+    return num_proc
+
+
 def build_dataset(
     samples: Sequence[SampleFiles],
     label_mapping: LabelMapping,
@@ -238,12 +252,13 @@ def build_dataset(
             _generate_rows, features=SEGMENTATION_FEATURES, split=split_name,
             gen_kwargs={"shards": split_into_shards(samples, options.num_shards), "reader": reader, "context": context},
         )
+    num_proc = _processes_for(options.num_proc, len(samples), context)
     try:
         dataset = datasets.Dataset.from_generator(
             _generate_rows, features=SEGMENTATION_FEATURES, split=split_name,
-            cache_dir=os.fspath(options.cache_dir) if options.cache_dir else None, num_proc=options.num_proc,
+            cache_dir=os.fspath(options.cache_dir) if options.cache_dir else None, num_proc=num_proc,
             # One shard per process: each generator call reads its files and reports its skipped samples once.
-            gen_kwargs={"shards": split_into_shards(samples, options.num_proc or 1), "reader": reader,
+            gen_kwargs={"shards": split_into_shards(samples, num_proc or 1), "reader": reader,
                         "context": context, "signature": files_signature(samples)},
         )
     except DatasetGenerationError as error:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +162,14 @@ def write_parquet_shards(
 
     Map-style datasets are cut into contiguous shards; streaming ones are dealt round-robin.
 
+    The shards are first written to a hidden folder beside ``data/`` and moved in only once every one is complete, so
+    the dataset may stream from the very shards it replaces (resharding in place), and an error while writing (a bad
+    sample, a missing file) leaves the earlier shards as they were.
+
     Args:
         dataset: A dataset with the columns ``image``, ``label`` and ``id``.
-        output_dir: Gets ``data/<split>-00000-of-000NN.parquet``; existing shards of this split are replaced.
+        output_dir: Gets ``data/<split>-00000-of-000NN.parquet``; existing shards of this split are replaced (those of
+            other splits are kept).
         split: Split name used in the file names.
         num_shards: Number of files; a multiple of world size x dataloader workers lets every rank and worker
             stream its own files.
@@ -177,12 +184,35 @@ def write_parquet_shards(
     if length is not None and length < num_shards:
         raise ValueError(f"num_shards ({num_shards}) must not exceed the number of rows ({length})")
     dataset = dataset.select_columns(["image", "label", "id"]).cast(RAW_IMAGE_FEATURES)
-    # only once the arguments are known to be good: a refused call leaves the earlier shards in place
     output = Path(output_dir) / "data"
-    output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob(f"{split}-*-of-*.parquet"):
-        stale.unlink()
-    paths = [output / f"{split}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
+    names = [f"{split}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as data/, so the final moves are renames; hidden, and the staged files carry a suffix that no
+    # shard pattern matches, so a folder left behind by a killed process is never read as shards.
+    staging = Path(tempfile.mkdtemp(prefix=f".{split}-shards-", dir=output.parent))
+    try:
+        staged = [staging / f"{name}.partial" for name in names]
+        _write_shard_files(dataset, staged, length, rows_per_group)
+        output.mkdir(exist_ok=True)
+        # exact split match: the shards of another split (say ``train-extra`` beside ``train``) are kept
+        stale = [path for path in output.glob("*.parquet") if path.name not in names
+                 and (match := _SHARD_NAME.match(path.name)) and match["split"] == split]
+        # New shards first (a rename replaces a same-named old shard atomically), stale ones after: an interruption
+        # in between leaves extra old shards beside a complete new set, never fewer rows than before.
+        for source, name in zip(staged, names):
+            os.replace(source, output / name)
+        for path in stale:
+            path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [output / name for name in names]
+
+
+def _write_shard_files(
+    dataset: datasets.Dataset | datasets.IterableDataset, paths: list[Path], length: int | None, rows_per_group: int
+) -> None:
+    """Deal the rows of `dataset` over the files `paths` (contiguously when `length` is known, else round-robin)."""
+    num_shards = len(paths)
     schema = SEGMENTATION_FEATURES.arrow_schema
     writers: dict[int, pq.ParquetWriter] = {}
     buffers: dict[int, list[dict]] = {index: [] for index in range(num_shards)}
@@ -208,4 +238,3 @@ def write_parquet_shards(
     for path in paths:
         if not path.exists():  # fewer rows than shards in a stream: keep the advertised shard count
             pq.write_table(schema.empty_table(), path)
-    return paths

@@ -20,10 +20,11 @@ Run it with ``python -m hms_segmentation.data.synthesize --output-dir DIR`` (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
-import shutil
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +38,11 @@ from ..label_tables import CITYSCAPES_LABELS, cityscapes_label_id_to_train_id
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "hms_synthetic_dataset.json"
-"""Written at the root of a generated dataset; only a folder holding it may be overwritten."""
+"""Written at the root of a generated dataset once every frame is written; a folder holding it may be overwritten."""
+
+IN_PROGRESS_FILE = "hms_synthetic_dataset.in_progress.json"
+"""Written at the root before the first frame (with the settings, and those of the dataset it replaces), removed at
+the end: a folder holding it has our partial output only, which a later run removes and regenerates."""
 
 GENERATOR_VERSION = 1
 TRAIN_CITIES = ("synthberg", "procville", "rendermouth")
@@ -540,51 +545,139 @@ def _frame_stem(task: _FrameTask) -> str:
     return f"{task.city}_{task.index:06d}_{ANNOTATED_FRAME:06d}"
 
 
+def _frame_tasks(options: SyntheticDatasetOptions) -> list[_FrameTask]:
+    """Every frame of the dataset described by `options`, train then val."""
+    tasks = []
+    for split, count, cities in (("train", options.num_train, TRAIN_CITIES), ("val", options.num_val, VAL_CITIES)):
+        for index in range(count):
+            tasks.append(_FrameTask(options.output_dir, split, index, cities[index % len(cities)], options.height,
+                                    options.width, options.seed))
+    return tasks
+
+
+def _frame_files(task: _FrameTask) -> tuple[Path, Path, Path]:
+    """The image, labelIds and labelTrainIds files of one frame: the only files a frame writes."""
+    stem = _frame_stem(task)
+    image_dir = task.output_dir / "leftImg8bit" / task.split / task.city
+    label_dir = task.output_dir / "gtFine" / task.split / task.city
+    return (image_dir / f"{stem}_leftImg8bit.png", label_dir / f"{stem}_gtFine_labelIds.png",
+            label_dir / f"{stem}_gtFine_labelTrainIds.png")
+
+
 def _write_frame(task: _FrameTask) -> None:
     split_code = {"train": 0, "val": 1}[task.split]
     rng = np.random.default_rng([task.seed, split_code, task.index])
     image, label_ids = render_street_scene(task.height, task.width, rng)
-    stem = _frame_stem(task)
-    image_dir = task.output_dir / "leftImg8bit" / task.split / task.city
-    label_dir = task.output_dir / "gtFine" / task.split / task.city
+    image_path, label_ids_path, train_ids_path = _frame_files(task)
     # compress_level=1: noisy images barely compress better at higher levels, and writing is 3-4x faster.
-    Image.fromarray(image).save(image_dir / f"{stem}_leftImg8bit.png", compress_level=1)
-    Image.fromarray(label_ids).save(label_dir / f"{stem}_gtFine_labelIds.png", compress_level=1)
-    Image.fromarray(_train_id_table()[label_ids]).save(label_dir / f"{stem}_gtFine_labelTrainIds.png",
-                                                       compress_level=1)
+    Image.fromarray(image).save(image_path, compress_level=1)
+    Image.fromarray(label_ids).save(label_ids_path, compress_level=1)
+    Image.fromarray(_train_id_table()[label_ids]).save(train_ids_path, compress_level=1)
 
 
-def _prepare_output_dir(output_dir: Path) -> None:
-    """Refuse to write into a non-empty folder unless it holds a previous synthetic dataset (our marker file)."""
+def _settings(options: SyntheticDatasetOptions) -> dict:
+    """What the marker files record: everything that decides the files (not the folder, not the worker count)."""
+    return {"generator": "hms_segmentation.data.synthesize", "version": GENERATOR_VERSION,
+            **{key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(options).items()
+               if key not in ("output_dir", "num_workers")}}
+
+
+def _temporary_name(marker: str) -> str:
+    return f".{marker}.tmp"
+
+
+def _write_marker(path: Path, content: dict) -> None:
+    """Write a marker file whole or not at all (an interrupted write must not leave half a JSON behind)."""
+    temporary = path.with_name(_temporary_name(path.name))
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _recorded_options(marker: Path, output_dir: Path) -> list[SyntheticDatasetOptions]:
+    """The datasets a marker file says are (partly) written in `output_dir`: its own settings and, for an
+    in-progress marker, those of the dataset it was replacing.
+
+    Raises:
+        FileExistsError: The marker is no JSON written by this tool (then nothing in the folder is touched).
+    """
+    keys = ("num_train", "num_val", "height", "width", "seed")
+    try:
+        record = json.loads(marker.read_text())
+        records = [record, *record.get("previous", [])]
+        return [SyntheticDatasetOptions(output_dir=output_dir, **{key: int(entry[key]) for key in keys})
+                for entry in records]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise FileExistsError(
+            f"{marker}: expected the settings of a synthetic dataset written by this tool ({', '.join(keys)}), "
+            f"could not read them ({error!r}): refusing to overwrite {output_dir}; choose an empty or new --output-dir"
+        ) from None
+
+
+def _remove_generated_files(options: SyntheticDatasetOptions) -> None:
+    """Remove exactly the files the dataset `options` writes, then the folders left empty; nothing else."""
+    folders = set()
+    for task in _frame_tasks(options):
+        for path in _frame_files(task):
+            path.unlink(missing_ok=True)
+            folders.update((path.parent, path.parent.parent, path.parent.parent.parent))  # city, split, root
+    for folder in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):  # deepest first
+        with contextlib.suppress(OSError):  # not empty (someone else's files), or already gone
+            folder.rmdir()
+
+
+def _prepare_output_dir(options: SyntheticDatasetOptions) -> None:
+    """Refuse to write into a non-empty folder unless it holds a synthetic dataset of ours, complete or partial, and
+    remove that dataset's files (only those: anything else in the folder is kept).
+
+    Raises:
+        FileExistsError: `output_dir` is a file, or a non-empty folder without our marker files, or a marker file is
+            unreadable.
+    """
+    output_dir = options.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder: expected an empty or new output folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / MARKER_FILE).is_file():
-            raise FileExistsError(
-                f"{output_dir} is not empty and is not a synthetic dataset written by this tool (no {MARKER_FILE}): "
-                "refusing to overwrite it; choose an empty or new --output-dir"
-            )
-        for folder in ("leftImg8bit", "gtFine"):  # only what we wrote, never anything else
-            shutil.rmtree(output_dir / folder, ignore_errors=True)
-        (output_dir / MARKER_FILE).unlink()
+    complete, in_progress = output_dir / MARKER_FILE, output_dir / IN_PROGRESS_FILE
+    own_temporary = {_temporary_name(MARKER_FILE), _temporary_name(IN_PROGRESS_FILE)}
+    entries = [path for path in output_dir.iterdir() if path.name not in own_temporary] if output_dir.is_dir() else []
+    if entries and not complete.is_file() and not in_progress.is_file():
+        raise FileExistsError(
+            f"{output_dir} is not empty and is not a synthetic dataset written by this tool (no {MARKER_FILE} or "
+            f"{IN_PROGRESS_FILE}): refusing to overwrite it; choose an empty or new --output-dir"
+        )
+    previous = [recorded for marker in (complete, in_progress) if marker.is_file()
+                for recorded in _recorded_options(marker, output_dir)]
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The in-progress marker names every dataset whose files may still be here, and is in place before the complete
+    # marker goes and before any file is removed or written: if this run is interrupted at any point, the next one
+    # still knows which files are ours, and `ensure_synthetic_dataset` never takes a partial folder as finished.
+    unique = {json.dumps(_settings(recorded), sort_keys=True): _settings(recorded) for recorded in previous}
+    _write_marker(in_progress, {**_settings(options), "previous": list(unique.values())})
+    complete.unlink(missing_ok=True)
+    for name in own_temporary:
+        (output_dir / name).unlink(missing_ok=True)
+    for recorded in previous:
+        _remove_generated_files(recorded)
+    kept = [root for root in ("leftImg8bit", "gtFine") if (output_dir / root).exists()]
+    if kept:
+        logger.warning("%s: kept the files under %s that this generator did not write (images among them are loaded "
+                       "beside the new frames)", output_dir, " and ".join(f"{root}/" for root in kept))
 
 
 def synthesize_cityscapes(options: SyntheticDatasetOptions) -> Path:
     """Write the synthetic dataset described by `options`; return its root folder.
 
+    A folder holding an earlier synthetic dataset, finished or interrupted, gets its frames replaced; files that
+    this generator did not write are never removed.
+
     Raises:
         FileExistsError: `output_dir` is not empty and was not written by this generator.
     """
     output_dir = options.output_dir
-    _prepare_output_dir(output_dir)
-    tasks = []
-    for split, count, cities in (("train", options.num_train, TRAIN_CITIES), ("val", options.num_val, VAL_CITIES)):
-        for index in range(count):
-            city = cities[index % len(cities)]
-            tasks.append(_FrameTask(output_dir, split, index, city, options.height, options.width, options.seed))
-            for root in ("leftImg8bit", "gtFine"):
-                (output_dir / root / split / city).mkdir(parents=True, exist_ok=True)
+    _prepare_output_dir(options)
+    tasks = _frame_tasks(options)
+    for task in tasks:
+        for folder in {path.parent for path in _frame_files(task)}:
+            folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if options.num_workers == 1 or len(tasks) < 4:
         for task in tasks:
@@ -593,10 +686,9 @@ def synthesize_cityscapes(options: SyntheticDatasetOptions) -> Path:
         with multiprocessing.get_context("fork").Pool(options.num_workers) as pool:
             for _ in pool.imap_unordered(_write_frame, tasks, chunksize=4):
                 pass
-    marker = {"generator": "hms_segmentation.data.synthesize", "version": GENERATOR_VERSION,
-              **{key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(options).items()
-                 if key not in ("output_dir", "num_workers")}}
-    (output_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    # complete marker before the in-progress one goes, so the folder is claimed at every moment
+    _write_marker(output_dir / MARKER_FILE, _settings(options))
+    (output_dir / IN_PROGRESS_FILE).unlink()
     logger.info("wrote %d frames to %s in %.1f s", len(tasks), output_dir, time.perf_counter() - start)
     return output_dir
 
