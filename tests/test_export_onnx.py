@@ -298,3 +298,52 @@ def test_evaluate_names_an_onnx_file_it_cannot_use(tmp_path, capsys):
     onnx.save(helper.make_model(identity, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "other.onnx")
     assert re.search(r"other\.onnx: not a graph written by hms-segmentation export-onnx \(expected a `logits` output "
                      r"and the metadata hms_segmentation\.scales", refused(tmp_path / "other.onnx"))
+
+
+# --- inputs on the model's device (no GPU here: "meta" stands for a device other than the CPU) --------------------
+
+
+def test_the_traced_example_follows_the_weights_device(tmp_path, monkeypatch):
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).to("meta")
+    assert export_module.model_device(model) == torch.device("meta")
+    traced = []
+
+    def fake_export(graph, args, **kwargs):
+        traced.append(args[0].device)
+        raise RuntimeError("traced")  # nothing further can run on "meta"
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    with pytest.raises(RuntimeError, match="traced"):
+        export_onnx(model, tmp_path / "hms.onnx", check=False)
+    assert traced == [torch.device("meta")]
+    assert list(tmp_path.iterdir()) == []  # the staging folder is removed
+
+
+def test_the_check_runs_pytorch_on_the_weights_device_with_the_cpu_batch(tmp_path, monkeypatch):
+    seen = []
+
+    class DeviceRecorder(torch.nn.Module):
+        """A graph whose weights are on "meta": records where its input is, answers zeros on the CPU."""
+
+        with_labels = False
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            seen.append((pixel_values.device, tuple(pixel_values.shape)))
+            return torch.zeros(pixel_values.shape[0], 5, *pixel_values.shape[-2:])
+
+    class ZeroSession:
+        def __init__(self, path, providers):
+            pass
+
+        def run(self, names, feeds):
+            batch, _, height, width = feeds["pixel_values"].shape
+            return [np.zeros((batch, 5, height, width), np.float32)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", ZeroSession)
+    checks = export_module.check_against_pytorch(tmp_path / "hms.onnx", DeviceRecorder(), [(8, 16), (9, 17)])
+    assert seen == [(torch.device("meta"), (2, 3, 8, 16)), (torch.device("meta"), (2, 3, 9, 17))]
+    assert [check.size for check in checks] == [(8, 16), (9, 17)] and all(check.passed for check in checks)

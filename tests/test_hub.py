@@ -528,3 +528,25 @@ def test_checkpoint_pickles_are_never_executed(tmp_path):
     with pytest.raises(CheckpointConversionError, match="weights_only=True"):
         load_checkpoint_state_dict(path)
     assert not marker.exists()
+
+
+# --- EXIF orientation in the card's usage code -------------------------------------------------------------------
+
+
+def test_card_usage_code_gives_an_exif_rotated_photo_its_upright_size(hub_folder, tmp_path):
+    import re
+
+    # stored 128 wide and 64 high, shown (EXIF orientation 6) 64 wide and 128 high, as phone photos often are
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "street.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(photo, exif=exif)
+    readme = (hub_folder / "README.md").read_text()
+    (block,) = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+                if "AutoModelForSemanticSegmentation" in block]
+    placeholder = 'Image.new("RGB", (256, 128), (90, 120, 150))  # or Image.open("street.jpg")'
+    assert placeholder in block
+    names: dict = {}
+    exec(compile(block.replace(placeholder, f"Image.open({str(photo)!r})"), "README.md", "exec"), names)
+    assert (names["image"].height, names["image"].width) == (64, 128)  # the stored size
+    assert tuple(names["label_map"].shape) == (128, 64)  # the shown size, the processor's pixels'

@@ -406,3 +406,73 @@ def test_settings_round_trip_through_preprocessor_config(tmp_path):
     assert (reloaded.size_divisor, reloaded.inference_scales, reloaded.max_image_pixels, reloaded.num_labels) == (
         128, [0.5, 1.0], 10**7, 19
     )
+
+
+# --- upright original sizes, label settings, mixed batches ------------------------------------------------------
+
+
+def exif_rotated_jpeg(path, width: int = 128, height: int = 64):
+    """A JPEG stored `width` x `height` with EXIF orientation 6: shown rotated, `height` wide and `width` high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, exif=exif)
+    return path
+
+
+def test_original_sizes_are_the_upright_sizes_and_the_model_takes_them_along(processor, tmp_path):
+    from tiny_configs import TINY_HRNET
+
+    from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+
+    path = exif_rotated_jpeg(tmp_path / "rotated.jpg")
+    assert Image.open(path).size == (128, 64)  # what `image.height, image.width` once gave the usage code
+    for source in (str(path), Image.open(path)):
+        assert processor(source, return_tensors="pt")["original_sizes"].tolist() == [[128, 64]]
+    plain = np.zeros((50, 40, 3), np.uint8)
+    inputs = processor([Image.open(path), plain], return_tensors="pt")
+    assert inputs["original_sizes"].tolist() == [[128, 64], [50, 40]] and inputs["pixel_values"].shape[-2:] == (128, 64)
+    assert processor(plain, do_pad=False)["original_sizes"] == [(50, 40)]  # return_tensors=None: a list
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).eval()
+    with torch.no_grad():
+        outputs = model(**inputs, scales=[1.0])  # original_sizes and pixel_mask travel along, unused
+    label_maps = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=inputs["original_sizes"], pixel_mask=inputs["pixel_mask"]
+    )
+    assert [tuple(label_map.shape) for label_map in label_maps] == [(128, 64), (50, 40)]
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 300, 2.5, True])
+def test_ignore_index_that_no_uint8_label_map_holds_is_refused(processor, ignore_index):
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer in 0\.\.255"):
+        HMSImageProcessor(ignore_index=ignore_index)
+    label = np.full((64, 64), 156, np.uint8)  # -100 once allowed class 156 through numpy's negative indexing
+    with pytest.raises(ValueError, match=r"ignore_index must be an integer in 0\.\.255"):
+        processor(np.zeros((64, 64, 3), np.uint8), segmentation_maps=label, num_labels=19, ignore_index=ignore_index)
+
+
+def test_ignore_index_among_the_class_ids_or_a_bad_num_labels_is_refused(processor):
+    with pytest.raises(ValueError, match=r"ignore_index=3 is one of the class ids 0\.\.4 of num_labels=5"):
+        HMSImageProcessor(ignore_index=3, num_labels=5)
+    with pytest.raises(ValueError, match=r"num_labels must be a positive integer or None, got 0"):
+        processor(np.zeros((64, 64, 3), np.uint8), num_labels=0)
+    label = np.array([[0, 4], [200, 200]], np.uint8)
+    outputs = processor(np.zeros((2, 2, 3), np.uint8), segmentation_maps=label, num_labels=5, ignore_index=200, **RAW)
+    assert outputs["labels"][0].tolist() == [[0, 4], [200, 200]]
+
+
+@pytest.mark.parametrize("gray_first", [True, False])
+def test_a_list_mixing_grayscale_and_rgb_arrays_is_one_image_per_element(processor, gray_first):
+    gray, rgb = np.full((64, 32), 100, np.uint8), np.full((32, 64, 3), 50, np.uint8)
+    images = [gray, rgb] if gray_first else [rgb, gray]
+    outputs = processor(images, return_tensors=None, do_pad=False, **RAW)
+    shapes = {array.shape for array in outputs["pixel_values"]}
+    assert shapes == {(3, 64, 32), (3, 32, 64)} and len(outputs["pixel_values"]) == 2
+    assert outputs["original_sizes"] == ([(64, 32), (32, 64)] if gray_first else [(32, 64), (64, 32)])
+
+
+def test_an_input_that_is_no_image_is_described_not_printed(processor):
+    with pytest.raises(ValueError, match=r"images\[1\]: expected an image .* found ndarray of shape \(1, 2, 3, 4, 5\)"):
+        processor([np.zeros((64, 32), np.uint8), np.zeros((1, 2, 3, 4, 5), np.uint8)])
+    with pytest.raises(ValueError, match=r"^images: expected an image .* found ndarray of shape \(1, 2, 3, 4, 5\)$"):
+        processor(np.zeros((1, 2, 3, 4, 5), np.uint8))

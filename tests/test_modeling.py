@@ -514,3 +514,38 @@ def test_labels_of_any_integer_dtype_give_the_same_loss(dtype, primary_loss):
         expected = model(images(), labels=labels, scales=[0.5, 1.0]).loss
         got = model(images(), labels=labels.to(dtype), scales=[0.5, 1.0]).loss
     torch.testing.assert_close(got, expected)
+
+
+# --- hrnet_preset follows explicit stages --------------------------------------------------------------------------
+
+
+def test_custom_hrnet_stages_drop_the_default_preset_name_and_round_trip(tmp_path):
+    from hms_segmentation.hub import describe_trunk
+
+    stages = TINY_HRNET["hrnet_stages"]
+    config = HMSConfig(hrnet_stages=stages)  # hrnet_preset left at its default, "w48"
+    assert config.hrnet_preset is None
+    assert describe_trunk(config) == "HRNetV2 (branch widths [4, 8, 16, 32]) + OCR"
+    assert HMSConfig(hrnet_preset="w48", hrnet_stages=stages).hrnet_preset is None  # the stages are what is built
+    config.save_pretrained(tmp_path)
+    reloaded = HMSConfig.from_pretrained(tmp_path)
+    assert reloaded.hrnet_preset is None and reloaded.hrnet_stages == stages
+    assert reloaded.to_dict() == config.to_dict()
+
+
+def test_hrnet_stages_of_a_preset_take_its_name_and_the_preset_alone_fills_them(tmp_path):
+    import copy
+
+    from hms_segmentation.configuration_hms import HRNET_PRESETS
+    from hms_segmentation.hub import describe_trunk
+
+    config = HMSConfig(hrnet_preset="w48", hrnet_stages=copy.deepcopy(HRNET_PRESETS["w32"]))
+    assert config.hrnet_preset == "w32" and describe_trunk(config) == "HRNetV2-W32 + OCR"
+    config.save_pretrained(tmp_path)
+    assert HMSConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    assert HMSConfig(hrnet_preset="w18").hrnet_stages == HRNET_PRESETS["w18"]
+    assert HMSConfig().hrnet_preset == "w48" and describe_trunk(HMSConfig()) == "HRNetV2-W48 + OCR"
+    with pytest.raises(ValueError, match=r"hrnet_preset=None needs hrnet_stages"):
+        HMSConfig(hrnet_preset=None)
+    with pytest.raises(ValueError, match=r"hrnet_preset must be one of \['w18', 'w32', 'w48'\] or None, got 'w64'"):
+        HMSConfig(hrnet_preset="w64", hrnet_stages=TINY_HRNET["hrnet_stages"])

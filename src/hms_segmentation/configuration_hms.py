@@ -115,7 +115,9 @@ class HMSConfig(PretrainedConfig):
         mobilenet_output_stride (`int`, *optional*, defaults to 16):
             Output stride of the MobileNetV2 trunk (8, 16 or 32): later strides become dilations.
         hrnet_preset (`str`, *optional*, defaults to `"w48"`):
-            One of `"w18"`, `"w32"`, `"w48"`; fills `hrnet_stages` when that is not given.
+            One of `"w18"`, `"w32"`, `"w48"`; fills `hrnet_stages` when that is not given. With `hrnet_stages` given,
+            it becomes the name of the preset whose stages they equal, or `None` when they equal none (custom widths
+            are then never described as HRNetV2-W48).
         hrnet_stages (`list[dict]`, *optional*):
             Four stage specs, each `{"num_modules", "block" ("basic"/"bottleneck"), "num_blocks", "num_channels"}`
             with one entry per branch in `num_blocks` / `num_channels`. Stage 1 has a single branch.
@@ -259,12 +261,17 @@ class HMSConfig(PretrainedConfig):
                 f"mobilenet_output_stride must be one of {MOBILENET_OUTPUT_STRIDES}, got {mobilenet_output_stride!r}"
             )
         self.mobilenet_output_stride = int(mobilenet_output_stride)
+        if hrnet_preset is not None and hrnet_preset not in HRNET_PRESETS:
+            raise ValueError(f"hrnet_preset must be one of {sorted(HRNET_PRESETS)} or None, got {hrnet_preset!r}")
         if hrnet_stages is None:
-            if hrnet_preset not in HRNET_PRESETS:
-                raise ValueError(f"hrnet_preset must be one of {sorted(HRNET_PRESETS)} (or give hrnet_stages), got {hrnet_preset!r}")
+            if hrnet_preset is None:
+                raise ValueError(f"hrnet_preset=None needs hrnet_stages (or name one of {sorted(HRNET_PRESETS)})")
             hrnet_stages = copy.deepcopy(HRNET_PRESETS[hrnet_preset])
         else:
             hrnet_stages = _validated_hrnet_stages(hrnet_stages)
+            # the stages are what gets built: the name follows them, as the default "w48" would otherwise stay on
+            # custom widths (and the model card would call them HRNetV2-W48)
+            hrnet_preset = next((name for name, stages in HRNET_PRESETS.items() if stages == hrnet_stages), None)
         if primary_loss not in PRIMARY_LOSSES:
             raise ValueError(f"primary_loss must be one of {PRIMARY_LOSSES}, got {primary_loss!r}")
 

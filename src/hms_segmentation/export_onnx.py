@@ -209,21 +209,29 @@ class OnnxSegmenter:
         return SemanticSegmenterOutput(logits=torch.from_numpy(logits).to(pixel_values.device))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s weights (the CPU for a model without parameters): where its inputs must be."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
 def check_against_pytorch(
     path: Path, graph: HMSChainedInference, sizes: list[tuple[int, int]], seed: int = 0
 ) -> list[OnnxCheck]:
-    """Run the ONNX file at `path` in onnxruntime (CPU) and `graph` in PyTorch on the same random batch of two images,
-    once per size; return how they compare."""
+    """Run the ONNX file at `path` in onnxruntime (CPU) and `graph` in PyTorch (on its weights' device) on the same
+    random batch of two images `(2, 3, height, width)`, once per size; return how they compare."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
+    device = model_device(graph)
     checks = []
     for size in sizes:
+        # drawn on the CPU, so that the batch is the same whatever the model's device
         pixel_values = torch.randn(2, 3, *size, generator=generator)
         with torch.no_grad():
-            expected = graph(pixel_values)
-        expected_logits = expected[0] if graph.with_labels else expected
+            expected = graph(pixel_values.to(device))
+        expected_logits = (expected[0] if graph.with_labels else expected).float().cpu()
         outputs = session.run(None, {"pixel_values": pixel_values.numpy()})
         logits = torch.from_numpy(outputs[0])
         labels = torch.from_numpy(outputs[1]) if graph.with_labels else logits.argmax(dim=1)
@@ -291,8 +299,11 @@ def export_onnx(
         try:
             with _without_tiling(model), torch.no_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # PyTorch's own
+                # the example input on the weights' device: a model on a GPU is traced there (a CPU input would
+                # meet CUDA weights in the first convolution)
+                example = torch.zeros(1, 3, height, width, device=model_device(model))
                 program = torch.onnx.export(
-                    graph, (torch.zeros(1, 3, height, width),), dynamo=True, verbose=False,
+                    graph, (example,), dynamo=True, verbose=False,
                     dynamic_shapes={"pixel_values": dims}, input_names=["pixel_values"],
                     output_names=["logits", "labels"] if with_labels else ["logits"], opset_version=opset_version,
                 )
@@ -312,10 +323,13 @@ def export_onnx(
                 checks = check_against_pytorch(staging / output.name, graph, [(height, width), odd_size])
             failed = [c for c in checks if not c.passed]
             if failed:
+                # GPUs may convolve in TF32 (torch.backends.cudnn.allow_tf32), which differs from onnxruntime's float32
+                on_gpu = model_device(model).type != "cpu"
                 raise ValueError("the ONNX graph does not give PyTorch's result: " + "; ".join(
                     f"at {c.size[0]}x{c.size[1]} the logits differ by up to {c.max_difference:.3g} (largest logit "
                     f"{c.largest_logit:.3g}, tolerance {RELATIVE_TOLERANCE:g} of it)" for c in failed
-                ) + f"; {output} was not written (--no-check writes it anyway)")
+                ) + f"; {output} was not written (--no-check writes it anyway"
+                  + ("; or export model.cpu(), whose float32 the check compares exactly)" if on_gpu else ")"))
         for produced in sorted(staging.iterdir()):
             os.replace(produced, output.parent / produced.name)
         return checks

@@ -381,11 +381,12 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 processor = AutoImageProcessor.from_pretrained({reference}, trust_remote_code=True)
 model = AutoModelForSemanticSegmentation.from_pretrained({reference}, trust_remote_code=True).eval()
-image = Image.new("RGB", (256, 128), (90, 120, 150))
+image = Image.new("RGB", (256, 128), (90, 120, 150))  # or Image.open("street.jpg")
 inputs = processor(images=image, return_tensors="pt")
 with torch.no_grad():
     outputs = model(pixel_values=inputs["pixel_values"], scales=[0.5, 1.0, 2.0])  # any list of scales
-label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[(image.height, image.width)])[0]
+# original_sizes: (height, width) as shown, after the EXIF orientation the processor applies (image.size is not)
+label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=inputs["original_sizes"])[0]
 print(label_map.shape, [model.config.id2label[int(i)] for i in label_map.unique()])
 ```
 
@@ -416,7 +417,7 @@ image = Image.new("RGB", (256, 128), (90, 120, 150))  # or Image.open("street.jp
 inputs = processor(images=image, return_tensors="np")
 (logits,) = session.run(["logits"], {{"pixel_values": inputs["pixel_values"]}})
 label_map = processor.post_process_semantic_segmentation({{"logits": torch.from_numpy(logits)}},
-                                                         target_sizes=[(image.height, image.width)])[0]
+                                                         target_sizes=inputs["original_sizes"])[0]
 ```"""
 
 

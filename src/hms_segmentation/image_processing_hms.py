@@ -146,6 +146,7 @@ class HMSImageProcessor(PilBackend):
             _positive_int("max_long_side", self.max_long_side)
         if self.inference_scales is not None:
             self.inference_scales = _checked_scales(self.inference_scales, self.size_divisor)
+        _check_label_settings(self.ignore_index, self.num_labels)
 
     def preprocess(
         self,
@@ -160,9 +161,11 @@ class HMSImageProcessor(PilBackend):
             segmentation_maps: Optional label maps, one per image, of the same (shown) size as their image.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(batch, 3, height, width)`; `labels` `(batch, height, width)` int64
-            when `segmentation_maps` are given; `pixel_mask` `(batch, height, width)` when `do_pad`; `scales` when
-            `inference_scales` is set.
+            [`BatchFeature`] with `pixel_values` `(batch, 3, height, width)`; `original_sizes` `(batch, 2)`, each
+            image's `(height, width)` as shown (after its EXIF orientation, before resizing), the `target_sizes` of
+            `post_process_semantic_segmentation`; `labels` `(batch, height, width)` int64 when `segmentation_maps` are
+            given; `pixel_mask` `(batch, height, width)` when `do_pad`; `scales` when `inference_scales` is set.
+            `model(**inputs)` takes it as it is (the model ignores `original_sizes` and `pixel_mask`).
         """
         return super().preprocess(images, segmentation_maps, **_size_turns_on_resizing(kwargs))
 
@@ -184,9 +187,18 @@ class HMSImageProcessor(PilBackend):
         images = self.fetch_images(images, max_image_pixels)
         if getattr(images, "ndim", None) == 2:
             return [images]
-        if isinstance(images, (list, tuple)) and images and all(getattr(image, "ndim", None) == 2 for image in images):
-            return list(images)
-        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+        if isinstance(images, (list, tuple)) and any(getattr(image, "ndim", None) == 2 for image in images):
+            # element by element: transformers' helper judges a list by its first element, so a leading 2-D array
+            # made it refuse [gray, rgb] while it took [rgb, gray]
+            return [
+                flat
+                for index, image in enumerate(images)
+                for flat in (
+                    [image] if getattr(image, "ndim", None) == 2
+                    else _flat_images(image, expected_ndims, f"images[{index}]")
+                )
+            ]
+        return _flat_images(images, expected_ndims)
 
     def process_image(
         self,
@@ -254,6 +266,7 @@ class HMSImageProcessor(PilBackend):
         max_long_side = kwargs.get("max_long_side")
         if max_long_side is not None:
             _positive_int("max_long_side", max_long_side)
+        _check_label_settings(kwargs["ignore_index"], kwargs["num_labels"])
         raw_images = self._prepare_images_structure(images, max_image_pixels=max_image_pixels)
         names = [_describe(image, f"images[{index}]") for index, image in enumerate(raw_images)]
         arrays = [
@@ -285,7 +298,8 @@ class HMSImageProcessor(PilBackend):
                 kwargs["ignore_index"], kwargs["num_labels"],
             )
 
-        data: dict[str, Any] = {}
+        # upright sizes: `Image.open(path).size` is the stored one, transposed for EXIF orientations 5 to 8
+        data: dict[str, Any] = {"original_sizes": [tuple(int(side) for side in size) for size in original_sizes]}
         if kwargs["do_pad"]:
             pad_size = kwargs["pad_size"] or SizeDict(
                 height=max(size[0] for size in output_sizes), width=max(size[1] for size in output_sizes)
@@ -359,8 +373,9 @@ class HMSImageProcessor(PilBackend):
             outputs ([`HMSSemanticSegmenterOutput`] or a mapping with `logits`):
                 `logits` of shape `(batch, num_labels, height, width)`.
             target_sizes (`list[tuple[int, int]]` or tensor `(batch, 2)`, *optional*):
-                `(height, width)` per image, usually the original sizes; the logits are resized (bilinear) to it before
-                the argmax. Without, the maps keep the logits' size.
+                `(height, width)` per image, usually the original sizes: pass the processor output's `original_sizes`,
+                which follow the EXIF orientation (`Image.open(path).size` does not); the logits are resized (bilinear)
+                to it before the argmax. Without, the maps keep the logits' size.
             pixel_mask (tensor `(batch, height, width)`, *optional*):
                 The `pixel_mask` of a padded batch: each prediction is first cropped to its image's unpadded area.
 
@@ -592,6 +607,26 @@ def read_label_map(source: Any, max_image_pixels: int, name: str) -> np.ndarray:
     return label.astype(np.uint8)
 
 
+def _check_label_settings(ignore_index: Any, num_labels: Any) -> None:
+    """Refuse an `ignore_index` that no uint8 label map can hold (transformers' -100, 300), or that is one of the
+    `num_labels` class ids (its pixels would be skipped, and padding would look like that class)."""
+    is_integer = isinstance(ignore_index, (int, np.integer)) and not isinstance(ignore_index, bool)
+    if not is_integer or not 0 <= ignore_index <= 255:
+        raise ValueError(
+            f"ignore_index must be an integer in 0..255 (label maps are read as uint8 class ids, and padded label "
+            f"pixels get it), got {ignore_index!r}"
+        )
+    if num_labels is None:
+        return
+    if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer or None, got {num_labels!r}")
+    if ignore_index < num_labels:
+        raise ValueError(
+            f"ignore_index={ignore_index} is one of the class ids 0..{num_labels - 1} of num_labels={num_labels}; "
+            "expected a value outside them (255 by default)"
+        )
+
+
 def _check_label_values(label: np.ndarray, num_labels: int, ignore_index: int, name: str) -> None:
     counts = np.bincount(label.ravel(), minlength=256)
     allowed = np.zeros(256, dtype=bool)
@@ -603,6 +638,27 @@ def _check_label_values(label: np.ndarray, num_labels: int, ignore_index: int, n
             f"{name}: expected class ids 0..{num_labels - 1} or {ignore_index} (ignore), found {unknown.tolist()} in "
             f"{int(counts[unknown].sum())} pixel(s)"
         )
+
+
+def _flat_images(images: Any, expected_ndims: int, name: str = "images") -> list[Any]:
+    """transformers' `make_flat_list_of_images`, with an error that names `name` and the input's structure instead of
+    printing every pixel of it."""
+    try:
+        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected an image (PIL image, path, (height, width[, channels]) array or tensor) or a list of "
+            f"them, found {_structure(images)}"
+        ) from None
+
+
+def _structure(value: Any) -> str:
+    """A short description of an input: types and shapes, never values."""
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_structure(item) for item in value[:4])
+        return f"{type(value).__name__} of {len(value)} [{shown}{', ...' if len(value) > 4 else ''}]"
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
 def _pad_label(label: np.ndarray, pad_size: SizeDict, ignore_index: int) -> np.ndarray:
