@@ -192,3 +192,27 @@ def test_torchvision_resnet50_state_dict_loads_into_the_trunk(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointConversionError, match="layer2.0.conv1.weight"):
         load_imagenet_trunk(model, path)
+
+
+def test_a_mapillary_model_is_written_with_the_references_evaluation_settings(reference_hrnet_state, tmp_path):
+    """scripts/eval_mapillary.yml: scales 0.25,0.5,1.0,2.0 of the image shrunk to a long side of 2177."""
+    import numpy as np
+
+    from hms_segmentation import HMSImageProcessor
+    from tiny_configs import TINY_HRNET
+
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**{**TINY_HRNET, "num_labels": 65}))
+    path = tmp_path / "mapillary.pth"
+    torch.save({_nvidia_name(key): value for key, value in model.state_dict().items()}, path)
+    convert_nvidia_checkpoint(path, tmp_path / "mapillary")  # 65 classes: Mapillary Vistas v1.2
+    converted = HMSForSemanticSegmentation.from_pretrained(tmp_path / "mapillary")
+    processor = HMSImageProcessor.from_pretrained(tmp_path / "mapillary")
+    assert converted.config.id2label[0] == "Bird" and converted.config.inference_scales == [0.25, 0.5, 1.0, 2.0]
+    assert processor.max_long_side == 2177
+    inputs = processor(images=np.zeros((3000, 4000, 3), np.uint8), return_tensors="pt")  # a 12-megapixel photo
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (1664, 2176)  # shrunk, then rounded to the size divisor
+    # a Cityscapes model keeps the defaults (the reference evaluates Cityscapes at full size, scales 0.5,1.0,2.0)
+    convert_nvidia_checkpoint(write_nvidia_checkpoint(reference_hrnet_state, tmp_path / "c.pth"), tmp_path / "city")
+    assert HMSImageProcessor.from_pretrained(tmp_path / "city").max_long_side is None
+    assert HMSForSemanticSegmentation.from_pretrained(tmp_path / "city").config.inference_scales == [0.5, 1.0, 2.0]

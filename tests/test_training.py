@@ -1561,3 +1561,17 @@ def test_accelerate_script_saves_and_evaluates_on_its_strategy_and_keeps_the_sav
         train_accelerate.run_training(*parse_arguments(tiny_run_arguments(
             tiny_model_dir, synthetic_dir, tmp_path / "best", *extra, "--load_best_model_at_end", "--metric_for_best_model",
             "mean_iou")))
+
+
+def test_the_saved_image_processor_shrinks_images_as_the_runs_evaluation_did(tmp_path):
+    from hms_segmentation import HMSImageProcessor
+    from hms_segmentation.training.arguments import DataArguments, ModelArguments
+    from hms_segmentation.training.train import image_processor_for
+
+    mapillary = DataArguments(dataset="mapillary", data_dir=str(tmp_path))  # the recipe evaluates at long side 2177
+    assert image_processor_for(ModelArguments(), mapillary).max_long_side == 2177
+    assert image_processor_for(ModelArguments(), DataArguments()).max_long_side is None  # full size
+    HMSImageProcessor(size={"shortest_edge": 512}).save_pretrained(tmp_path / "start")
+    (tmp_path / "start" / "config.json").write_text("{}")  # a folder --model_name_or_path accepts
+    carried = image_processor_for(ModelArguments(model_name_or_path=str(tmp_path / "start")), mapillary)
+    assert (carried.size["shortest_edge"], carried.max_long_side) == (512, 2177)  # its settings, the run's long side

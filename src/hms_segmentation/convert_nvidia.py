@@ -24,6 +24,7 @@ import torch
 
 from .configuration_hms import HMSConfig
 from .hub import NVIDIA_LICENSE, ORIGINAL_REPOSITORY_URL, build_model_card, save_for_hub
+from .image_processing_hms import HMSImageProcessor
 from .label_tables import CITYSCAPES_ID2LABEL, MAPILLARY_V12_ID2LABEL
 from .modeling_hms import HMSForSemanticSegmentation
 
@@ -264,6 +265,14 @@ def _is_unmapped_target(model_key: str, state_dict: Mapping[str, torch.Tensor]) 
     return model_key.endswith("num_batches_tracked") and not any(k.endswith("num_batches_tracked") for k in state_dict)
 
 
+MAPILLARY_INFERENCE_SCALES = (0.25, 0.5, 1.0, 2.0)
+MAPILLARY_MAX_LONG_SIDE = 2177
+"""How the reference evaluates its Mapillary Vistas model (`scripts/eval_mapillary.yml`: ``n_scales 0.25,0.5,1.0,2.0``,
+``pre_size 2177``): a converted Mapillary folder's inference scales and its image processor's long-side limit, so
+that a pipeline on a full-size Mapillary photo (often 12+ megapixels) runs as the reference does, not at scale 2.0 of
+the full size."""
+
+
 def dataset_for(dataset: str | None, num_labels: int) -> str | None:
     """`dataset`, else the one the class count implies (19: `cityscapes`, 65: `mapillary`), else `None`."""
     return dataset if dataset is not None else {19: "cityscapes", 65: "mapillary"}.get(num_labels)
@@ -308,7 +317,9 @@ def convert_nvidia_checkpoint(
     """
     Convert `checkpoint` and write a Hub-ready folder to `output_dir`: safetensors weights, config.json (with the
     dataset's id2label), the remote-code modules, preprocessor_config.json and a model card whose model-index comes
-    from `evaluation` (a `hms-segmentation evaluate` results.json of this converted model), if given.
+    from `evaluation` (a `hms-segmentation evaluate` results.json of this converted model), if given. A Mapillary
+    model gets the reference's evaluation settings as its defaults (`MAPILLARY_INFERENCE_SCALES`,
+    `MAPILLARY_MAX_LONG_SIDE`); either can be changed on the loaded config / processor.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -316,6 +327,10 @@ def convert_nvidia_checkpoint(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {output_dir} is not empty; choose another or pass overwrite=True (--overwrite)")
     model = convert_nvidia_state_dict(load_checkpoint_state_dict(checkpoint), dataset=dataset, source=str(checkpoint))
+    processor = HMSImageProcessor()
+    if dataset_for(dataset, model.config.num_labels) == "mapillary":
+        model.config.inference_scales = list(MAPILLARY_INFERENCE_SCALES)
+        processor = HMSImageProcessor(max_long_side=MAPILLARY_MAX_LONG_SIDE)
     # the card is built (and the evaluation JSON checked) before anything is written
     card = build_model_card(
         model.config,
@@ -330,7 +345,7 @@ def convert_nvidia_checkpoint(
         ),
         training_details={"trained by": "NVIDIA, with the recipe of the paper and the original repository"},
     )
-    save_for_hub(model, output_dir, card=card)
+    save_for_hub(model, output_dir, image_processor=processor, card=card)
     return model
 
 

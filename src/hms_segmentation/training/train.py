@@ -198,13 +198,19 @@ def epoch_poly_schedule(total_steps: int, steps_per_epoch: int, power: float):
     return factor
 
 
-def image_processor_for(model_args: ModelArguments) -> HMSImageProcessor:
+def image_processor_for(model_args: ModelArguments, data_args: DataArguments | None = None) -> HMSImageProcessor:
     """The image processor the trained model is saved with: that of the fine-tuned folder when it has one (its
-    settings carry over), else the default one."""
+    settings carry over), else the default one; with `data_args` evaluated at a long side (`eval_long_side`: 2177 for
+    Mapillary, the reference's evaluation), the processor shrinks images to it too, so that a pipeline sees images as
+    the run's evaluation (and the card's figures) did."""
     source = model_args.model_name_or_path
     if source is not None and (Path(source) / "preprocessor_config.json").is_file():
-        return HMSImageProcessor.from_pretrained(source)
-    return HMSImageProcessor()
+        processor = HMSImageProcessor.from_pretrained(source)
+    else:
+        processor = HMSImageProcessor()
+    if data_args is not None and data_args.eval_long_side:
+        processor.max_long_side = data_args.eval_long_side
+    return processor
 
 
 def write_model_card(
@@ -219,7 +225,7 @@ def write_model_card(
 ) -> None:
     """``README.md`` of a training run's output folder: the recipe and, when the run ended with an evaluation, its
     results (model-index included), so that the folder is ready for `hms-segmentation push` as it is; with the image
-    processor (default: `image_processor_for(model_args)`)."""
+    processor (default: `image_processor_for(model_args, data_args)`)."""
     evaluation = None
     if "eval_mean_iou" in metrics:
         evaluation = {"dataset": data_args.dataset, "split": data_args.eval_split, "source": "all_results.json",
@@ -237,7 +243,7 @@ def write_model_card(
         "optimizer": optimizer_description(training_args),
         "precision": "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "fp32",
     }
-    image_processor = image_processor or image_processor_for(model_args)
+    image_processor = image_processor or image_processor_for(model_args, data_args)
     write_hub_files(output_dir, config, image_processor=image_processor, evaluation=evaluation,
                     dataset=data_args.dataset, split=data_args.eval_split, training_details=details,
                     model_name=Path(output_dir).resolve().name)
@@ -553,7 +559,7 @@ def run_training(
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=[SetEpochCallback(), *visuals_callback, *(callbacks or [])],
         trunk_learning_rate_multiplier=model_args.trunk_learning_rate_multiplier,
-        processing_class=image_processor_for(model_args),  # saved with the model and every checkpoint
+        processing_class=image_processor_for(model_args, data_args),  # saved with the model and every checkpoint
     )
     metrics: dict[str, float] = {}
     if training_args.do_train:
