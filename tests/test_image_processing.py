@@ -190,19 +190,38 @@ def test_rgba_array_drops_its_alpha_like_an_rgba_file(processor, odd_inputs, tmp
         torch.testing.assert_close(pixels(processor, layout), expected)
 
 
+def test_float_images_are_resized_in_float(processor):
+    """The rounding to the size divisor resizes most images: float values must neither be refused (transformers' PIL
+    path only takes floats in [0, 1]) nor rounded to 8 bits on the way."""
+    values = np.random.default_rng(0).uniform(0, 255, (100, 150, 3))  # 100x150 -> 128x128
+    resized = pixels(processor, values)
+    assert resized.shape == (1, 3, 128, 128)
+    eight_bit = pixels(processor, values.round().astype(np.uint8))
+    assert (resized - eight_bit).abs().max() < 0.03  # 8-bit rounding, before and after the resize, at most
+    torch.testing.assert_close(pixels(processor, values / 255.0, do_rescale=False), resized, rtol=0, atol=1e-5)
+    shifted = pixels(processor, values + 0.25)  # a quarter of a level, kept through the resize
+    torch.testing.assert_close((shifted - resized).mean(), torch.tensor(0.25 / 255 / 0.225), rtol=0.05, atol=0)
+
+
 def test_float_images_already_in_zero_one_are_flagged(processor, odd_inputs):
     array = np.array(Image.open(odd_inputs / "rgb_ok.png"))
     with pytest.warns(UserWarning, match=r"\[0, 1\].*do_rescale=False"):
         pixels(processor, torch.from_numpy(array).permute(2, 0, 1).float() / 255)
-    torch.testing.assert_close(  # the advice works: the same pixel values as the uint8 image
-        pixels(processor, array / 255.0, do_rescale=False), pixels(processor, array), rtol=0, atol=1e-5
+    # the advice works: the pixel values of the uint8 image, but for its rounding to 8 bits after the resize (float
+    # images are resized in float): within one level, 1 / 255 / std
+    torch.testing.assert_close(
+        pixels(processor, array / 255.0, do_rescale=False), pixels(processor, array), rtol=0, atol=1.01 / 255 / 0.224
     )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_float_tensors_of_any_precision_are_read(processor, dtype):
     values = torch.arange(256, dtype=torch.float32).reshape(16, 16).expand(3, 16, 16)
-    torch.testing.assert_close(pixels(processor, values.to(dtype)), pixels(processor, values.to(torch.uint8)))
+    # within one level: the 16x16 image is resized to 64x64, the uint8 one rounded to 8 bits after it
+    torch.testing.assert_close(pixels(processor, values.to(dtype)), pixels(processor, values.to(torch.uint8)),
+                               rtol=0, atol=1.01 / 255 / 0.224)
+    torch.testing.assert_close(pixels(processor, values.to(dtype), **RAW), pixels(processor, values.to(torch.uint8),
+                                                                                    **RAW))  # not resized: exact
 
 
 def test_grayscale_array_becomes_three_channels(processor):

@@ -284,7 +284,10 @@ class HMSImageProcessor(PilBackend):
         pixel_values = []
         for array, original, target in zip(arrays, original_sizes, output_sizes):
             if tuple(original) != target:
-                array = self.resize(array, SizeDict(height=target[0], width=target[1]), kwargs["resample"])
+                if np.issubdtype(array.dtype, np.floating):
+                    array = resize_float_channels(array, target, kwargs["resample"])
+                else:
+                    array = self.resize(array, SizeDict(height=target[0], width=target[1]), kwargs["resample"])
             if kwargs["do_rescale"]:
                 array = self.rescale(array, kwargs["rescale_factor"])
             if kwargs["do_normalize"]:
@@ -605,6 +608,19 @@ def read_label_map(source: Any, max_image_pixels: int, name: str) -> np.ndarray:
             f"{name}: expected class ids in 0..255, found values from {int(label.min())} to {int(label.max())}"
         )
     return label.astype(np.uint8)
+
+
+def resize_float_channels(array: np.ndarray, size: tuple[int, int], resample: Any) -> np.ndarray:
+    """
+    Resize a float `(channels, height, width)` image to `size` `(height, width)` channel by channel as 32-bit float
+    PIL images, with the same filter as 8-bit images: transformers' PIL path would go through uint8, refusing float
+    values outside [0, 1] and rounding the rest to 8 bits.
+    """
+    filter_ = Image.Resampling(int(resample))
+    return np.stack([
+        np.asarray(Image.fromarray(channel.astype(np.float32)).resize((size[1], size[0]), filter_))  # mode F
+        for channel in array
+    ])
 
 
 def _check_label_settings(ignore_index: Any, num_labels: Any) -> None:
