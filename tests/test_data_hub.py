@@ -180,3 +180,16 @@ def test_more_processes_than_samples_are_lowered_with_a_warning(tmp_path, caplog
     assert "num_proc=2 is more than the 1 sample(s); building with num_proc=1" in caplog.text
     with pytest.raises(ValueError, match=r"LoaderOptions.num_proc must be >= 1 or None, got 0"):
         load_cityscapes(root, "train", options=CityscapesOptions(num_proc=0, cache_dir=tmp_path / "cache"))
+
+
+def test_a_hub_dataset_is_found_under_its_split_alias(parquet_copy, hf_cache, monkeypatch):
+    """A Hub id goes to datasets.load_dataset, whose repo may name Mapillary's `training` split `train` (and the other
+    way round): the loader tries the alias. A local folder in Hub layout stands in for the Hub repository here."""
+    from hms_segmentation.data import hub as hub_module
+
+    folder, dataset = parquet_copy  # data/train-NNNNN-of-00004.parquet, as on the Hub
+    monkeypatch.setattr(hub_module, "_parquet_files", lambda source, split: None)  # as for a Hub id
+    loaded = load_hub_dataset(folder, "training", cache_dir=hf_cache)  # what load_mapillary asks for
+    assert sorted(loaded["id"]) == sorted(dataset["id"])
+    with pytest.raises(ValueError, match='Unknown split "test"'):  # no alias: datasets' own error, naming the splits
+        load_hub_dataset(folder, "test", cache_dir=hf_cache)

@@ -118,9 +118,24 @@ def load_hub_dataset(
         dataset = datasets.load_dataset("parquet", data_files={split: parquet_files}, split=split, streaming=streaming,
                                         cache_dir=os.fspath(cache_dir) if cache_dir else None)
     else:
-        dataset = datasets.load_dataset(os.fspath(source), split=split, streaming=streaming,
-                                        cache_dir=os.fspath(cache_dir) if cache_dir else None)
+        dataset = _load_split_or_alias(os.fspath(source), split, streaming=streaming,
+                                       cache_dir=os.fspath(cache_dir) if cache_dir else None)
     return _standard_columns(dataset, column_mapping, split, source)
+
+
+def _load_split_or_alias(source: str, split: str, **kwargs) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset(source, split=split)`, else the split under its other name (`SPLIT_ALIASES`): Mapillary's
+    own names are ``training`` / ``validation``, a Hub copy of it may say ``train``; Cityscapes says ``val``."""
+    try:
+        return datasets.load_dataset(source, split=split, **kwargs)
+    except ValueError as error:  # datasets: 'Unknown split "training". Should be one of [...]'
+        alias = SPLIT_ALIASES.get(split)
+        if alias is None:
+            raise
+        try:
+            return datasets.load_dataset(source, split=alias, **kwargs)
+        except ValueError:
+            raise error from None
 
 
 def _standard_columns(
