@@ -495,6 +495,43 @@ def test_torch_compile_labels_as_eager_and_a_run_resumes_across_it(teacher_dir, 
     assert not (tmp_path / "bad").exists()
 
 
+def test_preview_asked_for_on_a_rerun_is_drawn_from_the_finished_labels(teacher_dir, extra_root, tmp_path,
+                                                                         monkeypatch):
+    from hms_segmentation.demo import colorize, palette_for
+
+    images = str(extra_root / "leftImg8bit" / "val")
+    output = tmp_path / "labels"
+    common = ["--model", str(teacher_dir), "--input", images, "--layout", "folder", "--output-dir", str(output), *FAST]
+    assert main(common) == 0
+    labels = _digests(output)
+    assert len(labels) == 4 and not list(output.rglob(f"*{PREVIEW_SUFFIX}"))
+    forwards = []
+    monkeypatch.setattr(autolabel_module, "predict", lambda *args, **kwargs: forwards.append(1))
+    assert main([*common, "--preview"]) == 0
+    assert not forwards and _digests(output) == labels  # nothing relabelled
+    report = _report(output)
+    assert report["images"]["finished_before"] == 4
+    previews = sorted(output.rglob(f"*{PREVIEW_SUFFIX}"))
+    assert len(previews) == 4 and report["bytes_written"]["previews"] == sum(p.stat().st_size for p in previews)
+    for preview in previews:
+        label = load_label(str(preview).replace(PREVIEW_SUFFIX, LABEL_SUFFIX))
+        np.testing.assert_array_equal(np.asarray(Image.open(preview).convert("RGB")),
+                                      np.asarray(colorize(label, palette_for(19))))
+        source = preview.relative_to(output).as_posix()[: -len(PREVIEW_SUFFIX)] + ".png"  # marked as ours
+        assert json.loads(Image.open(preview).text[PNG_TEXT_KEY]) == json.loads(
+            Image.open(str(preview).replace(PREVIEW_SUFFIX, LABEL_SUFFIX)).text[PNG_TEXT_KEY]) and source in str(
+            json.loads(Image.open(preview).text[PNG_TEXT_KEY]))
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_runs(teacher_dir, extra_root, tmp_path, capsys):
+    target = tmp_path / "labels"
+    target.write_text("mine")
+    assert main(["--model", str(teacher_dir), "--input", str(extra_root / "leftImg8bit" / "val"), "--layout",
+                 "folder", "--output-dir", str(target), *FAST]) == 2
+    assert f"--output-dir {target} is a file; expected a folder" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
 def test_auto_label_ratio_mixes_fine_and_auto_labelled_frames(teacher_dir, extra_root, tmp_path):
     from hms_segmentation.training.arguments import DataArguments
     from hms_segmentation.training.datasets import build_datasets

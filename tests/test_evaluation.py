@@ -695,3 +695,20 @@ def test_maps_given_as_nested_lists_may_be_empty(backend):
     np.testing.assert_array_equal(metrics["per_category_iou"], [1.0, 1.0])
     with pytest.raises(TypeError, match="must hold integer class indices, got a numpy array of dtype float64"):
         mean_iou([[[0.5, 1.0]]], [[[0, 1]]], num_labels=2, backend=backend)
+
+
+def test_maps_reach_a_cpu_accumulator_by_a_synchronous_copy(monkeypatch):
+    """A non-blocking copy from a GPU to the CPU returns before the data is there: the CPU counting would read it too
+    early (no GPU here: the copies' arguments are checked)."""
+    non_blocking = []
+    original_to = torch.Tensor.to
+
+    def spying_to(self, *args, **kwargs):
+        non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spying_to)
+    accumulator = ConfusionMatrixAccumulator(3, device="cpu")
+    accumulator.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 2, 2]]))
+    assert len(non_blocking) >= 2 and not any(non_blocking)
+    assert accumulator.confusion_matrix.sum() == 3

@@ -912,6 +912,8 @@ def test_evaluate_runs_under_autocast_with_dataloader_workers(tiny_model_dir, sy
     assert "--num-workers must be >= 0, got -1" in capsys.readouterr().err
     assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--max-samples", "0"]) == 2
+    assert "--max-samples must be at least 1 (or left out for every image), got 0" in capsys.readouterr().err
 
 
 def test_evaluate_compiles_the_forward_and_keeps_the_compilation_out_of_the_time(tiny_model_dir, synthetic_dir,

@@ -227,7 +227,8 @@ class AutoLabelLayout:
 
         Raises:
             ValueError: `input_dir` is not a folder, `layout` is unknown, a Cityscapes layout was asked for but the
-                folder is not ``leftImg8bit/<split>``, or a plain folder was given without `output_dir`.
+                folder is not ``leftImg8bit/<split>``, a plain folder was given without `output_dir`, or `output_dir`
+                is a file.
         """
         input_dir = Path(input_dir).resolve()
         if not input_dir.is_dir():
@@ -242,6 +243,8 @@ class AutoLabelLayout:
             if kind == "folder":
                 raise ValueError("--output-dir is required unless --input is a Cityscapes <root>/leftImg8bit/<split>")
             output_dir = input_dir.parent.parent  # next to gtCoarse, where the Cityscapes loader reads them
+        elif Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise ValueError(f"--output-dir {output_dir} is a file; expected a folder (it is created if missing)")
         return cls(kind, input_dir, Path(output_dir).resolve(), **kwargs)
 
     def jobs(self, rank: int = 0, world_size: int = 1) -> Iterator[AutoLabelJob]:
@@ -309,6 +312,12 @@ def label_marker(label_path: Path) -> dict | None:
         return json.loads(text) if text else None
     except json.JSONDecodeError:
         return None
+
+
+def write_preview(path: Path, labels: np.ndarray, palette: tuple[tuple[int, int, int], ...], marker: str) -> int:
+    """Write the coloured picture of `labels` `(height, width)` (trainIds, 255 drawn black) to `path`, marked as ours;
+    returns its size in bytes."""
+    return write_png_atomically(path, colorize(labels, palette), {PNG_TEXT_KEY: marker})
 
 
 def existing_output(job: AutoLabelJob, fingerprint: str) -> Literal["missing", "finished", "other"]:
@@ -597,8 +606,7 @@ def autolabel(
             marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
             if job.preview_path is not None:
                 # before the label: a finished label then always has its preview (marked too, as ours)
-                preview_bytes = write_png_atomically(job.preview_path, colorize(written, palette),
-                                                     {PNG_TEXT_KEY: marker})
+                preview_bytes = write_preview(job.preview_path, written, palette, marker)
             label_bytes = write_png_atomically(job.label_path, Image.fromarray(written), {PNG_TEXT_KEY: marker})
             tally.add_image(predicted, thresholded, auto_label, written, label_bytes, preview_bytes)
         bar.update(len(batch))
@@ -611,6 +619,12 @@ def autolabel(
             if status != "todo":
                 if status == "finished":
                     tally.finished_before += 1
+                    job = record["job"]
+                    if job.preview_path is not None and not job.preview_path.exists():
+                        # --preview added on a re-run: drawn from the finished label, which needs no new forward
+                        marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
+                        tally.preview_bytes += write_preview(job.preview_path, load_label(job.label_path), palette,
+                                                             marker)
                 elif status == "other":
                     tally.kept_existing.append(str(record["job"].label_path))
                 else:

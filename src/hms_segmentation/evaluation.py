@@ -294,8 +294,11 @@ class ConfusionMatrixAccumulator:
             self.reset()
         elif self.confusion_matrix is None:
             self.reset()
-        predictions = predictions.to(self.device, non_blocking=True)
-        references = references.to(self.device, non_blocking=True)
+        # asynchronous only towards an accelerator: a non-blocking copy to the CPU returns before the data is there,
+        # and the CPU counting below would read it too early
+        non_blocking = self.device.type != "cpu"
+        predictions = predictions.to(self.device, non_blocking=non_blocking)
+        references = references.to(self.device, non_blocking=non_blocking)
         if predictions.numel() == 0:
             return
         if self.reduce_labels:

@@ -518,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_samples is not None and args.max_samples < 1:  # (DataArguments would name its own flag)
+            raise ValueError(f"--max-samples must be at least 1 (or left out for every image), got {args.max_samples}")
         scale_lists = [validate_scales(parse_scales(text), f"--scales {text}") for text in args.scales]
         torch_compile = compile_settings(args)
         data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
