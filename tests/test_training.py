@@ -559,6 +559,45 @@ def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tmp_path):
     assert loss.item() == 0 and trainer.skipped_nonfinite_steps == 1
 
 
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_a_skipped_non_finite_step_leaves_weights_and_batchnorm_statistics_finite(script, tiny_model_dir, synthetic_dir,
+                                                                                   tmp_path, monkeypatch, caplog):
+    """--stop_on_nonfinite_loss false: a batch whose forward is non-finite (here: a NaN image at step 2) must add
+    nothing; back-propagating its loss times zero gave NaN gradients (0 x inf) and NaN weights after the step."""
+    from hms_segmentation.training import train as train_module
+    from hms_segmentation.training import train_accelerate
+
+    module = train_module if script == "trainer" else train_accelerate
+    normalize, calls = module.normalize_uint8_pixel_values, []
+
+    def poisoned(inputs):
+        inputs = normalize(inputs)
+        calls.append(1)
+        if len(calls) == 2:  # the second training batch
+            inputs = {**inputs, "pixel_values": torch.full_like(inputs["pixel_values"], float("nan"))}
+        return inputs
+
+    monkeypatch.setattr(module, "normalize_uint8_pixel_values", poisoned)
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--stop_on_nonfinite_loss", "false")
+    (run_training if script == "trainer" else train_accelerate.run_training)(*parse_arguments(argv))
+    assert len(calls) == 3
+    trained = HMSForSemanticSegmentation.from_pretrained(output).state_dict()
+    not_finite = [name for name, tensor in trained.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    assert not not_finite, not_finite[:5]
+    history = json.loads((output / ("trainer_state.json" if script == "trainer" else "log_history.json")).read_text())
+    history = history["log_history"] if script == "trainer" else history
+    assert max(entry.get("skipped_nonfinite_steps", 0) for entry in history) == 1
+    # the skipped step's gradients are zero and its batch statistics are undone
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_model_dir).train()
+    before = train_module.saved_buffers(model)
+    nan_batch = torch.full((2, 3, 64, 64), float("nan"))
+    assert not torch.isfinite(model(nan_batch, labels=torch.zeros(2, 64, 64, dtype=torch.long)).loss)
+    train_module.skip_nonfinite_step(model, before).backward()
+    assert all(torch.equal(buffer, saved) for buffer, saved in zip(model.buffers(), before))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad)
+
+
 def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_dir, synthetic_dir, tmp_path):
     from hms_segmentation.training.arguments import ModelArguments
     from hms_segmentation.training.train import build_model

@@ -51,6 +51,29 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def saved_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of `model`'s buffers (BatchNorm statistics): the state a skipped non-finite step must leave as it was."""
+    return [buffer.detach().clone() for buffer in model.buffers()]
+
+
+def skip_nonfinite_step(model: torch.nn.Module, buffers: list[torch.Tensor]) -> torch.Tensor:
+    """
+    Undo what a forward with a non-finite loss changed and return the loss to back-propagate instead: zero, with a zero
+    gradient for every trainable parameter.
+
+    The non-finite loss times zero would not do: its backward runs through the non-finite forward (0 x inf = NaN) and
+    the optimizer would write NaN into every weight; and the forward already put its non-finite batch statistics into
+    the BatchNorm running statistics, which `buffers` (from `saved_buffers`, taken before the forward) restore. Every
+    parameter gets its (zero) gradient, as distributed data parallel expects one from each. Momentum and weight decay
+    still apply at the optimizer step; the batch adds nothing.
+    """
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return torch.stack([parameter.sum() * 0.0 for parameter in trainable]).sum()
+
+
 def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HMSForSemanticSegmentation:
     """A preset model, or a pretrained one adapted to the dataset's label set."""
     label_settings = {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
@@ -424,6 +447,7 @@ class HMSTrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        buffers = saved_buffers(model) if model.training and not self.args.stop_on_nonfinite_loss else None
         outputs = model(**normalize_uint8_pixel_values(inputs))
         loss = outputs.loss
         if not torch.isfinite(loss):
@@ -435,7 +459,7 @@ class HMSTrainer(Trainer):
                 )
             self.skipped_nonfinite_steps += 1
             logger.warning("non-finite loss at step %d skipped (%d so far)", step, self.skipped_nonfinite_steps)
-            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # no update from this batch
+            loss = skip_nonfinite_step(model, buffers) if buffers is not None else loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         elif model.training and outputs.loss_terms:
             for name, value in outputs.loss_terms.items():
                 self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + float(value.detach())

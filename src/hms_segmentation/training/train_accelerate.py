@@ -53,6 +53,8 @@ from .train import (
     optimizer_steps_per_epoch,
     pooled_means,
     publish_model_folder,
+    saved_buffers,
+    skip_nonfinite_step,
     write_evaluation_visuals,
     write_model_card,
 )
@@ -272,13 +274,14 @@ def run_training(
         batch_index = None
         for batch_index, batch in enumerate(loader, start=done_in_epoch):
             with accelerator.accumulate(model):
+                buffers = None if args.stop_on_nonfinite_loss else saved_buffers(model)
                 outputs = model(**normalize_uint8_pixel_values(batch))
                 loss = outputs.loss
                 if not torch.isfinite(loss):
                     if args.stop_on_nonfinite_loss:
                         raise NonFiniteLossError(f"the training loss is {loss.item()} at step {global_step + 1}")
                     skipped_nonfinite += 1
-                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+                    loss = skip_nonfinite_step(model, buffers)
                 else:
                     for name, value in outputs.loss_terms.items():
                         metric_sums[name] = metric_sums.get(name, 0.0) + float(value.detach())
