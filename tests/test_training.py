@@ -598,6 +598,23 @@ def test_a_skipped_non_finite_step_leaves_weights_and_batchnorm_statistics_finit
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad)
 
 
+def test_a_weights_only_checkpoint_is_refused_for_resuming(tiny_model_dir, synthetic_dir, tmp_path):
+    """--save_only_model checkpoints have no optimizer or scheduler state: resuming from one restarted the poly
+    schedule at full LR mid-run and lost the momentum, without a word."""
+    output = tmp_path / "run"
+    argv = tiny_run_arguments(tiny_model_dir, synthetic_dir, output, "--do_train", "--max_steps", "2", "--save_steps",
+                              "2", "--save_only_model", "true")
+    run_training(*parse_arguments(argv))
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    longer = [*argv, "--max_steps", "4"]
+    with pytest.raises(ValueError, match=r"would resume from its last checkpoint, .*checkpoint-2: the checkpoint holds "
+                                         r"the weights only \(saved with --save_only_model\)"):
+        run_training(*parse_arguments(longer))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*checkpoint-2: the checkpoint holds the weights"):
+        run_training(*parse_arguments([*longer, "--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint",
+                                       str(output / "checkpoint-2")]))
+
+
 def test_fine_tuning_to_another_label_set_keeps_trunk_and_attention(tiny_model_dir, synthetic_dir, tmp_path):
     from hms_segmentation.training.arguments import ModelArguments
     from hms_segmentation.training.train import build_model

@@ -519,17 +519,42 @@ def _is_complete_json(path: Path) -> bool:
     return True
 
 
+def check_resumable(checkpoint: str | Path, flag: str) -> str:
+    """`checkpoint` as given, once it holds the optimizer state a resumed run needs.
+
+    Raises:
+        ValueError: A Trainer checkpoint saved with ``--save_only_model`` (weights and trainer_state.json only): resuming
+            from it would restart the LR schedule at the step count it records and lose the momentum.
+    """
+    folder = Path(checkpoint)
+    if (folder / "trainer_state.json").is_file() and not any(folder.glob("optimizer.*")):
+        raise ValueError(
+            f"{flag} {folder}: the checkpoint holds the weights only (saved with --save_only_model), no optimizer or "
+            "LR scheduler state, so it cannot resume the run where it stopped; fine-tune from it instead "
+            f"(--model_name_or_path {folder}, a new --output_dir), or remove the run's checkpoint-* folders to start "
+            "over"
+        )
+    return str(checkpoint)
+
+
 def check_output_dir(training_args: HMSTrainingArguments) -> str | None:
-    """The checkpoint to resume from, if any; refuse to reuse a non-empty output folder otherwise."""
+    """The checkpoint to resume from, if any; refuse to reuse a non-empty output folder otherwise.
+
+    Raises:
+        FileExistsError: `--output_dir` is a file, or a non-empty folder without a checkpoint to resume (and no
+            `--overwrite_output_dir`).
+        ValueError: The checkpoint to resume from holds no optimizer state (see `check_resumable`).
+    """
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"--output_dir {output_dir} is a file; expected a folder (new, empty, or an earlier run's)")
     if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
+        return check_resumable(training_args.resume_from_checkpoint, "--resume_from_checkpoint")
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return None
     last = last_complete_checkpoint(output_dir)
     if last is not None and training_args.do_train:
+        check_resumable(last, f"--output_dir {output_dir} would resume from its last checkpoint,")
         logger.info("resuming from %s", last)
         return last
     if not training_args.overwrite_output_dir:
