@@ -180,6 +180,12 @@ def run_training(
     if args.poly_power is None:
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
+    # seeded again once the model is built, as Trainer.__init__ does: the same random state from here on (dropout
+    # masks, the data order), so that both scripts train alike on one seed
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     evaluating = args.do_eval and data.eval is not None
     palette = dataset_label_ids(data_args)[1] if args.eval_visuals else ()  # of the --eval_visuals pictures
     if not args.do_train:  # as the Trainer script: only the evaluation, of the model as given
