@@ -54,6 +54,31 @@ def test_arguments_have_the_paper_defaults(tmp_path):
     assert (data_args.color_jitter, data_args.blur_probability) == (0.25, 0.0)  # the reference's --color_aug, no --gblur
 
 
+def test_optimizer_settings_are_followed_or_refused_never_silently_unused(tmp_path):
+    from hms_segmentation.training.train import create_optimizer
+
+    model = torch.nn.Linear(2, 2)
+
+    def sgd(*flags: str) -> dict:
+        group = create_optimizer(model, parse_arguments(["--output_dir", str(tmp_path), *flags])[2]).param_groups[0]
+        return {key: group[key] for key in ("momentum", "nesterov", "dampening", "weight_decay")}
+
+    assert sgd() == {"momentum": 0.9, "nesterov": False, "dampening": 0, "weight_decay": 1e-4}  # the reference's
+    assert sgd("--optim_args", "nesterov=true")["nesterov"] is True  # transformers' SGD settings, as its SGD reads them
+    assert sgd("--optim_args", "dampening=0.1")["dampening"] == 0.1
+    assert sgd("--optim_args", "momentum=0.5")["momentum"] == 0.5
+    assert sgd("--momentum", "0.7")["momentum"] == 0.7
+    for flags, message in (
+        (["--momentum", "0.7", "--optim_args", "momentum=0.5"], "the SGD momentum is given twice"),
+        (["--optim", "adamw_torch", "--momentum", "0.5"], "--momentum 0.5 applies to --optim sgd; --optim adamw_torch"),
+        (["--lr_scheduler_type", "cosine", "--poly_power", "1.0"],
+         "--poly_power 1 applies to the polynomial schedule, not --lr_scheduler_type cosine"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_arguments(["--output_dir", str(tmp_path), *flags])
+    assert parse_arguments(["--output_dir", str(tmp_path), "--optim", "adamw_torch"])[2].momentum is None
+
+
 def test_color_jitter_blur_and_padding_reach_the_training_transform(synthetic_dir, tmp_path):
     from hms_segmentation.training.datasets import build_datasets
 

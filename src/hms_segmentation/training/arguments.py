@@ -90,6 +90,13 @@ class ModelArguments:
         self.eval_scales = ",".join(map(str, validate_scales(parse_scales(self.eval_scales), "--eval_scales")))
 
 
+def optim_arguments(optim_args: str | None) -> dict[str, str]:
+    """``--optim_args`` as transformers reads it (``"key=value,key=value"``), as a dict of strings."""
+    if not optim_args:
+        return {}
+    return dict(pair.split("=", 1) for pair in optim_args.replace(" ", "").split(",") if "=" in pair)
+
+
 @dataclass
 class DataArguments:
     """Which data to train and evaluate on, and the augmentation."""
@@ -295,9 +302,13 @@ class HMSTrainingArguments(TrainingArguments):
                           "transformers scheduler name (linear, cosine, ...) uses that one"},
     )
     weight_decay: float = field(default=1e-4)
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    momentum: float | None = field(
+        default=None, metadata={"help": "momentum of --optim sgd (default 0.9, the reference's); other optimizers take "
+                                        "their settings from --optim_args"},
+    )
     poly_power: float | None = field(
-        default=None, metadata={"help": "power of the polynomial LR decay (default 2.0; 1.0 for Mapillary)"}
+        default=None, metadata={"help": "power of the polynomial LR decay (default 2.0; 1.0 for Mapillary); "
+                                        "--lr_scheduler_type polynomial only"}
     )
     poly_decay_unit: str = field(
         default="step",
@@ -344,6 +355,19 @@ class HMSTrainingArguments(TrainingArguments):
         if self.lr_scheduler_type == "polynomial" and self.lr_scheduler_kwargs:
             raise ValueError(f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs} with the polynomial schedule: its power "
                              "is --poly_power and it decays to zero, as the reference")
+        # settings of the reference's optimizer and schedule, refused with others rather than silently unused
+        optim, schedule = (str(getattr(value, "value", value)) for value in (self.optim, self.lr_scheduler_type))
+        if self.momentum is not None and optim != "sgd":
+            raise ValueError(f"--momentum {self.momentum:g} applies to --optim sgd; --optim {optim} takes its settings "
+                             "from --optim_args")
+        if optim == "sgd" and self.momentum is not None and "momentum" in optim_arguments(self.optim_args):
+            raise ValueError(f"the SGD momentum is given twice: --momentum {self.momentum:g} and --optim_args "
+                             f"{self.optim_args}; keep one")
+        if optim == "sgd" and self.momentum is None:
+            self.momentum = float(optim_arguments(self.optim_args).get("momentum", 0.9))
+        if self.poly_power is not None and schedule != "polynomial":
+            raise ValueError(f"--poly_power {self.poly_power:g} applies to the polynomial schedule, not "
+                             f"--lr_scheduler_type {schedule}")
         if self.poly_decay_unit not in POLY_DECAY_UNITS:
             raise ValueError(f"--poly_decay_unit must be one of {', '.join(POLY_DECAY_UNITS)}, got {self.poly_decay_unit!r}")
         if self.poly_decay_unit == "epoch" and self.lr_scheduler_type != "polynomial":

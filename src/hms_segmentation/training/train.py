@@ -163,12 +163,16 @@ def sgd_parameter_groups(model: torch.nn.Module, learning_rate: float, trunk_mul
 def create_optimizer(
     model: torch.nn.Module, args: HMSTrainingArguments, trunk_multiplier: float = 1.0
 ) -> torch.optim.Optimizer:
-    """``--optim sgd`` (the default): the reference's SGD, momentum ``--momentum``, weight decay on every parameter.
-    Any other ``--optim``: the optimizer the Trainer would build for it, over the same parameter groups (so
+    """``--optim sgd`` (the default): the reference's SGD, momentum ``--momentum``, weight decay on every parameter,
+    with what ``--optim_args`` adds (``nesterov``, ``dampening``, as transformers' SGD reads them). Any other
+    ``--optim``: the optimizer the Trainer would build for it, over the same parameter groups (so
     ``--trunk_learning_rate_multiplier`` and a frozen trunk still hold)."""
     groups = sgd_parameter_groups(model, args.learning_rate, trunk_multiplier)
     if args.optim == "sgd":
-        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+        _, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)  # parses --optim_args
+        optim_kwargs.pop("lr", None)
+        settings = {"weight_decay": args.weight_decay, **optim_kwargs, "momentum": args.momentum}
+        return torch.optim.SGD(groups, lr=args.learning_rate, **settings)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     return optimizer_cls(groups, **{"weight_decay": args.weight_decay, **optimizer_kwargs})
 
@@ -593,7 +597,7 @@ def run_training(
     data = build_datasets(data_args, seed=training_args.seed, do_eval=training_args.do_eval)
     if training_args.do_train:
         check_one_full_batch(data.train, training_args)
-    if training_args.poly_power is None:
+    if training_args.poly_power is None and training_args.lr_scheduler_type == "polynomial":
         training_args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
     visuals_callback = ([EvaluationVisualsCallback(data.eval, dataset_label_ids(data_args)[1])]

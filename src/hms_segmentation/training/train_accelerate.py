@@ -177,7 +177,7 @@ def run_training(
     data = build_datasets(data_args, seed=args.seed, do_eval=args.do_eval)
     if args.do_train:
         check_one_full_batch(data.train, args)
-    if args.poly_power is None:
+    if args.poly_power is None and args.lr_scheduler_type == "polynomial":
         args.poly_power = data.poly_power
     model = build_model(model_args, data.id2label)
     # seeded again once the model is built, as Trainer.__init__ does: the same random state from here on (dropout
