@@ -138,6 +138,8 @@ def test_flags_after_an_argument_file_take_precedence(tmp_path):
     ("- learning_rate\n- 0.01\n", r"bad.yaml must map argument names to values, found a list"),
     ("learning_rate: [0.01\n", r"bad.yaml is not valid YAML"),
     ("help: true\n", r"bad.yaml: no argument is named 'help'"),
+    # argparse's choices hold on the command line only: a file's value is checked when parsed, not after the data
+    ("train_sample_dtype: float16\n", r"--train_sample_dtype must be one of uint8, float32, got 'float16'"),
 ])
 def test_a_bad_argument_file_is_named(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
@@ -1551,6 +1553,8 @@ def test_quickstart_never_replaces_a_file_of_the_user_it_would_write(tmp_path, c
 @pytest.mark.parametrize("flag, value, message", [
     ("--hue-jitter", "0.7", r"the hue jitter must be in \[0, 0.5\] turns, got 0.7"),
     ("--crop-size", "0", "--crop_size must be a positive number of pixels, got 0"),
+    # each epoch drops its incomplete last batch: it would train no step and report the untrained model
+    ("--train-frames", "2", r"--train-frames 2 is fewer than one batch \(--batch-size 4\): the run would train no"),
 ])
 def test_quickstart_names_a_bad_value_without_a_traceback(tmp_path, capsys, flag, value, message):
     from hms_segmentation.cli import main as cli_main
@@ -1677,3 +1681,21 @@ def test_the_saved_image_processor_shrinks_images_as_the_runs_evaluation_did(tmp
     (tmp_path / "start" / "config.json").write_text("{}")  # a folder --model_name_or_path accepts
     carried = image_processor_for(ModelArguments(model_name_or_path=str(tmp_path / "start")), mapillary)
     assert (carried.size["shortest_edge"], carried.max_long_side) == (512, 2177)  # its settings, the run's long side
+
+
+def test_the_checkpoint_just_saved_survives_the_save_total_limit_after_a_rollback(tmp_path):
+    """A run resumed from an earlier checkpoint saves a step below those it left behind: rotating by step number
+    deleted the new checkpoint at once. As the Trainer: the oldest written go, never the one just saved."""
+    import os
+
+    from accelerate import Accelerator
+
+    from hms_segmentation.training.train_accelerate import save_checkpoint
+
+    for age, step in enumerate((300, 200)):  # checkpoint-300 written before checkpoint-200 (an earlier rollback)
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "hms_checkpoint.json").write_text(json.dumps({"step": step}))
+        os.utime(folder, (1_000_000 + age, 1_000_000 + age))
+    save_checkpoint(Accelerator(cpu=True), tmp_path, 150, total_limit=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-150", "checkpoint-200"]

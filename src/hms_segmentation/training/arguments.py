@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -88,6 +88,16 @@ class ModelArguments:
         # YAML turns "1.0" into a number and "[0.5, 1.0]" into a list: keep one canonical string
         self.training_scales = ",".join(map(str, validate_scales(parse_scales(self.training_scales), "--training_scales")))
         self.eval_scales = ",".join(map(str, validate_scales(parse_scales(self.eval_scales), "--eval_scales")))
+
+
+def check_choices(arguments: object) -> None:
+    """Refuse a value outside a field's ``choices``: a YAML/JSON file bypasses argparse, which checks them on the
+    command line only (the value would otherwise fail late, or be ignored, under another name)."""
+    for spec in fields(arguments):
+        choices = spec.metadata.get("choices")
+        value = getattr(arguments, spec.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"--{spec.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def optim_arguments(optim_args: str | None) -> dict[str, str]:
@@ -205,6 +215,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check_choices(self)
         for name, value in (MAPILLARY_RECIPE if self.dataset == "mapillary" else OTHER_RECIPE).items():
             if getattr(self, name) is None:  # not given: the dataset's recipe
                 setattr(self, name, value)

@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    processes = training_args.world_size
+    if args.train_frames < args.batch_size * processes:  # each epoch drops its incomplete last batch: no step at all
+        print(f"error: --train-frames {args.train_frames} is fewer than one batch (--batch-size {args.batch_size}"
+              f"{f' x {processes} processes' if processes > 1 else ''}): the run would train no step; generate more "
+              "frames or lower the batch size", file=sys.stderr)
+        return 2
     print(f"[1/4] synthetic street scenes -> {output_dir / 'data'}")
     data = build_datasets(data_args, seed=args.seed)
     torch.manual_seed(args.seed)

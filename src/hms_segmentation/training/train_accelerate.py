@@ -473,7 +473,8 @@ def _interval(steps: float, max_steps: int) -> int:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
     """`save_state` into a staging folder, then rename it to `checkpoint-<step>`: a kill never leaves half a checkpoint.
-    With `total_limit`, only that many of the newest checkpoints are kept (`--save_total_limit`)."""
+    With `total_limit`, only that many checkpoints are kept (`--save_total_limit`): this one and the most recently
+    written others."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"tmp-checkpoint-{step}"
     accelerator.save_state(str(staging))
@@ -484,9 +485,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
             shutil.rmtree(final)  # an older save of the same step, superseded by this complete one
         os.replace(staging, final)
         if total_limit:
-            saved = sorted((int(match.group(1)), folder) for folder in output_dir.iterdir()
-                           if (match := CHECKPOINT_PATTERN.match(folder.name)) and folder.is_dir())
-            for _, folder in saved[:-total_limit]:
+            # the oldest written go first, as the Trainer rotates them, and never the one just saved: a run resumed
+            # from an earlier checkpoint saves steps below those of the checkpoints it left behind
+            others = sorted((folder for folder in output_dir.iterdir() if CHECKPOINT_PATTERN.match(folder.name)
+                             and folder.is_dir() and folder != final), key=lambda folder: folder.stat().st_mtime)
+            for folder in others[: max(0, len(others) - (total_limit - 1))]:
                 shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
