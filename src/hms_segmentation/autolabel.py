@@ -10,7 +10,7 @@ else 255 (ignore). Hard 8-bit labels take ~600 MB instead of ~2 TB of soft label
 Output layout (read back by the data loaders):
 
 - Cityscapes (``--input <root>/leftImg8bit/<split>``): ``<output-dir>/gtCoarse/<split>/<city>/<id>_gtAuto_labelTrainIds.png``
-  with ``--output-dir`` defaulting to ``<root>``, where `load_cityscapes(..., CityscapesOptions(include_auto_labels=
+  with ``--output-dir`` defaulting to ``<root>``, where `load_cityscapes(..., options=CityscapesOptions(include_auto_labels=
   True))` and `DataArguments.auto_label_ratio` find them. By default (``--merge-coarse fill``) the human coarse label
   is kept wherever it labels a pixel and the auto-label fills the pixels it leaves unlabelled; ``boost`` is the
   reference's rule (the auto-label, with the coarse pixels of truck, bus and train added); ``replace`` writes the

@@ -31,7 +31,7 @@ showing them side by side.
 
 `--model` also takes a graph of `hms-segmentation export-onnx` (a `.onnx` file), run by onnxruntime: its scale list
 and flip are the ones it was exported with (`--scales` and `--flip` default to them and must match), so `--model
-torch=runs/m ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a graph that
+torch=runs/m --model ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a graph that
 other tools changed afterwards, e.g. quantised). It has no attention maps (no `--scale-shares`, `--save-visuals`) and
 runs in the precision it holds (no `--precision`, no tiling, no `--torch-compile`).
 """
@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, action="append",
                         help="save_pretrained folder, Hub id or .onnx graph of export-onnx; repeat it (optionally as "
-                             "NAME=PATH, e.g. rmi=runs/rmi ce=runs/ce) to compare models column by column in one table")
+                             "NAME=PATH, e.g. --model rmi=runs/rmi --model ce=runs/ce) to compare models column by column in "
+                             "one table")
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
     parser.add_argument("--split", default="val")
