@@ -215,7 +215,6 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
-        check_choices(self)
         for name, value in (MAPILLARY_RECIPE if self.dataset == "mapillary" else OTHER_RECIPE).items():
             if getattr(self, name) is None:  # not given: the dataset's recipe
                 setattr(self, name, value)
@@ -262,6 +261,7 @@ class DataArguments:
             raise ValueError("--auto_label_ratio needs --dataset cityscapes or synthetic (auto-labels in the Cityscapes "
                              "layout), got --dataset mapillary")
         self._check_auto_label_classes()
+        check_choices(self)  # the fields without a check of their own above (a file's values bypass argparse)
 
     @property
     def hue(self) -> float:
