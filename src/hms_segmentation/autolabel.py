@@ -10,8 +10,9 @@ else 255 (ignore). Hard 8-bit labels take ~600 MB instead of ~2 TB of soft label
 Output layout (read back by the data loaders):
 
 - Cityscapes (``--input <root>/leftImg8bit/<split>``): ``<output-dir>/gtCoarse/<split>/<city>/<id>_gtAuto_labelTrainIds.png``
-  with ``--output-dir`` defaulting to ``<root>``, where `load_cityscapes(..., options=CityscapesOptions(include_auto_labels=
-  True))` and `DataArguments.auto_label_ratio` find them. By default (``--merge-coarse fill``) the human coarse label
+  with ``--output-dir`` defaulting to ``<root>``, where
+  `load_cityscapes(..., options=CityscapesOptions(include_auto_labels=True))` and `DataArguments.auto_label_ratio`
+  find them. By default (``--merge-coarse fill``) the human coarse label
   is kept wherever it labels a pixel and the auto-label fills the pixels it leaves unlabelled; ``boost`` is the
   reference's rule (the auto-label, with the coarse pixels of truck, bus and train added); ``replace`` writes the
   auto-label alone. ``--label-region cityscapes`` ignores the teacher outside the part of the frame the reference
@@ -49,11 +50,12 @@ from .data.builder import SampleFiles
 from .data.cityscapes import AUTO_LABEL_KIND, IMAGE_SUFFIX, _label_for, cityscapes_label_mapping
 from .data.io import (
     DEFAULT_MAX_PIXELS,
-    TEMPORARY_SUFFIX,
+    TEMPORARY_SUFFIX,  # noqa: F401 - the name of a file being written, part of this module's interface
     BadSampleError,
     load_image,
     load_label,
     write_png_atomically,
+    write_text_atomically,
 )
 from .data.transforms import SegmentationEvalTransform
 from .demo import colorize, palette_for
@@ -314,6 +316,12 @@ def label_marker(label_path: Path) -> dict | None:
         return None
 
 
+def own_marker(job: AutoLabelJob, fingerprint: str) -> dict:
+    """The text chunk this command writes into `job`'s files (and `label_marker` reads back): its source image and
+    the fingerprint of the model and settings."""
+    return {"source": job.source, "settings": fingerprint}
+
+
 def write_preview(path: Path, labels: np.ndarray, palette: tuple[tuple[int, int, int], ...], marker: str) -> int:
     """Write the coloured picture of `labels` `(height, width)` (trainIds, 255 drawn black) to `path`, marked as ours;
     returns its size in bytes."""
@@ -335,7 +343,7 @@ def existing_output(job: AutoLabelJob, fingerprint: str) -> Literal["missing", "
                 return "other"
         return "missing"
     marker = label_marker(job.label_path)
-    if marker == {"source": job.source, "settings": fingerprint}:
+    if marker == own_marker(job, fingerprint):
         return "finished"
     return "other"
 
@@ -603,7 +611,7 @@ def autolabel(
             auto_label = keep_region(thresholded, label_region)
             written = merge_with_coarse(auto_label, record["coarse"], layout.merge_coarse)
             preview_bytes = 0
-            marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
+            marker = json.dumps(own_marker(job, fingerprint), sort_keys=True)
             if job.preview_path is not None:
                 # before the label: a finished label then always has its preview (marked too, as ours)
                 preview_bytes = write_preview(job.preview_path, written, palette, marker)
@@ -622,7 +630,7 @@ def autolabel(
                     job = record["job"]
                     if job.preview_path is not None and not job.preview_path.exists():
                         # --preview added on a re-run: drawn from the finished label, which needs no new forward
-                        marker = json.dumps({"source": job.source, "settings": fingerprint}, sort_keys=True)
+                        marker = json.dumps(own_marker(job, fingerprint), sort_keys=True)
                         tally.preview_bytes += write_preview(job.preview_path, load_label(job.label_path), palette,
                                                              marker)
                 elif status == "other":
@@ -770,12 +778,6 @@ def _is_report(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(report, dict) and {"fingerprint", "images", "per_class"} <= set(report)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -350,12 +350,30 @@ TEMPORARY_SUFFIX = ".partial"
 """Suffix of the hidden name a file is written under before it is renamed into place (`write_png_atomically`)."""
 
 
+def temporary_name(path: Path) -> Path:
+    """The hidden name a file is written under before `write_*_atomically` renames it (no reader's pattern matches
+    it)."""
+    return path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` under a hidden temporary name in the same folder, then rename it: a reader (or a re-run) sees the
+    whole file or none, never half a JSON."""
+    temporary = temporary_name(path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_png_atomically(path: Path, image: Image.Image, text: dict[str, str] | None = None) -> int:
     """Write a PNG (with `text` chunks) under a hidden temporary name in the same folder, then rename it: a reader (or
     a re-run) sees the whole file or none. Returns the bytes written. Same pixels and text give the same bytes (no
     timestamps)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+    temporary = temporary_name(path)
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..label_tables import CITYSCAPES_LABELS, cityscapes_label_id_to_train_id
+from .io import temporary_name, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -582,15 +582,8 @@ def _settings(options: SyntheticDatasetOptions) -> dict:
                if key not in ("output_dir", "num_workers")}}
 
 
-def _temporary_name(marker: str) -> str:
-    return f".{marker}.tmp"
-
-
 def _write_marker(path: Path, content: dict) -> None:
-    """Write a marker file whole or not at all (an interrupted write must not leave half a JSON behind)."""
-    temporary = path.with_name(_temporary_name(path.name))
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(content, indent=2) + "\n")
 
 
 def _recorded_options(marker: Path, output_dir: Path) -> list[SyntheticDatasetOptions]:
@@ -637,7 +630,7 @@ def _prepare_output_dir(options: SyntheticDatasetOptions) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder: expected an empty or new output folder")
     complete, in_progress = output_dir / MARKER_FILE, output_dir / IN_PROGRESS_FILE
-    own_temporary = {_temporary_name(MARKER_FILE), _temporary_name(IN_PROGRESS_FILE)}
+    own_temporary = {temporary_name(output_dir / name).name for name in (MARKER_FILE, IN_PROGRESS_FILE)}
     entries = [path for path in output_dir.iterdir() if path.name not in own_temporary] if output_dir.is_dir() else []
     if entries and not complete.is_file() and not in_progress.is_file():
         raise FileExistsError(

@@ -31,9 +31,9 @@ showing them side by side.
 
 `--model` also takes a graph of `hms-segmentation export-onnx` (a `.onnx` file), run by onnxruntime: its scale list
 and flip are the ones it was exported with (`--scales` and `--flip` default to them and must match), so `--model
-torch=runs/m --model ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a graph that
-other tools changed afterwards, e.g. quantised). It has no attention maps (no `--scale-shares`, `--save-visuals`) and
-runs in the precision it holds (no `--precision`, no tiling, no `--torch-compile`).
+torch=runs/m --model ort=runs/m/onnx/model.onnx` scores the deployed graph beside the model in one table (also a
+graph that other tools changed afterwards, e.g. quantised). It has no attention maps (no `--scale-shares`,
+`--save-visuals`) and runs in the precision it holds (no `--precision`, no tiling, no `--torch-compile`).
 """
 
 from __future__ import annotations
@@ -89,18 +89,6 @@ RESULT_FILES = ("results.json", "results.md")
 """What `--output-dir` receives; neither is replaced without `--overwrite`."""
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 """`--precision`: the autocast dtype of the forward (None: float32 throughout)."""
-
-
-def precision_autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """`torch.autocast` on `device`'s type in `precision`'s dtype (a key of `PRECISIONS`); no context for fp32.
-
-    Raises:
-        ValueError: `precision` is not a key of `PRECISIONS`.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 DEFAULT_SCALE_LISTS = ["1.0", "0.5,1.0,2.0"]
 """`--scales` when not given: single scale against the paper's chain."""
 PREDICTION_FORMATS = ("train_ids", "label_ids", "color")
@@ -145,6 +133,18 @@ class PredictionWriter:
                 image = image.convert("P")
                 image.putpalette(self.palette)
         write_png_atomically(self.path(sample_id), image)
+
+
+def precision_autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """`torch.autocast` on `device`'s type in `precision`'s dtype (a key of `PRECISIONS`); no context for fp32.
+
+    Raises:
+        ValueError: `precision` is not a key of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def predict(
@@ -458,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hms-segmentation evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, action="append",
                         help="save_pretrained folder, Hub id or .onnx graph of export-onnx; repeat it (optionally as "
-                             "NAME=PATH, e.g. --model rmi=runs/rmi --model ce=runs/ce) to compare models column by column in "
-                             "one table")
+                             "NAME=PATH, e.g. --model rmi=runs/rmi --model ce=runs/ce) to compare models column by "
+                             "column in one table")
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="dataset root (synthetic: generated there if missing)")
     parser.add_argument("--split", default="val")

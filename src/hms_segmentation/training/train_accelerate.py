@@ -167,10 +167,7 @@ def run_training(
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir) / "runs")),
     )
-    if args.full_determinism:
-        enable_full_determinism(args.seed)
-    else:
-        set_seed(args.seed)
+    _seed(args)
     resume_from = check_output_dir(args) if accelerator.is_main_process else None
     resume_from = _broadcast_object(resume_from)
     repo_id = hub_repository(args)
@@ -182,10 +179,7 @@ def run_training(
     model = build_model(model_args, data.id2label)
     # seeded again once the model is built, as Trainer.__init__ does: the same random state from here on (dropout
     # masks, the data order), so that both scripts train alike on one seed
-    if args.full_determinism:
-        enable_full_determinism(args.seed)
-    else:
-        set_seed(args.seed)
+    _seed(args)
     evaluating = args.do_eval and data.eval is not None
     palette = dataset_label_ids(data_args)[1] if args.eval_visuals else ()  # of the --eval_visuals pictures
     if not args.do_train:  # as the Trainer script: only the evaluation, of the model as given
@@ -493,6 +487,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
                 shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     return final
+
+
+def _seed(args: HMSTrainingArguments) -> None:
+    """`--seed` for every random generator, as the Trainer seeds them (`--full_determinism`: deterministic kernels
+    too)."""
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
 
 
 def _broadcast_object(value):
