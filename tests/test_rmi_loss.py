@@ -174,7 +174,9 @@ INVALID_SETTINGS = {
     ),
     "zero_classes": ({"num_classes": 0}, r"`num_classes` must be a positive integer, got 0"),
     "lambda_way_2": ({"lambda_way": 2}, r"`lambda_way` must be 0 or 1, got 2"),
-    "lambda_string": ({"loss_weight_lambda": "0.5"}, r"`loss_weight_lambda` must be a number, got '0.5'"),
+    "lambda_string": ({"loss_weight_lambda": "0.5"}, r"`loss_weight_lambda` must be a finite number, got '0.5'"),
+    "lambda_nan": ({"loss_weight_lambda": float("nan")}, r"`loss_weight_lambda` must be a finite number, got nan"),
+    "lambda_inf": ({"loss_weight_lambda": float("inf")}, r"`loss_weight_lambda` must be a finite number, got inf"),
     "loss_type_0": ({"loss_type": 0}, r"`loss_type` must be None or 2"),
 }
 
@@ -305,6 +307,20 @@ def test_float16_logits_are_upcast() -> None:
     output, grad = _loss_and_grad(RMILoss(), half_logits, labels)
     assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
     torch.testing.assert_close(output.loss, RMILoss()(half_logits.float(), labels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool_way", [0, 1, 2])
+def test_gradient_with_create_graph_is_the_plain_one_and_second_order_is_refused_clearly(pool_way: int) -> None:
+    # create_graph=True (as gradient-penalty or higher-order code asks) must not fail inside the hand-written backwards;
+    # only differentiating the gradient once more is unsupported, and says so.
+    logits, labels = _blocky_inputs(batch_size=1, num_classes=5, height=24, width=32)
+    loss_fn = RMILoss(num_classes=5, rmi_pool_way=pool_way)
+    _, expected_grad = _loss_and_grad(loss_fn, logits, labels)
+    logits = logits.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(logits, labels), logits, create_graph=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()
 
 
 def test_all_pixels_ignored_gives_finite_loss_and_zero_gradient() -> None:

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .label_tables import IGNORE_INDEX
 
@@ -222,6 +223,7 @@ class _SigmoidTerms(torch.autograd.Function):
         return torch.stack(partial_sums).sum(dtype=torch.float64), probs
 
     @staticmethod
+    @once_differentiable  # its out= and in-place operations cannot be recorded for a second derivative
     def backward(ctx, grad_bce_sum: torch.Tensor, grad_probs: torch.Tensor):
         logits, safe_labels, valid_mask = ctx.saved_tensors
         layout = _BandLayout.of(logits, ctx.pool_size)
@@ -300,6 +302,7 @@ class _RegionCovariance(torch.autograd.Function):
         return covariance
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_covariance: torch.Tensor):
         if not ctx.needs_input_grad[1]:
             return None, None, None, None
@@ -451,6 +454,7 @@ class RMILoss(nn.Module):
     values come from plain tensor operations that the compiler fuses and differentiates, since the bands, the
     hand-written backwards and the skipping (a data-dependent size) would split its graph: every pair's region vectors
     are built at once, ``B·C·(2r² + 1)·N`` float64 values (about 1.3 GB for 65 classes and two 1024x1024 crops).
+    Eager gradients are first order only (``create_graph=True`` works; differentiating the gradient again raises).
 
     Args:
         num_classes (`int`, *optional*, defaults to 19):
@@ -520,8 +524,12 @@ class RMILoss(nn.Module):
                 f"`rmi_pool_size` must equal `rmi_pool_stride`, got rmi_pool_size={rmi_pool_size} and "
                 f"rmi_pool_stride={rmi_pool_stride}."
             )
-        if isinstance(loss_weight_lambda, bool) or not isinstance(loss_weight_lambda, numbers.Real):
-            raise ValueError(f"`loss_weight_lambda` must be a number, got {loss_weight_lambda!r}.")
+        if (
+            isinstance(loss_weight_lambda, bool)
+            or not isinstance(loss_weight_lambda, numbers.Real)
+            or not math.isfinite(loss_weight_lambda)
+        ):
+            raise ValueError(f"`loss_weight_lambda` must be a finite number, got {loss_weight_lambda!r}.")
         _check_int_setting("lambda_way", lambda_way, "0 or 1", lambda v: v in (0, 1))
         if loss_type is not None:
             _check_int_setting("loss_type", loss_type, "None or 2 (only the sigmoid path exists)", lambda v: v == 2)
@@ -563,7 +571,12 @@ class RMILoss(nn.Module):
         return self.forward_components(logits, labels, do_rmi=do_rmi).loss
 
     def forward_components(self, logits: torch.Tensor, labels: torch.Tensor, do_rmi: bool = True) -> RMILossOutput:
-        """Compute the loss and its BCE and RMI terms (for logging); arguments as in :meth:`forward`."""
+        """Compute the loss and its BCE and RMI terms (for logging); arguments as in :meth:`forward`.
+
+        Returns:
+            [`RMILossOutput`]: `loss`, `bce_loss` and `rmi_loss`, float32 tensors of shape `()`; `rmi_loss` is `None`
+            and `loss` is `bce_loss` when ``do_rmi=False``.
+        """
         self._check_inputs(logits, labels, do_rmi)
         # Autocast would run the matmuls below in half precision; the reference disables it for the same reason.
         with torch.autocast(device_type=logits.device.type, enabled=False):
