@@ -45,6 +45,9 @@ def images(batch: int = 2, height: int = 48, width: int = 64) -> torch.Tensor:
         ("inference_scales", [1.0, 1.0]),
         ("primary_loss", "dice"),
         ("ocr_aux_weight", -0.1),
+        ("ocr_aux_weight", float("inf")),
+        ("supervised_scale_weight", float("nan")),
+        ("rmi_loss_weight_lambda", float("inf")),
         ("ocr_mid_channels", 0),
         ("rmi_radius", 11),
         ("rmi_pool_size", 3),
@@ -365,6 +368,69 @@ def test_a_model_cast_to_bf16_takes_float32_pixels(tiny_hrnet):
         outputs = half(images(), labels=labels_for(), scales=[0.5, 1.0])
     assert outputs.logits.dtype == torch.bfloat16 and torch.isfinite(outputs.loss)
     assert (outputs.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_pixel_values_are_refused_naming_the_dtype(tiny_hrnet, dtype):
+    # raw 0..255 image bytes were cast to float and segmented as if they were normalised
+    raw = torch.randint(0, 256, (2, 3, 48, 64)).to(dtype)
+    with pytest.raises(ValueError, match=rf"pixel_values must be a floating-point tensor .* got dtype {dtype}"):
+        tiny_hrnet(raw, scales=[1.0])
+
+
+def _assert_same_outputs(got, want) -> None:
+    assert type(got) is type(want)
+    if isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            _assert_same_outputs(got[key], want[key])
+    elif isinstance(want, tuple):
+        assert len(got) == len(want)
+        for got_item, want_item in zip(got, want):
+            _assert_same_outputs(got_item, want_item)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"output_attentions": True, "output_hidden_states": True},
+    {"output_auxiliary_logits": True},
+    {"labels": True, "output_attentions": True},
+], ids=["plain", "attentions_and_hidden_states", "auxiliary_logits", "labels"])
+def test_return_dict_false_gives_the_outputs_to_tuple(tiny_hrnet, options):
+    # transformers' rule: the tuple holds every field of the output object, in order (auxiliary logits, per-scale
+    # logits and loss terms were dropped from it)
+    options = {**options, "labels": labels_for()} if options.get("labels") else options
+    with torch.no_grad():
+        as_object = tiny_hrnet(images(), scales=[0.5, 1.0], **options)
+        as_tuple = tiny_hrnet(images(), scales=[0.5, 1.0], return_dict=False, **options)
+    assert isinstance(as_tuple, tuple)
+    _assert_same_outputs(as_tuple, as_object.to_tuple())
+    assert as_tuple[0] is not None and (as_tuple[0].dim() == 0) == ("labels" in options)  # the loss comes first
+
+
+def test_a_misspelt_keyword_is_refused_and_processor_outputs_are_accepted(tiny_hrnet):
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['output_attention', 'scale'\]"):
+        tiny_hrnet(images(), scale=[2.0], output_attention=True)
+    mask, sizes = torch.ones(2, 48, 64, dtype=torch.long), torch.tensor([[48, 64], [40, 60]])
+    with torch.no_grad():
+        assert tiny_hrnet(images(), scales=[1.0], pixel_mask=mask, original_sizes=sizes).logits.shape == (2, 5, 48, 64)
+
+
+@pytest.mark.parametrize("output_flag", ["output_attentions", "output_hidden_states"])
+def test_trainer_evaluation_keeps_only_the_logits_whatever_the_output_flags(tmp_path, output_flag):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_RESNET, **{output_flag: True})).eval()
+    trainer = Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True))
+    batch = {"pixel_values": images(), "labels": labels_for()}
+    _, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    # `scales` (a tuple of floats) once reached the gathered predictions beside the logits
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 5, 48, 64)
 
 
 def test_channels_last_gives_the_same_logits(tiny_model):

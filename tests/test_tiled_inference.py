@@ -311,6 +311,12 @@ def test_per_call_option_overrides_the_config_and_training_never_tiles(tiny_mode
     assert sizes == [(64, 96), (32, 48)]
 
 
+def test_tile_size_in_a_call_without_a_pixel_budget_is_refused_not_ignored(tiny_model):
+    for settings in ({"tile_size": 32}, {"tile_overlap": 8}):
+        with pytest.raises(ValueError, match=rf"{next(iter(settings))} has no effect: tiling is off"):
+            tiny_model(torch.randn(1, 3, 64, 64), scales=[1.0], **settings)
+
+
 def test_hidden_states_of_a_tiled_scale_are_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match=r"output_hidden_states is not available for scales run as tiles \(\[2.0\]"):
         tiny_model(torch.randn(1, 3, 64, 64), scales=[1.0, 2.0], output_hidden_states=True,
@@ -369,3 +375,24 @@ def test_demo_takes_tiling_and_long_side_flags(tmp_path, capsys):
     assert summary["image_size"] == [256, 512]  # the label map has the image's size even when shrunk
     assert demo_main(argv + ["--overwrite", "--tile_pixel_budget", "100", "--tile_size", "64", "--tile_overlap", "16"]) == 2
     assert "tile_pixel_budget=100 is smaller than one tile" in capsys.readouterr().err
+
+
+def test_tile_size_or_overlap_without_a_pixel_budget_is_refused_not_ignored():
+    import argparse
+
+    from hms_segmentation.inference_options import add_large_input_arguments, large_input_settings
+
+    parser = argparse.ArgumentParser()
+    add_large_input_arguments(parser)
+    untiled_config = HMSConfig(**TINY_HRNET)  # tile_pixel_budget None: tiling off
+    for argv, option in [(["--tile-size", "512"], "--tile-size 512"),
+                         (["--tile_overlap", "64"], "--tile-overlap 64")]:
+        with pytest.raises(ValueError, match=f"{option} has no effect: tiling is off .*pass --tile-pixel-budget"):
+            large_input_settings(parser.parse_args(argv), untiled_config)
+    tiling, _ = large_input_settings(parser.parse_args(["--tile-size", "512", "--tile-pixel-budget", "262144"]),
+                                     untiled_config)
+    assert tiling == {"tile_pixel_budget": 262144, "tile_size": 512, "tile_overlap": None}
+    tiled_config = HMSConfig(**TINY_HRNET, tile_pixel_budget=512 * 512, tile_size=512, tile_overlap=128)
+    assert large_input_settings(parser.parse_args(["--tile-size", "256"]), tiled_config)[0]["tile_size"] == 256
+    assert large_input_settings(parser.parse_args([]), untiled_config)[0] == dict.fromkeys(
+        ("tile_pixel_budget", "tile_size", "tile_overlap"))

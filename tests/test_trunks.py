@@ -12,6 +12,7 @@ from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
 from hms_segmentation.backbone_mobilenet import make_divisible
 from hms_segmentation.convert_nvidia import CheckpointConversionError, load_imagenet_trunk
 from test_training import ensure_tiny_synthetic, synthetic_dir, tiny_run_arguments  # noqa: F401 (fixture)
+from tiny_configs import TINY_HRNET
 
 SLIM_DECODER = {
     "aspp_channels": 8,
@@ -238,6 +239,23 @@ def test_deeplab_training_with_batch_size_one_says_what_is_needed():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.eval()
     assert torch.isfinite(model(pixel_values, labels=labels).loss)
+
+
+def test_hrnet_training_with_one_tiny_image_says_what_is_needed():
+    # one 32x32 image is 1x1 at the stride-32 branch: PyTorch's BatchNorm failed deep inside the trunk
+    torch.manual_seed(0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_HRNET)).train()
+    with pytest.raises(ValueError, match=r"HRNet trunk .* one image of 32x32 pixels \(batch_size 1\) is 1x1 at its "
+                                         r"stride-32 branch; train with a batch of at least 2"):
+        model(torch.randn(1, 3, 32, 32), scales=[1.0])
+    with pytest.raises(ValueError, match=r"one image of 20x20 pixels"):  # 40x40 is enough; its 0.5 scale is not
+        model(torch.randn(1, 3, 40, 40), scales=[0.5, 1.0])
+    assert torch.isfinite(model(torch.randn(1, 3, 33, 16), scales=[1.0], labels=torch.zeros(1, 33, 16).long()).loss)
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32), labels=torch.zeros(2, 32, 32).long()).loss)
+    for module in model.modules():  # frozen BatchNorm statistics need no batch
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32), labels=torch.zeros(1, 32, 32).long()).loss)
 
 
 def test_deeplab_training_with_one_image_per_process_under_sync_batch_norm_is_left_to_it(monkeypatch):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .residual_blocks import RESIDUAL_BLOCKS as HRNET_BLOCKS
-from .residual_blocks import conv_bn, make_residual_layer
+from .residual_blocks import conv_bn, make_residual_layer, normalises_across_processes
 
 
 class HMSHRNetModule(nn.Module):
@@ -133,7 +133,30 @@ class HMSHRNetBackbone(nn.Module):
                 )
         return layers
 
+    def _check_batch_statistics(self, pixel_values: torch.Tensor) -> None:
+        """
+        Refuse, naming the fix, an input whose lowest-resolution branch would give its BatchNorm layers a single value
+        per channel in training mode (one image that is 1x1 there), where PyTorch would fail deep inside the trunk.
+        """
+        lowest_branch = getattr(self, f"stage{self.num_stages}")[-1].branches[-1]
+        norm = next(module for module in lowest_branch.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm))
+        if not norm.training or pixel_values.shape[0] != 1:
+            return
+        height, width = pixel_values.shape[-2:]
+        for _ in range(self.num_stages + 1):  # the two stem convolutions, then one per added branch: stride 2, ceil
+            height, width = (height + 1) // 2, (width + 1) // 2
+        if height * width == 1 and not normalises_across_processes(norm):
+            stride = 2 ** (self.num_stages + 1)
+            raise ValueError(
+                f"the HRNet trunk needs more than one value per channel for BatchNorm in training mode, but one image of "
+                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels (batch_size 1) is 1x1 at its stride-"
+                f"{stride} branch; train with a batch of at least 2, on crops with a side longer than {stride} pixels "
+                "at the lowest training scale, with SyncBatchNorm over several GPUs (--sync_bn), or with the "
+                "BatchNorm layers in eval mode (frozen statistics)"
+            )
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self._check_batch_statistics(pixel_values)
         hidden = self.relu(self.bn1(self.conv1(pixel_values)))
         hidden = self.relu(self.bn2(self.conv2(hidden)))
         branch_states = [self.layer1(hidden)]

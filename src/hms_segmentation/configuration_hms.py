@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -189,7 +190,10 @@ class HMSConfig(PretrainedConfig):
 
     model_type = "hms"
     sub_configs = {"backbone_config": AutoConfig}
-    keys_to_ignore_at_inference = ["auxiliary_logits", "scale_logits", "attentions", "hidden_states", "loss_terms"]
+    # the Trainer's evaluation keeps only the logits, whatever output_attentions / output_hidden_states say
+    keys_to_ignore_at_inference = [
+        "auxiliary_logits", "scale_logits", "attentions", "hidden_states", "loss_terms", "scales"
+    ]
 
     def __init__(
         self,
@@ -395,8 +399,9 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    # an infinite weight makes every loss inf or NaN from the first step
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a non-negative, finite number, got {value!r}")
     return float(value)
 
 

@@ -7,15 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .head_ocr import HMSConvNormReLU
-
-
-def _normalises_across_processes(norm: nn.Module) -> bool:
-    """Whether `norm` is a SyncBatchNorm in a run of several processes: its batch statistics then span them all."""
-    if not isinstance(norm, nn.SyncBatchNorm):
-        return False
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
+from .residual_blocks import normalises_across_processes
 
 
 class HMSAtrousSpatialPyramidPooling(nn.Module):
@@ -37,7 +29,7 @@ class HMSAtrousSpatialPyramidPooling(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         norm = self.image_pooling.norm
-        if norm.training and features.shape[0] == 1 and not _normalises_across_processes(norm):
+        if norm.training and features.shape[0] == 1 and not normalises_across_processes(norm):
             # BatchNorm over the pooled (batch, channels, 1, 1) map has one value per channel: no batch statistics
             raise ValueError(
                 "the DeepLabV3+ decoder needs batch_size >= 2 in training mode (its image-pooling branch normalises "

@@ -32,6 +32,9 @@ from .rmi_loss import RMILoss
 from .scale_fusion_baselines import explicit_scale_attention_fusion, pooled_scale_fusion
 from .tiled_inference import segment_in_tiles, tiling_settings
 
+PROCESSOR_ONLY_INPUTS = ("pixel_mask", "original_sizes")
+"""Keys of `HMSImageProcessor`'s output that `forward` accepts and ignores, so that `model(**inputs)` works."""
+
 
 def resize_as(tensor: torch.Tensor, reference: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """Bilinearly resize `tensor` (batch, channels, h, w) to the spatial size of `reference`."""
@@ -408,6 +411,10 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             output_hidden_states (`bool`, *optional*):
                 Return each scale's trunk features. Not available for a scale that runs as tiles (a `ValueError` says
                 so before anything runs): raise `tile_pixel_budget` or leave tiling off to get them.
+            return_dict (`bool`, *optional*):
+                Return an [`HMSSemanticSegmenterOutput`] (the default), or with `False` the plain tuple of its
+                non-`None` fields in field order (`loss`, `logits`, `hidden_states`, `attentions`, `auxiliary_logits`,
+                `scale_logits`, `scales`, `loss_terms`): its `to_tuple()`.
             tile_pixel_budget (`int`, *optional*):
                 Tiled inference (eval mode only; training mode never tiles): a scale whose resized input has more than
                 this many pixels per image runs as overlapping tiles whose logits, auxiliary logits and attention are
@@ -425,10 +432,26 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             output_auxiliary_logits (`bool`, *optional*):
                 Fuse and return the OCR trunk's auxiliary logits without `labels` too (with `labels` they are always
                 fused: the auxiliary loss needs them). Defaults to `config.output_auxiliary_logits`.
+            kwargs:
+                Only the image processor's `pixel_mask` and `original_sizes` (ignored, so that `model(**inputs)`
+                works); any other keyword is refused with a `TypeError`.
         """
+        unknown = sorted(set(kwargs) - set(PROCESSOR_ONLY_INPUTS))
+        if unknown:  # a misspelt `scale=` or `output_attention=` would otherwise run with the defaults, silently
+            raise TypeError(
+                f"HMSForSemanticSegmentation.forward() got unexpected keyword arguments {unknown}; it takes "
+                "pixel_values, labels, scales, output_attentions, output_hidden_states, return_dict, tile_pixel_budget, "
+                f"tile_size, tile_overlap, output_auxiliary_logits (and ignores {', '.join(PROCESSOR_ONLY_INPUTS)})"
+            )
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            # the cast below would take raw 0..255 image bytes for normalised values and answer with garbage
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor of normalised images (see HMSImageProcessor), got dtype "
+                f"{pixel_values.dtype}: normalise 8-bit images first (ImageNet mean/std after scaling to [0, 1])"
             )
         # as transformers' vision models: the input follows the weights (a model cast to half, e.g. by the Trainer's
         # --fp16_full_eval / --bf16_full_eval, gets float32 pixels from its image processor)
@@ -449,6 +472,12 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             self.segment_single_scale, keep_auxiliary=output_auxiliary_logits or labels is not None
         )
         keep_scale_logits = output_attentions or (labels is not None and self.config.supervised_scale_weight > 0)
+        if tile_pixel_budget is None and self.config.tile_pixel_budget is None and not self.training:
+            given = {"tile_size": tile_size, "tile_overlap": tile_overlap}
+            unused = [name for name, value in given.items() if value is not None]
+            if unused:  # a call that sets up tiles but not the budget that turns tiling on would run untiled, silently
+                raise ValueError(f"{unused[0]} has no effect: tiling is off (tile_pixel_budget is None in the call and "
+                                 "in config); pass tile_pixel_budget, the pixels above which a scale runs as tiles")
         tiling = None if self.training else tiling_settings(
             self.config.tile_pixel_budget if tile_pixel_budget is None else tile_pixel_budget,
             self.config.tile_size if tile_size is None else tile_size,
@@ -520,10 +549,7 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         attentions = tuple(scale_attentions[s] for s in ascending) if output_attentions else None
         hidden_states = tuple(scale_features[s] for s in ascending) if output_hidden_states else None
         per_scale_logits = tuple(scale_logits[s] for s in ascending) if output_attentions else None
-        if not return_dict:
-            output = (logits,) + tuple(x for x in (hidden_states, attentions) if x is not None)
-            return ((loss,) + output) if loss is not None else output
-        return HMSSemanticSegmenterOutput(
+        output = HMSSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             hidden_states=hidden_states,
@@ -533,6 +559,8 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             scales=ascending if (output_attentions or output_hidden_states) else None,
             loss_terms=loss_terms,
         )
+        # the plain tuple holds what the output object holds, in its field order (transformers' `to_tuple()` rule)
+        return output if return_dict else output.to_tuple()
 
     def compute_loss(
         self,

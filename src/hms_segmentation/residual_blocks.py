@@ -35,6 +35,15 @@ def running_statistics_kept(module: nn.Module) -> Iterator[None]:
             setattr(norm, name, buffer)
 
 
+def normalises_across_processes(norm: nn.Module) -> bool:
+    """Whether `norm` is a SyncBatchNorm in a run of several processes: its batch statistics then span them all."""
+    if not isinstance(norm, nn.SyncBatchNorm):
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
+
+
 class HMSCheckpointedBlock(GradientCheckpointingLayer):
     """
     A trunk block that `model.gradient_checkpointing_enable()` recomputes in the backward pass instead of keeping its
