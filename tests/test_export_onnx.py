@@ -347,3 +347,69 @@ def test_the_check_runs_pytorch_on_the_weights_device_with_the_cpu_batch(tmp_pat
     checks = export_module.check_against_pytorch(tmp_path / "hms.onnx", DeviceRecorder(), [(8, 16), (9, 17)])
     assert seen == [(torch.device("meta"), (2, 3, 8, 16)), (torch.device("meta"), (2, 3, 9, 17))]
     assert [check.size for check in checks] == [(8, 16), (9, 17)] and all(check.passed for check in checks)
+
+
+# --- sizes computed as PyTorch computes them ---------------------------------------------------------------------
+
+
+def test_scaled_sizes_are_computed_in_float64_as_pytorch_does(tiny_deeplab_dir, tmp_path):
+    """floor(height * scale) in float32, as the exporter writes it, is a pixel off PyTorch's float64 for scales such
+    as 0.7 and 1.3 at sizes such as 180 and 720 (720 * 1.3: 935 against 936); the whole chain then moves."""
+    import math
+
+    import onnx
+
+    model = HMSForSemanticSegmentation.from_pretrained(tiny_deeplab_dir).eval()
+    scales = [0.7, 1.0, 1.3]
+    assert math.floor(720 * 1.3) != math.floor(float(np.float32(720) * np.float32(1.3)))
+    export_onnx(model, tmp_path / "hms.onnx", scales=scales, check=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "hms.onnx"), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    for size in [(180, 340), (720, 64), (129, 259)]:  # 180 * 0.7, 340 * 1.3, 720 * 1.3 differ in float32
+        pixel_values = torch.randn(1, 3, *size, generator=generator)
+        with torch.no_grad():
+            expected = model(pixel_values, scales=scales).logits
+        (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+    graph = onnx.load(str(tmp_path / "hms.onnx"), load_external_data=False).graph
+    casts = [node for node in graph.node if node.op_type == "Cast"]
+    assert casts and not [n for n in casts if n.attribute[0].i == onnx.TensorProto.FLOAT]  # no size cast to float32
+
+
+def _size_graph(operator: str):
+    """A graph `floor(x.shape * 1.3)` or `floor(sqrt(x.shape))`, its float arithmetic in float32 as the exporter
+    writes it."""
+    import onnx_ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["size"]),
+             helper.make_node("Cast", ["size"], ["size_float"], to=TensorProto.FLOAT),
+             helper.make_node(operator, ["size_float", "scale"] if operator == "Mul" else ["size_float"], ["product"]),
+             helper.make_node("Floor", ["product"], ["floor"]),
+             helper.make_node("Cast", ["floor"], ["scaled"], to=TensorProto.INT64)]
+    graph = helper.make_graph(
+        nodes, "sizes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("scaled", TensorProto.INT64, [4])],
+        initializer=[numpy_helper.from_array(np.array(1.3, np.float32), "scale")],
+        value_info=[helper.make_tensor_value_info("size", TensorProto.INT64, [4])])
+    return onnx_ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_size_arithmetic_is_rewritten_with_the_exact_scale_or_left_with_a_warning(tmp_path):
+    import onnx_ir
+
+    model = _size_graph("Mul")
+    assert export_module._size_arithmetic_in_float64(model.graph, [0.5, 1.3])
+    assert [node.op_type for node in model.graph] == ["Shape", "Cast", "Mul", "Floor", "Cast"]
+    assert model.graph.node(1).attributes["to"].as_int() == onnx_ir.DataType.DOUBLE
+    assert model.graph.node(2).inputs[1].const_value.numpy().item() == 1.3  # the scale, not its float32 rounding
+    assert list(model.graph.initializers) == ["scale_float64"]
+    onnx_ir.save(model, tmp_path / "sizes.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "sizes.onnx"), providers=["CPUExecutionProvider"])
+    (scaled,) = session.run(None, {"x": np.zeros((1, 3, 720, 340), np.float32)})
+    assert scaled.tolist() == [1, 3, 936, 442]  # floor(720 * 1.3), floor(340 * 1.3) in Python: float32 gives 935, 441
+
+    model = _size_graph("Sqrt")
+    with pytest.warns(UserWarning, match=r"computes image sizes in float32 \(a size goes through Sqrt\)"):
+        assert not export_module._size_arithmetic_in_float64(model.graph, [1.3])
+    assert model.graph.node(1).attributes["to"].as_int() == onnx_ir.DataType.FLOAT  # left as written

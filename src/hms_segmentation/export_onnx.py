@@ -62,7 +62,7 @@ class HMSChainedInference(nn.Module):
         self.with_labels = with_labels
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(pixel_values, scales=self.scales).logits
+        logits = self.model(pixel_values, scales=self.scales, return_dict=True).logits
         if self.flip:
             logits = average_with_mirrored(self.model, pixel_values, logits, scales=self.scales)
         if self.with_labels:
@@ -127,6 +127,89 @@ def _name_dimensions(graph) -> None:
             onnx_ir.SymbolicDim(names.get(str(dim), str(dim))) if isinstance(dim, onnx_ir.SymbolicDim) else dim
             for dim in value.shape
         ])
+
+
+_SIZE_ARITHMETIC_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Neg", "Floor", "Ceil"})
+
+
+def _size_arithmetic_in_float64(graph, scales: list[float]) -> bool:
+    """
+    Compute the graph's image-size arithmetic in float64, as PyTorch does: a scale's input size is
+    `floor(height * scale)` in Python floats, which the exporter writes in float32 (`sym_float` casts to FLOAT and
+    the scale becomes a FLOAT constant). For scales such as 0.7 or 1.3 that is a pixel off at some sizes (720 * 1.3:
+    935 instead of 936), and every later map moves with it. The arithmetic between a size cast to float and its
+    cast back to int64 is rewritten in DOUBLE; its constants become the scales they were rounded from (any other
+    constant is widened as it is). Returns whether anything was rewritten; arithmetic holding any other operator is
+    left as written, with a warning (the sizes may then be a pixel off).
+    """
+    import numpy as np
+    import onnx_ir
+
+    def is_size_to_float(node) -> bool:
+        return (
+            node.op_type == "Cast" and node.domain == "" and node.attributes["to"].as_int() == onnx_ir.DataType.FLOAT
+            and node.inputs[0] is not None
+            and node.inputs[0].dtype in (onnx_ir.DataType.INT64, onnx_ir.DataType.INT32)
+        )
+
+    def left_in_float32(reason: str) -> bool:
+        warnings.warn(f"the exported graph computes image sizes in float32 ({reason}): for some scales and sizes they "
+                      "may be a pixel off PyTorch's", stacklevel=3)
+        return False
+
+    # the arithmetic: every node downstream of a size cast to float, up to its casts back to int64
+    region, pending, seen = [], [node for node in graph.all_nodes() if is_size_to_float(node)], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        region.append(node)
+        for output in node.outputs:
+            if output.is_graph_output():
+                return left_in_float32(f"{output.name} is an output")
+            for consumer in output.consumers():
+                if consumer.op_type == "Cast" and consumer.attributes["to"].as_int() == onnx_ir.DataType.INT64:
+                    continue
+                if consumer.op_type not in _SIZE_ARITHMETIC_OPS or consumer.domain != "":
+                    return left_in_float32(f"a size goes through {consumer.op_type}")
+                pending.append(consumer)
+    # its other inputs must be constants
+    produced = {id(output) for node in region for output in node.outputs}
+    constants = {}
+    for node in region:
+        for value in node.inputs[1:] if node.op_type == "Cast" else node.inputs:
+            if value is None or id(value) in produced or id(value) in constants:
+                continue
+            tensor = value.const_value
+            producer = value.producer()
+            if tensor is None and producer is not None and producer.op_type == "Constant":
+                tensor = producer.attributes["value"].as_tensor() if "value" in producer.attributes else None
+            if tensor is None:
+                return left_in_float32(f"{node.op_type} of a size and the computed value {value.name}")
+            constants[id(value)] = (value, tensor)
+    if not region:
+        return False
+    exact = {float(np.float32(scale)): float(scale) for scale in scales}
+    widened = {}
+    for key, (value, tensor) in constants.items():
+        array = np.vectorize(lambda x: exact.get(float(x), float(x)), otypes=[np.float64])(tensor.numpy())
+        widened[key] = onnx_ir.Value(name=f"{value.name}_float64", shape=onnx_ir.Shape(array.shape),
+                                     type=onnx_ir.TensorType(onnx_ir.DataType.DOUBLE),
+                                     const_value=onnx_ir.tensor(array))
+        graph.register_initializer(widened[key])
+    for node in region:
+        for index, value in enumerate(node.inputs):
+            if value is not None and id(value) in widened:
+                node.replace_input_with(index, widened[id(value)])
+        if node.op_type == "Cast":
+            node.attributes["to"] = onnx_ir.AttrInt64("to", onnx_ir.DataType.DOUBLE)
+        for output in node.outputs:
+            output.dtype = onnx_ir.DataType.DOUBLE
+    for value, _ in constants.values():  # the float32 constants, now unused
+        if value.is_initializer() and not value.uses() and not value.is_graph_output():
+            del graph.initializers[value.name]
+    return True
 
 
 def onnx_metadata(
@@ -314,6 +397,7 @@ def export_onnx(
             raise ValueError(f"opset {opset_version} was asked for, but PyTorch's exporter wrote opset "
                              f"{written_opset}; {output} was not written")
         _name_dimensions(program.model.graph)
+        _size_arithmetic_in_float64(program.model.graph, scales)
         program.model.metadata_props.update(onnx_metadata(model, scales, flip, with_labels))
         program.save(str(staging / output.name))
         checks = []

@@ -42,10 +42,18 @@ def large_input_settings(args: argparse.Namespace, config: HMSConfig) -> tuple[d
     checked against `config` now, so a bad value is reported before any image is read.
 
     Raises:
-        ValueError: Naming the option and the value.
+        ValueError: Naming the option and the value; also for `--tile-size` or `--tile-overlap` while tiling is off
+            (no `--tile-pixel-budget` and none in `config`), where they would change nothing.
     """
     tiling = {name: getattr(args, name) for name in TILING_ARGUMENTS}
     tiling_settings(*(getattr(config, name) if value is None else value for name, value in tiling.items()))
+    if tiling["tile_pixel_budget"] is None and config.tile_pixel_budget is None:
+        unused = [name for name in TILING_ARGUMENTS[1:] if tiling[name] is not None]
+        if unused:
+            raise ValueError(
+                f"--{unused[0].replace('_', '-')} {tiling[unused[0]]} has no effect: tiling is off (the model config's "
+                "tile_pixel_budget is None); pass --tile-pixel-budget, the pixels above which a scale runs as tiles"
+            )
     shrink_to_long_side(torch.zeros(1, 1, 1, 1), args.max_long_side)
     return tiling, args.max_long_side
 
