@@ -12,9 +12,9 @@ Settings come from environment variables, read once in `SpaceSettings.from_envir
 
 - `HMS_SPACE_MODEL`: Hub id, `save_pretrained` folder or preset name (random weights) of the model
   (default `hms-segmentation/hms-hrnet-w48-cityscapes`, or the model that `space/build_space.py --model` recorded in
-  `default_model.txt` next to this file). When it cannot be loaded (offline, not found), the app
-  falls back to a quickstart checkpoint (`hms_quickstart/model`, from `hms-segmentation quickstart`), and without one
-  it says so on the page instead of failing.
+  `default_model.txt` next to this file). When it cannot be loaded (offline, not found, not an HMS model with all
+  its weights), the app falls back to a quickstart checkpoint (`hms_quickstart/model`, from `hms-segmentation
+  quickstart`) and says why, and without one it says so on the page instead of failing.
 - `HMS_SPACE_FALLBACK_MODELS`: colon-separated folders tried after it (default: `hms_quickstart/model` in the
   working directory, then next to `space/`).
 - `HMS_SPACE_MAX_SIDE` (768): longer uploads are downscaled to this long side before inference.
@@ -182,16 +182,19 @@ def load_space_model(settings: SpaceSettings) -> LoadedModel:
         try:
             model, trained = load_model(candidate)
             configure_tiling(model, settings)
-        except (OSError, ValueError) as error:
-            failures.append(f"`{candidate}`: {str(error).strip().splitlines()[0]}")
+        except (OSError, ValueError) as error:  # not there, offline, not an HMS model, weights missing
+            reason = str(error).strip().splitlines()[0].removeprefix(f"--model {candidate}: ")
+            failures.append(f"`{candidate}`: {reason}")
             continue
         notice = ""
         if not trained:
             notice = (f"**Preset `{candidate}` has random weights**: the colours below show the inference path, "
                       "not a real segmentation.")
         elif is_fallback:
-            notice = (f"The model `{settings.model}` could not be loaded, so this page uses the quickstart checkpoint "
-                      f"`{candidate}` (trained for minutes on synthetic streets: expect rough labels on photos).")
+            why = failures[0].removeprefix(f"`{settings.model}`: ")
+            notice = (f"The model `{settings.model}` could not be loaded ({why}), so this page uses the quickstart "
+                      f"checkpoint `{candidate}` (trained for minutes on synthetic streets: expect rough labels on "
+                      "photos).")
         return LoadedModel(model, candidate, notice)
     reasons = "\n".join(f"- {failure}" for failure in failures)
     notice = (

@@ -382,6 +382,25 @@ def test_results_given_at_push_time_renew_the_card_but_keep_its_license(fake_hub
     assert card.data.license == "bsd-3-clause" and len(card.data.eval_results) == 4
 
 
+def test_results_given_at_push_time_keep_the_cards_provenance_and_recipe(fake_hub, tiny_model, results_json, tmp_path):
+    # a converted checkpoint's card: the weights are NVIDIA's, under NVIDIA's license; then evaluated and pushed
+    card = build_model_card(tiny_model.config, license="bsd-3-clause", dataset="cityscapes", model_name="hms-converted",
+                            provenance="The weights are NVIDIA's, converted from `tiny.pth`.",
+                            training_details={"trained by": "NVIDIA"})
+    folder = save_for_hub(tiny_model, tmp_path / "converted", card=card)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\n## Notes\n\nWritten by hand.\n")
+    push_to_hub(folder, "someone/hms-tiny", token="hf_test", evaluation={"results": EVALUATION["results"]})
+    pushed = ModelCard(fake_hub.instances[0].commits[0]["files"]["README.md"].decode())
+    for kept in ("The weights are NVIDIA's, converted from `tiny.pth`.", "- trained by: NVIDIA", "Written by hand."):
+        assert kept in pushed.text
+    assert pushed.data.license == "bsd-3-clause" and pushed.data.datasets == ["cityscapes"]  # the card's dataset
+    assert {r.metric_value for r in pushed.data.eval_results if r.metric_type == "mean_iou"} == {41.24, 45.68}
+    assert pushed.text.count("## Results") == 1 and "Not evaluated yet" not in pushed.text
+    assert "| **mIoU** | **41.2** | **45.7** |" in pushed.text
+    assert pushed.text.index("## Results") < pushed.text.index("## How to use")
+    assert 'model="someone/hms-tiny"' in pushed.text
+
+
 def test_license_and_dataset_given_at_push_time_reach_a_kept_card(fake_hub, tiny_model, tmp_path):
     folder = save_for_hub(tiny_model, tmp_path / "ready")  # a card with the package's license and no dataset
     before = snapshot(folder)
@@ -429,6 +448,86 @@ def test_push_never_reads_nor_publishes_pickles(fake_hub, plain_folder, monkeypa
     with pytest.raises(HubPublishingError, match=r"no \*.safetensors weights .* its pickle files \['pytorch_model.bin', "
                                                  r"'training_args.bin'\] are never loaded"):
         push_to_hub(plain_folder, "someone/hms-tiny", token="hf_test")
+
+
+def test_push_refuses_weights_that_do_not_cover_the_model(fake_hub, plain_folder):
+    # transformers would initialise the missing tensors at random and push would publish that model
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(plain_folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("scale_attention_head.")},
+              plain_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HubPublishingError, match=r"its weights do not fit its config.json: \d+ missing tensors "
+                                                 r"\(scale_attention_head\..*Nothing was written or sent"):
+        push_to_hub(plain_folder, "someone/hms-tiny", token="hf_test")
+    assert fake_hub.instances == []
+
+
+def test_push_refuses_a_folder_of_another_model_type(fake_hub, tmp_path):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    config = SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], num_attention_heads=[1],
+                             decoder_hidden_size=8, num_labels=3)
+    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "segformer")
+    with pytest.raises(HubPublishingError, match=r"config.json describes a 'segformer' model; expected an HMS model"):
+        push_to_hub(tmp_path / "segformer", "someone/segformer", token="hf_test")
+    assert fake_hub.instances == []
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("other type", "its config.json describes a 'segformer' model; expected an HMS model"),
+    ("no weights", "the folder has no weights (expected model.safetensors"),
+    ("missing tensors", "its weights do not fit its config.json: 1 missing tensors (scale_attention_head.projection.weight)"),
+    ("mis-shaped tensors", "its weights do not fit its config.json"),
+])
+def test_demo_names_a_folder_that_is_not_a_complete_hms_model_without_a_traceback(
+    tiny_model, tmp_path, capsys, problem, message
+):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    config, weights = json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+    if problem == "other type":
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "segformer"}))
+    elif problem == "no weights":
+        (folder / "model.safetensors").unlink()
+    else:
+        key = "scale_attention_head.projection.weight"
+        if problem == "missing tensors":
+            del weights[key]
+        else:
+            weights[key] = torch.zeros(*weights[key].shape[:-1], weights[key].shape[-1] + 1)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert cli_main(["demo", "--model", str(folder), "--output-dir", str(tmp_path / "demo")]) == 2
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1].startswith(f"error: --model {folder}: ") and message in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_names_an_unreachable_hub_model_without_a_traceback(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli_main(["demo", "--model", "someone/no-such-hms-model", "--output-dir", str(tmp_path / "demo")]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: --model someone/no-such-hms-model could not be loaded: ")
+
+
+def test_push_names_the_files_it_does_not_publish(fake_hub, plain_folder, caplog):
+    push_to_hub(plain_folder, "someone/hms-tiny", token="hf_test")
+    assert "not published" not in caplog.text
+    (plain_folder / "LICENSE").write_text("BSD 3-Clause")
+    (plain_folder / "all_results.json").write_text("{}")
+    (plain_folder / "runs" / "1").mkdir(parents=True)
+    (plain_folder / "runs" / "1" / "events.out").write_text("")
+    torch.save({}, plain_folder / "training_args.bin")  # listed by the command, as a pickle
+    with caplog.at_level("WARNING", logger="hms_segmentation.hub"):
+        push_to_hub(plain_folder, "someone/hms-tiny", token="hf_test")
+    published = fake_hub.instances[-1].commits[0]["files"]
+    assert not {"LICENSE", "all_results.json", "runs/1/events.out"} & set(published)
+    (record,) = [r for r in caplog.records if "not published" in r.getMessage()]
+    assert record.getMessage().endswith(": LICENSE, all_results.json, runs/")
 
 
 def test_push_refuses_an_invalid_repo_id(fake_hub, plain_folder):

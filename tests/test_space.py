@@ -223,6 +223,29 @@ def test_unreachable_hub_model_falls_back_to_the_quickstart_checkpoint(tiny_mode
     assert "quickstart checkpoint" in loaded.notice and "hms-segmentation/no-such-model" in loaded.notice
 
 
+@pytest.mark.parametrize("problem, reason", [
+    ("other type", "its config.json describes a 'segformer' model"),
+    ("missing tensors", "its weights do not fit its config.json: 1 missing tensors"),
+])
+def test_a_folder_that_is_not_a_complete_hms_model_falls_back_with_the_reason(tiny_model_dir, tmp_path, problem,
+                                                                              reason):
+    # transformers stopped the app at start-up on another model type, and filled missing tensors at random
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    if problem == "other type":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "segformer"}))
+    else:
+        weights = load_file(folder / "model.safetensors")
+        del weights["scale_attention_head.projection.weight"]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = space.load_space_model(space.SpaceSettings(model=str(folder), fallback_models=(tiny_model_dir,)))
+    assert loaded.model is not None and loaded.source == str(tiny_model_dir)
+    assert f"The model `{folder}` could not be loaded ({reason}" in loaded.notice
+    assert "--model" not in loaded.notice
+
+
 def test_without_any_checkpoint_the_page_says_so_instead_of_crashing(tmp_path):
     settings = space.SpaceSettings(model=str(tmp_path / "no-model"), fallback_models=(tmp_path / "missing",),
                                    examples_dirs=())

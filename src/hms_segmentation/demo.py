@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from .configuration_hms import MODEL_PRESETS, HMSConfig, validate_scales
 from .data.io import load_image
 from .data.transforms import SegmentationEvalTransform
-from .hub import check_model_source
+from .hub import load_hms_model
 from .label_tables import CITYSCAPES_PALETTE
 from .image_processing_hms import shrink_to_long_side
 from .inference_options import add_large_input_arguments, large_input_settings
@@ -64,11 +64,14 @@ def colorize(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> I
 
 
 def load_model(model: str) -> tuple[HMSForSemanticSegmentation, bool]:
-    """A trained folder / Hub id, or a preset name (random weights). Returns the model and whether it is trained."""
+    """A trained folder / Hub id, or a preset name (random weights). Returns the model and whether it is trained.
+
+    Raises `ValueError` for what is not an HMS model with all its weights (see `load_hms_model`), `OSError` when the
+    Hub cannot be reached."""
     if model in MODEL_PRESETS:
         torch.manual_seed(0)
         return HMSForSemanticSegmentation(HMSConfig.from_preset(model)).eval(), False
-    return HMSForSemanticSegmentation.from_pretrained(check_model_source(model)).eval(), True
+    return load_hms_model(model).eval(), True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         model, trained = load_model(args.model)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # offline, or no such Hub repository
+        print(f"error: --model {args.model} could not be loaded: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     if not trained:
         print(f"note: preset {args.model!r} has random weights: the labels below are not a real segmentation.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import shutil
@@ -31,6 +32,8 @@ from huggingface_hub.utils import validate_repo_id
 from .configuration_hms import HMSConfig
 from .image_processing_hms import HMSImageProcessor
 from .modeling_hms import HMSForSemanticSegmentation
+
+logger = logging.getLogger(__name__)
 
 PAPER_URL = "https://arxiv.org/abs/2005.10821"
 ORIGINAL_REPOSITORY_URL = "https://github.com/NVIDIA/semantic-segmentation"
@@ -284,13 +287,7 @@ def build_model_card(
         onnx_graphs: Paths in the repository of ONNX graphs from `hms-segmentation export-onnx` (e.g.
             ``onnx/model.onnx``): the card then says how to run them (see `onnx_section`).
     """
-    evaluation = load_evaluation_results(evaluation) if evaluation is not None else None
-    dataset = dataset or (evaluation or {}).get("dataset")
-    split = split or (evaluation or {}).get("split") or "val"
-    if evaluation is not None and dataset is None:
-        raise ValueError("dataset must be given (e.g. 'cityscapes'): the evaluation JSON does not name the dataset "
-                         "it was measured on")
-    described = describe_dataset(dataset) if dataset else None
+    evaluation, described, split = _evaluation_and_dataset(evaluation, dataset, split)
     model_id = repo_id or LOCAL_MODEL_ID
     # without a repository, the trunk names the model (the placeholder's last part would read "folder")
     model_name = model_name or (repo_id.rstrip("/").split("/")[-1] if repo_id else f"hms-{config.trunk.replace('_', '-')}")
@@ -317,6 +314,60 @@ def build_model_card(
     ]
     body = "\n\n".join(section.strip() for section in sections if section.strip())
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _evaluation_and_dataset(
+    evaluation: str | Path | Mapping[str, Any] | None, dataset: str | None, split: str | None
+) -> tuple[dict[str, Any] | None, DatasetDescription | None, str]:
+    """The checked evaluation, the dataset (given, else the evaluation's) and the split (given, else the
+    evaluation's, else "val"), as `build_model_card` documents them."""
+    evaluation = load_evaluation_results(evaluation) if evaluation is not None else None
+    dataset = dataset or (evaluation or {}).get("dataset")
+    split = split or (evaluation or {}).get("split") or "val"
+    if evaluation is not None and dataset is None:
+        raise ValueError("dataset must be given (e.g. 'cityscapes'): the evaluation JSON does not name the dataset "
+                         "it was measured on")
+    return evaluation, describe_dataset(dataset) if dataset else None, split
+
+
+def card_with_evaluation(
+    card: ModelCard,
+    evaluation: str | Path | Mapping[str, Any],
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    model_name: str | None = None,
+) -> ModelCard:
+    """
+    `card` (an existing model card, e.g. a converted checkpoint's with its provenance, or one edited by hand) with
+    the results of `evaluation`: its `model-index` and datasets replaced, its "## Results" section replaced (or,
+    when it has none, added before "## How to use", else at the end). Everything else is kept as written.
+
+    Args:
+        evaluation, dataset, split: As for `build_model_card`; the dataset defaults to the card's only known one.
+        model_name: The `model-index` name when the card has none.
+    """
+    evaluation = load_evaluation_results(evaluation)
+    known = {description.card_id: key for key, description in KNOWN_DATASETS.items()}
+    card_datasets = card.data.datasets or []
+    if not (dataset or evaluation.get("dataset")) and len(card_datasets) == 1 and card_datasets[0] in known:
+        dataset = known[card_datasets[0]]
+    evaluation, described, split = _evaluation_and_dataset(evaluation, dataset, split)
+    section = "## Results\n\n" + _results_section(evaluation, described, split)
+    text = card.text
+    existing = re.search(r"^## Results[ \t]*\n.*?(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    usage = re.search(r"^## How to use[ \t]*$", text, flags=re.MULTILINE)
+    if existing:
+        text = f"{text[:existing.start()]}{section}\n\n{text[existing.end():]}"
+    elif usage:
+        text = f"{text[:usage.start()]}{section}\n\n{text[usage.start():]}"
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n"
+    data = card.data
+    data.model_name = data.model_name or model_name or "hms-segmentation"
+    data.eval_results = evaluation_to_eval_results(evaluation, described, split)
+    data.datasets = [described.card_id]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
 
 
 def _summary(config: HMSConfig, dataset: DatasetDescription | None) -> str:
@@ -515,6 +566,52 @@ def check_model_source(source: str, argument: str = "--model") -> str:
     return source
 
 
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+"""The weight files `from_pretrained` reads from a folder."""
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def load_hms_model(source: str | Path, argument: str = "--model", **kwargs: Any) -> HMSForSemanticSegmentation:
+    """
+    `HMSForSemanticSegmentation.from_pretrained(source, **kwargs)` once `source` (see `check_model_source`) holds an
+    HMS model whose weights cover it. transformers would load another model type's config with a warning (then stop
+    on the first tensor of another shape, after a long report) and initialise missing tensors at random (with a
+    warning only): a model that looks trained but is not.
+
+    Raises:
+        ValueError: Naming `argument`: no such folder or Hub id, a folder without weights, a config of another model
+            type, or weights with missing, unexpected or mis-shaped tensors.
+        OSError: The Hub files cannot be fetched (offline, no such repository).
+    """
+    source = check_model_source(str(source), argument)
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"{argument} {source}: the folder has no weights (expected model.safetensors, written by "
+                         f"save_pretrained next to config.json); found {sorted(p.name for p in folder.iterdir())}")
+    config_dict, _ = HMSConfig.get_config_dict(source)
+    model_type = config_dict.get("model_type")
+    if model_type != HMSConfig.model_type:
+        raise ValueError(f"{argument} {source}: its config.json describes a {model_type!r} model; expected an HMS "
+                         f"model (model_type {HMSConfig.model_type!r}, as HMSForSemanticSegmentation.save_pretrained "
+                         "writes it)")
+    try:
+        model, info = HMSForSemanticSegmentation.from_pretrained(source, output_loading_info=True, **kwargs)
+    except RuntimeError as error:  # tensors of other shapes: transformers stops after printing its report
+        raise ValueError(f"{argument} {source}: its weights do not fit its config.json "
+                         f"({str(error).strip().splitlines()[0]})") from None
+    problems = [f"{len(info[key])} {what} ({', '.join(sorted(map(str, info[key]))[:3])}"
+                f"{', ...' if len(info[key]) > 3 else ''})"
+                for key, what in (("missing_keys", "missing tensors"), ("unexpected_keys", "unexpected tensors"),
+                                  ("mismatched_keys", "tensors of another shape")) if info.get(key)]
+    if problems:
+        raise ValueError(f"{argument} {source}: its weights do not fit its config.json: {'; '.join(problems)}; "
+                         "transformers would initialise what is missing at random. Save the model again with "
+                         "save_pretrained")
+    return model
+
+
 def check_hub_folder(folder: str | Path) -> list[Path]:
     """
     Check that `folder` is complete and safe to publish; return its files.
@@ -592,8 +689,10 @@ def push_to_hub(
     Publish a `save_pretrained` folder of an HMS model to `repo_id` in one commit.
 
     The folder is never modified: the files are staged in a temporary folder (the model re-saved as safetensors with
-    its remote code, the image processor from `preprocessor_config.json` or the default one, the folder's
-    `README.md`, or a card generated here when the folder has none or `evaluation` is given, the ONNX graphs of its
+    its remote code, once `load_hms_model` found it an HMS model whose weights cover it, the image processor from
+    `preprocessor_config.json` or the default one, the folder's `README.md` (with `evaluation`, its results section
+    and model-index renewed by `card_with_evaluation`, the rest kept) or a card generated here when the folder has
+    none, the ONNX graphs of its
     `onnx/` folder as they are (see `onnx_files`; the card then gains a section on them), checked with
     `check_hub_folder`, and sent with one `HfApi.create_commit`. The staging folder is removed whatever happens.
 
@@ -603,9 +702,9 @@ def push_to_hub(
         repo_id: `"user/name"` or `"org/name"`; created if missing.
         private: Create the repository as private.
         token: A Hugging Face token with write access; defaults to the logged-in one (`hf auth login`, `HF_TOKEN`).
-        evaluation, dataset, split, license: For a generated card (see `build_model_card`). When the folder's card is
-            kept (no `evaluation`), `license` and `dataset`, if given, replace those fields of its metadata in the
-            published copy.
+        evaluation, dataset, split, license: For a generated card (see `build_model_card`). When the folder has a
+            card, `evaluation` (and `split`) renew its results (see `card_with_evaluation`), and `license` and
+            `dataset`, if given, replace those fields of its metadata, in the published copy.
         commit_message: Defaults to "Upload HMS model".
         revision: The branch to commit to (created from the main branch if missing); default: the main branch.
 
@@ -613,8 +712,8 @@ def push_to_hub(
         The URL of the commit.
 
     Raises:
-        HubPublishingError: Offline mode, no token, an invalid `repo_id` or an incomplete/unsafe folder (all before
-            anything is written or sent), or a failed upload.
+        HubPublishingError: Offline mode, no token, an invalid `repo_id`, an incomplete/unsafe folder, or one that
+            is not an HMS model with all its weights (all before anything is written or sent), or a failed upload.
     """
     token = check_can_publish(repo_id, token)
     folder = Path(folder)
@@ -622,17 +721,20 @@ def push_to_hub(
 
     with tempfile.TemporaryDirectory(prefix="hms-push-") as staging_dir:
         staging = Path(staging_dir)
-        model = HMSForSemanticSegmentation.from_pretrained(folder, use_safetensors=True)
+        try:
+            model = load_hms_model(folder, "folder", use_safetensors=True)
+        except ValueError as error:
+            raise HubPublishingError(f"{error}. Nothing was written or sent.") from None
         processor = (HMSImageProcessor.from_pretrained(folder) if (folder / "preprocessor_config.json").is_file()
                      else HMSImageProcessor())
-        card, existing_license = None, None
+        card = None
         if (folder / "README.md").is_file():
             content = (folder / "README.md").read_text(encoding="utf-8")
             card = ModelCard(content.replace(f'"{LOCAL_MODEL_ID}"', model_reference(repo_id, revision)))
-            existing_license = card.data.license
-        if evaluation is not None:  # new results: a new card, keeping the license of the old one
-            card = None
-        elif card is not None:  # the kept card takes what was asked for now (in the published copy only)
+        if card is not None:  # the kept card takes what was asked for now (in the published copy only)
+            if evaluation is not None:  # new results: its Results section and model-index, the rest as written
+                card = card_with_evaluation(card, evaluation, dataset=dataset, split=split,
+                                            model_name=repo_id.split("/")[-1])
             if license is not None:
                 card.data.license = license
             if dataset is not None:
@@ -644,7 +746,7 @@ def push_to_hub(
             card = ModelCard(f"{card.content.rstrip()}\n\n{section}\n")
         save_for_hub(
             model, staging, image_processor=processor, card=card, evaluation=evaluation, dataset=dataset,
-            split=split, repo_id=repo_id, license=license or existing_license or PACKAGE_LICENSE, revision=revision,
+            split=split, repo_id=repo_id, license=license or PACKAGE_LICENSE, revision=revision,
             onnx_graphs=graph_paths,
         )
         for path in graphs:
@@ -654,6 +756,10 @@ def push_to_hub(
             CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
             for path in check_hub_folder(staging)
         ]
+        unpublished = unpublished_files(folder, [operation.path_in_repo for operation in operations])
+        if unpublished:  # e.g. a LICENSE or notes the user may expect on the Hub: say so rather than drop them
+            logger.warning("not published (push sends the model, its image processor, remote code, card and ONNX "
+                           "graphs only; upload others with `hf upload`): %s", ", ".join(unpublished))
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -685,6 +791,25 @@ def left_out_files(folder: str | Path) -> list[str]:
     folder = Path(folder)
     return sorted(path.name + ("/" if path.is_dir() else "") for path in folder.iterdir()
                   if path.name.endswith(PICKLE_SUFFIXES) or (path.is_dir() and path.name.startswith("checkpoint-")))
+
+
+def unpublished_files(folder: str | Path, published: Sequence[str]) -> list[str]:
+    """The entries of a model folder that a commit of the paths `published` leaves out, besides `left_out_files` (and
+    hidden entries): a training run's ``all_results.json`` or ``runs/``, a ``LICENSE``, notes. Folders end in ``/``."""
+    folder, published = Path(folder), set(published)
+    skipped = set(left_out_files(folder))
+    entries = []
+    for path in sorted(folder.iterdir()):
+        name = path.name + ("/" if path.is_dir() else "")
+        if name in skipped or path.name.startswith(".") or path.name.endswith(WEIGHT_SUFFIXES):  # weights: re-saved
+            continue
+        if path.is_dir():
+            inside = [child.relative_to(folder).as_posix() for child in path.rglob("*")
+                      if child.is_file() and not child.name.startswith(".")]
+            entries += [name] if not set(inside) <= published else []
+        elif path.name not in published:
+            entries.append(name)
+    return entries
 
 
 def build_parser() -> argparse.ArgumentParser:
