@@ -154,6 +154,8 @@ def test_output_path_that_is_a_file_is_refused_and_kept(reference_hrnet_state, t
     for extra in ([], ["--overwrite"]):
         assert main([str(checkpoint), str(output), *extra]) == 1
         assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert main([str(checkpoint), str(output / "inside")]) == 1  # a folder below a file: reported, no traceback
+    assert "inside" in capsys.readouterr().err
     assert output.read_text() == "mine"
 
 
@@ -216,3 +218,81 @@ def test_a_mapillary_model_is_written_with_the_references_evaluation_settings(re
     convert_nvidia_checkpoint(write_nvidia_checkpoint(reference_hrnet_state, tmp_path / "c.pth"), tmp_path / "city")
     assert HMSImageProcessor.from_pretrained(tmp_path / "city").max_long_side is None
     assert HMSForSemanticSegmentation.from_pretrained(tmp_path / "city").config.inference_scales == [0.5, 1.0, 2.0]
+
+
+def _as_numpy1_pickle(path):
+    """Rewrite a torch.save zip so that its numpy scalars are named as numpy 1.x wrote them (the released files)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w") as target:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+                assert b"numpy.core.multiarray\nscalar" in data
+            target.writestr(info, data)
+    return path
+
+
+def test_checkpoint_written_with_numpy_1_metrics_is_read(reference_hrnet_state, tmp_path):
+    """NVIDIA's released checkpoints (2020, numpy 1.x) store `mean_iu` as numpy.core.multiarray.scalar."""
+    import numpy as np
+
+    path = tmp_path / "cityscapes_ocrnet.HRNet_Mscale_outstanding-turtle.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in reference_hrnet_state.items()},
+                "mean_iu": np.float64(0.86), "epoch": 175}, path)
+    _as_numpy1_pickle(path)
+    assert convert_nvidia_checkpoint(path, tmp_path / "out").config.num_labels == 19
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (str(self.marker),)
+
+
+@pytest.mark.parametrize("kind", ["text", "png", "truncated_legacy", "truncated_zip", "unsafe_pickle"])
+def test_a_file_that_is_no_safe_checkpoint_gets_a_clear_error(reference_hrnet_state, tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("hello")  # a text file torch.load meets with a KeyError
+    elif kind == "png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # an image saved under a checkpoint's name
+    elif kind in ("truncated_legacy", "truncated_zip"):
+        import numpy as np
+
+        torch.save({"state_dict": reference_hrnet_state, "mean_iu": np.float64(0.8)}, path,  # as NVIDIA saves it
+                   _use_new_zipfile_serialization=kind == "truncated_zip")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"state_dict": reference_hrnet_state, "extra": _RunsCode(tmp_path / "ran")}, path)
+    assert main([str(path), str(tmp_path / "out")]) == 1  # no traceback
+    error = capsys.readouterr().err
+    assert path.name in error and not (tmp_path / "out").exists()
+    assert "will likely succeed" not in error  # never advise weights_only=False for a broken or foreign file
+    if kind == "unsafe_pickle":
+        assert "refused to load the Python object os.makedirs" in error and not (tmp_path / "ran").exists()
+    else:
+        assert "not a readable PyTorch checkpoint" in error or "expected a PyTorch checkpoint" in error
+
+
+def test_a_file_of_another_architecture_is_named(reference_hrnet_state, tmp_path):
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}  # torchvision ResNet-50
+    with pytest.raises(CheckpointConversionError, match=r"cannot tell the architecture.*found keys like \['conv1"):
+        convert_nvidia_state_dict(resnet)
+    single_scale = {k: v for k, v in reference_hrnet_state.items() if not k.startswith("scale_attn.")}  # ocrnet.HRNet
+    with pytest.raises(CheckpointConversionError, match="scale-attention head.*has none"):
+        convert_nvidia_state_dict(single_scale)
+    converted = convert_nvidia_state_dict(reference_hrnet_state)  # already our key names
+    with pytest.raises(CheckpointConversionError, match="hms-segmentation key names already.*from_pretrained"):
+        convert_nvidia_state_dict(converted.state_dict())
+    path = tmp_path / "other_trainer.pth"
+    torch.save({"model": reference_hrnet_state, "epoch": 3}, path)
+    with pytest.raises(CheckpointConversionError,
+                       match=r"weights under 'state_dict'.*top-level keys: \['epoch', 'model'\]"):
+        convert_nvidia_checkpoint(path, tmp_path / "out")

@@ -153,3 +153,23 @@ def test_mapillary_trains_and_evaluates_with_its_recipes_sizes(shared_data_dir, 
     assert full["labels"].shape == (image.height, image.width)
     with pytest.raises(ValueError, match="--pre_size must be a number of pixels"):
         DataArguments(dataset="mapillary", data_dir=str(root), pre_size=-1)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("label_size_mismatch_labelIds.png", r"is 160x96 \(width x height\) but its label .*k\.png is 160x90"),
+        ("label_unknown_ids_labelIds.png", r"k\.png: expected Mapillary Vistas v1\.2 label ids .* value\(s\) \[200\]"),
+        ("label_rgb_instead_of_gray_labelIds.png", r"k\.png: expected a single-channel label map .* found mode RGB"),
+    ],
+)
+def test_odd_label_files_are_refused_naming_the_file(shared_data_dir, tmp_path, hf_cache, label, message, streaming):
+    """shared/data/odd_inputs/README.md: size mismatch, unknown ids and RGB labels each get a clear error."""
+    odd = shared_data_dir / "odd_inputs"
+    (tmp_path / "training/images").mkdir(parents=True)
+    (tmp_path / "training/v1.2/labels").mkdir(parents=True)
+    (tmp_path / "training/images/k.png").symlink_to(odd / "rgb_ok.png")
+    (tmp_path / "training/v1.2/labels/k.png").symlink_to(odd / label)
+    with pytest.raises(BadSampleError, match=message):
+        list(load_mapillary(tmp_path, "training", streaming=streaming, options=LoaderOptions(cache_dir=hf_cache)))

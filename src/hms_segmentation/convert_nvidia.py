@@ -14,6 +14,7 @@ full list: nothing is loaded partially.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import re
 import sys
@@ -98,6 +99,10 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     Read an NVIDIA checkpoint: a `.pth` dict with `state_dict` (keys prefixed `module.`), a bare state dict, or a
     `.safetensors` file. Returns the tensors with `module.` removed.
+
+    A `.pth` is read with `torch.load(weights_only=True)`: tensors, numbers, strings, containers and the numpy scalars
+    of the training metrics (`mean_iu`, as numpy 1.x or 2.x wrote them); a file storing any other Python object is
+    refused, since unpickling it could run arbitrary code.
     """
     path = Path(path)
     if not path.is_file():
@@ -121,29 +126,58 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state_dict = {}
     for key, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointConversionError(
+                f"{path}: expected a state dict (tensors only) or NVIDIA's training checkpoint (weights under "
+                f"'state_dict'), found a dict whose entry {key!r} is a {type(value).__name__}, not a tensor (top-level "
+                f"keys: {sorted(map(str, checkpoint))[:10]})"
+            )
         state_dict[key[len("module."):] if key.startswith("module.") else key] = value
     return state_dict
 
 
-def _torch_load_weights_only(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # Training checkpoints may store numpy scalars (e.g. `mean_iu`); allow exactly those, nothing executable.
-        import numpy as np
+def _numpy_metric_globals() -> list:
+    """The numpy globals a training checkpoint's metrics need (`mean_iu` is a `numpy.float64`), nothing executable."""
+    import numpy as np
 
-        allowed = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
-        scalar = getattr(getattr(np, "_core", np.core).multiarray, "scalar", None)
-        if scalar is not None:
-            allowed.append(scalar)
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise CheckpointConversionError(f"{path}: cannot be read with torch.load(weights_only=True): {error}") from None
-    except (RuntimeError, EOFError) as error:
-        raise CheckpointConversionError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+    allowed: list = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+    scalar = getattr(getattr(np, "_core", np.core).multiarray, "scalar", None)
+    if scalar is not None:
+        allowed.append(scalar)
+
+        def numpy1_scalar(*args):
+            return scalar(*args)
+
+        # Files written with numpy 1.x (NVIDIA's released checkpoints, 2020) name it `numpy.core.multiarray.scalar`;
+        # numpy 2 moved it to `numpy._core`. torch matches allowed globals by `__module__` + `__qualname__`.
+        numpy1_scalar.__module__, numpy1_scalar.__qualname__ = "numpy.core.multiarray", "scalar"
+        allowed.append(numpy1_scalar)
+    return allowed
+
+
+def _torch_load_weights_only(path: Path) -> object:
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:
+        with safe_globals(_numpy_metric_globals()) if safe_globals is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch names the refused global as "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module"
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(error), flags=re.IGNORECASE)
+        if refused:
+            raise CheckpointConversionError(
+                f"{path}: refused to load the Python object {refused.group(1)} stored in this file: only tensors, "
+                "numbers, strings and containers are read (torch.load(weights_only=True)), since unpickling other "
+                "objects can run arbitrary code. If you trust the file, re-save its weights alone, e.g. "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+            ) from None
+        detail = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        raise CheckpointConversionError(
+            f"{path}: expected a PyTorch checkpoint (.pth), found data torch.load cannot read ({detail})"
+        ) from None
+    except Exception as error:  # a cut-short or foreign file fails in torch.load with almost any error type
+        raise CheckpointConversionError(
+            f"{path}: not a readable PyTorch checkpoint (cut short, or not a .pth file?): "
+            f"{type(error).__name__}: {error}"
+        ) from None
 
 
 def _indices(keys: list[str], prefix: str) -> list[int]:
@@ -165,11 +199,26 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **config_kwargs) -> HMS
             raise CheckpointConversionError(f"cannot infer the architecture: key {key!r} is missing")
         return state_dict[key].shape
 
+    is_ocr = "ocr.cls_head.weight" in key_set
+    if not is_ocr and not ("final.6.weight" in key_set and "backbone.layer0.0.weight" in key_set):
+        ours = any(key.startswith(("decode_head.", "scale_attention_head.")) for key in keys)
+        raise CheckpointConversionError(
+            "cannot tell the architecture: expected the keys of ocrnet.HRNet_Mscale (`ocr.cls_head.weight`) or "
+            "mscale.DeepV3R50 (`final.6.weight`, `backbone.layer0.0.weight`)"
+            + ("; these are hms-segmentation key names already: load that folder with "
+               "HMSForSemanticSegmentation.from_pretrained instead" if ours else f", found keys like {keys[:3]}")
+        )
+    if "scale_attn.conv0.weight" not in key_set:
+        raise CheckpointConversionError(
+            "cannot infer the architecture: expected the scale-attention head of ocrnet.HRNet_Mscale / "
+            "mscale.DeepV3R50 (`scale_attn.conv0.weight`, ...); the checkpoint has none (a single-scale model such as "
+            "ocrnet.HRNet, or another attention head layout, cannot be converted)"
+        )
     attention = {
         "attention_bottleneck_channels": shape("scale_attn.conv0.weight")[0],
         "attention_inner_3x3": "scale_attn.conv1.weight" in key_set,
     }
-    if "ocr.cls_head.weight" in key_set:
+    if is_ocr:
         stages = []
         layer1_blocks = _indices(keys, "backbone.layer1.")
         stages.append(
@@ -204,28 +253,23 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **config_kwargs) -> HMS
             **attention,
             **config_kwargs,
         )
-    if "final.6.weight" in key_set and "backbone.layer0.0.weight" in key_set:
-        num_dilated = len(_indices(keys, "aspp.features.")) - 1
-        default_dilations = [12, 24, 36]
-        if num_dilated != len(default_dilations):
-            raise CheckpointConversionError(
-                f"the ASPP has {num_dilated} dilated branches; only the reference's 3 (dilations 12/24/36) are known"
-            )
-        return HMSConfig(
-            trunk="resnet50_deeplabv3plus",
-            resnet_layers=[len(_indices(keys, f"backbone.layer{i}.")) for i in (1, 2, 3, 4)],
-            aspp_channels=shape("aspp.img_conv.0.weight")[0],
-            aspp_dilations=default_dilations,
-            decoder_aspp_channels=shape("bot_aspp.weight")[0],
-            decoder_fine_channels=shape("bot_fine.weight")[0],
-            segmentation_head_channels=shape("final.0.weight")[0],
-            num_labels=shape("final.6.weight")[0],
-            **attention,
-            **config_kwargs,
+    num_dilated = len(_indices(keys, "aspp.features.")) - 1
+    default_dilations = [12, 24, 36]
+    if num_dilated != len(default_dilations):
+        raise CheckpointConversionError(
+            f"the ASPP has {num_dilated} dilated branches; only the reference's 3 (dilations 12/24/36) are known"
         )
-    raise CheckpointConversionError(
-        "cannot tell the architecture: expected the keys of ocrnet.HRNet_Mscale (`ocr.cls_head.weight`) or "
-        "mscale.DeepV3R50 (`final.6.weight`, `backbone.layer0.0.weight`)"
+    return HMSConfig(
+        trunk="resnet50_deeplabv3plus",
+        resnet_layers=[len(_indices(keys, f"backbone.layer{i}.")) for i in (1, 2, 3, 4)],
+        aspp_channels=shape("aspp.img_conv.0.weight")[0],
+        aspp_dilations=default_dilations,
+        decoder_aspp_channels=shape("bot_aspp.weight")[0],
+        decoder_fine_channels=shape("bot_fine.weight")[0],
+        segmentation_head_channels=shape("final.0.weight")[0],
+        num_labels=shape("final.6.weight")[0],
+        **attention,
+        **config_kwargs,
     )
 
 
@@ -302,8 +346,9 @@ def convert_nvidia_state_dict(
     config.id2label = id2label_for(dataset, config.num_labels)
     config.label2id = {name: index for index, name in config.id2label.items()}
     model = HMSForSemanticSegmentation(config)
-    mapped = map_state_dict(state_dict, model.state_dict(), source)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in mapped.items()}, strict=False)
+    model_state = model.state_dict()
+    mapped = map_state_dict(state_dict, model_state, source)
+    model.load_state_dict({k: v.to(model_state[k].dtype) for k, v in mapped.items()}, strict=False)
     return model.eval()
 
 
@@ -404,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         model = convert_nvidia_checkpoint(
             args.checkpoint, args.output_dir, dataset=args.dataset, overwrite=args.overwrite, evaluation=args.results
         )
-    except (CheckpointConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (CheckpointConversionError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     parameters = sum(p.numel() for p in model.parameters())
