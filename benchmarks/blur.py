@@ -44,7 +44,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=1024, help="Side of the square crop.")
     parser.add_argument("--repeats", type=int, default=15, help="Runs per row; the median is reported.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (PIL blurs on one).")
-    parser.add_argument("--output", type=Path, default=Path("blur.json"), help="Where to write the JSON.")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="Where to write the JSON (default: print the rows only, so that a trial run overwrites "
+                             "no earlier results).")
     return parser
 
 
@@ -80,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"size": args.size, "repeats": args.repeats, "threads": args.threads, "rows": rows,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "pillow": PIL.__version__, "date": datetime.date.today().isoformat()}
+    if "cuda" in devices:  # which card gave the CUDA rows
+        result["gpu"] = torch.cuda.get_device_name()
+    if args.output is None:
+        print("not written: pass --output FILE to keep these results as JSON")
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -121,7 +121,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="DataLoader batch size (default collate).")
     parser.add_argument("--epochs", type=int, default=1, help="Passes over the frames per measurement.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating repetitions; the best is kept.")
-    parser.add_argument("--output", type=Path, default=Path("data_pipeline.json"), help="Where to write the JSON.")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="Where to write the JSON (default: print the table only, so that a trial run overwrites "
+                             "no earlier results).")
     return parser
 
 
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ratio_to_decode": {setting: {name: times[DECODE] / cpu for name, cpu in times.items()}
                                 for setting, times in cpu_per_sample.items()},
     }
+    if arguments.output is None:
+        print("\nnot written: pass --output FILE to keep these results as JSON")
+        return 0
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {arguments.output}")
     return 0

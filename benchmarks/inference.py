@@ -14,9 +14,11 @@ found by timing each `segment_single_scale` call from the outside; under `torch.
 graph whose parts cannot be timed apart, so compiled rows report the chain as n/a.
 
 Precisions run under `torch.autocast` (fp32: no autocast). Variants: `eager`; `channels_last` (model and input in
-channels-last memory format); `compile` (`torch.compile(model)`, default inductor backend); `onnxruntime` (the graph
+channels-last memory format); `compile` (inductor, static shapes, as `evaluate` / `autolabel --torch-compile` compile:
+`compile_for_inference`, the module compiled in place); `onnxruntime` (the graph
 of `hms-segmentation export-onnx` for the row's scales, fp32, CPU only, in onnxruntime with as many intra-op threads
-as torch gets; exported before the warm-up, whose time does not include the export). A row that fails (an op
+as torch gets; exported before the warm-up, whose time does not include the export; after each of its calls the row
+waits, untimed, until onnxruntime's threads stop spinning, so they do not slow the next row). A row that fails (an op
 without a kernel for that precision on that device, a compiler error) or passes `--row-timeout` is reported as
 such instead of stopping the run.
 
@@ -51,6 +53,8 @@ from process_memory import peak_resident_mib, reset_peak_resident, resident_mib
 DEFAULT_SCALE_SETS = ("1.0", "0.5,1.0", "0.5,1.0,2.0", "0.25,0.5,1.0,2.0")
 PRECISIONS = ("fp32", "bf16", "fp16")
 VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
+ONNXRUNTIME_SPIN_WAIT_S = 0.1
+"""Untimed pause after each onnxruntime call, so that its spinning threads are asleep before the next row is timed."""
 
 
 def _row_worker(spec: dict, connection) -> None:
@@ -134,6 +138,10 @@ def _row_worker(spec: dict, connection) -> None:
             synchronize()
             total = time.perf_counter() - start
             chain = total - sum(per_scale_seconds) if instrumented else None
+            if spec["variant"] == "onnxruntime":
+                # onnxruntime's intra-op threads spin for about 20 ms after a run before they sleep: left to spin,
+                # they would take a core from the next row's timed call (untimed wait, outside this row's latency)
+                time.sleep(ONNXRUNTIME_SPIN_WAIT_S)
             connection.send({"total_s": total, "chain_s": chain})
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_resident_mib()
         connection.send(

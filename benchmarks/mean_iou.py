@@ -141,13 +141,13 @@ def cityscapes_evaluator(predictions: np.ndarray, references: np.ndarray) -> Cal
     return evaluate
 
 
-def machine_description() -> dict[str, object]:
+def machine_description(device: str = "cpu") -> dict[str, object]:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lscpu.splitlines())}
     except (OSError, subprocess.CalledProcessError):
         fields = {}
-    return {
+    description = {
         "cpu": fields.get("Model name", platform.processor()),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -158,6 +158,9 @@ def machine_description() -> dict[str, object]:
         # other engineers share this machine's cores: the load says how busy it was
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+    if torch.device(device).type == "cuda":  # which card gave the GPU row
+        description["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return description
 
 
 def _version_of(distribution: str) -> str | None:
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "command": " ".join(["python", "benchmarks/mean_iou.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
-        "machine": machine_description(),
+        "machine": machine_description(args.device),
         "shape": {"num_images": args.num_images, "height": args.height, "width": args.width, "num_labels": n},
         "rounds": args.rounds,
         "kernel_threads": args.kernel_threads,
@@ -286,19 +289,20 @@ def check_values(
     numpy_metrics = functions["numpy"]()
     for key, value in ours.items():
         np.testing.assert_array_equal(value, numpy_metrics[key], err_msg=f"numpy {key}")
-    np.testing.assert_array_equal(functions["ours_batches"]()["per_category_iou"], ours["per_category_iou"])
-    for name in ("ours_threads", "ours_torch"):
+    for name in ("ours_batches", "ours_threads", "ours_torch"):
         for key, value in functions[name]().items():
             np.testing.assert_array_equal(value, ours[key], err_msg=f"{name} {key}")
     for key, value in functions["ours_torch_noise"]().items():
         np.testing.assert_array_equal(value, functions["ours_noise"]()[key], err_msg=f"noise maps {key}")
     typed = ConfusionMatrixAccumulator(n)
     typed.update(predictions[: args.typed_images], references[: args.typed_images])
-    typed_iou = functions["ours_trainer_dtypes"]()["per_category_iou"]
-    np.testing.assert_array_equal(typed_iou, typed.compute()["per_category_iou"])
+    typed_metrics = typed.compute()
+    for key, value in functions["ours_trainer_dtypes"]().items():
+        np.testing.assert_array_equal(value, typed_metrics[key], err_msg=f"ours_trainer_dtypes {key}")
     floor = sum(functions["bincount_floor"]()).view(4, 256, n).sum(0)[:n]
     np.testing.assert_array_equal(floor.numpy(), typed.confusion_matrix.numpy())
-    checks = {"numpy": "all keys bit-identical", "ours_batches": "identical", "ours_trainer_dtypes": "identical",
+    checks = {"numpy": "all keys bit-identical", "ours_batches": "all keys bit-identical",
+              "ours_trainer_dtypes": "all keys bit-identical to uint8 maps",
               "ours_threads": "all keys bit-identical", "ours_torch": "all keys bit-identical",
               "ours_noise": "all keys bit-identical to backend='torch'", "bincount_floor": "same confusion matrix"}
     if "ours_device" in functions:

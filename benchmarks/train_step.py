@@ -6,9 +6,11 @@ in one run: the primary loss (RMI vs cross-entropy), on a GPU fp32 vs fp16 autoc
 (`--fusions`: HMSA's hierarchical attention trains on 0.5+1.0, the baselines (explicit attention over scales, Chen et
 al. 2016; average; max) train on all the scales they infer on, 0.5+1.0+2.0), and `--variants eager compile`
 (`torch.compile(model)`, inductor, what `--torch_compile` does in the training scripts: its compilation is the warm-up
-step, reported apart as "first step s"). Memory is the peak of the timed steps after the warm-up (on CPU the resident
-peak, reset after the warm-up, less the resident size before it: compiled code and caches count, the compilation's own
-peak is reported apart).
+step, reported apart as "first step s"). Memory is the peak of the timed steps after the warm-up, and "step memory"
+that peak less what was held before the warm-up (model, optimizer, inputs): on CPU the resident peak (reset after the
+warm-up) less the resident size, on CUDA `torch.cuda.max_memory_allocated` less the memory allocated then; gradients,
+optimizer state, compiled code and caches count, the compilation's own peak is reported apart. A configuration that
+fails (out of memory, an op without a kernel) is reported as such and the others still run; the exit code is then 1.
 
     python benchmarks/train_step.py --preset hrnet_small_ocr --crop-size 512 --batch-size 2 --steps 5
     python benchmarks/train_step.py --device cuda --preset hrnet_w48_ocr --crop-size 1024 --batch-size 2 --precision fp16
@@ -32,6 +34,16 @@ FUSION_TRAINING_SCALES = {"hierarchical": [0.5, 1.0], "explicit": [0.5, 1.0, 2.0
 
 
 def _measure(config: dict, queue) -> None:
+    try:
+        _measure_row(config, queue)
+    except Exception as error:  # reported on its row, the other configurations go on
+        import traceback
+
+        queue.put({**config, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                   "traceback": traceback.format_exc()[-4000:]})
+
+
+def _measure_row(config: dict, queue) -> None:
     import torch
 
     from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
@@ -67,6 +79,7 @@ def _measure(config: dict, queue) -> None:
         return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_resident_mib()
 
     resident_before = resident_mib()
+    allocated_before = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     start = time.perf_counter()
     step()  # warm-up; compiles for `compile`
     synchronize()
@@ -83,8 +96,8 @@ def _measure(config: dict, queue) -> None:
     synchronize()
     seconds = (time.perf_counter() - start) / config["steps"]
     peak = peak_mib()
-    # on CPU, the growth of the peak over the set-up (model, optimizer, inputs) is what the steps need
-    step_peak = peak if device.type == "cuda" else peak - resident_before
+    # the growth of the peak over the set-up (model, optimizer, inputs) is what the steps need, on either device
+    step_peak = peak - (allocated_before if device.type == "cuda" else resident_before)
     queue.put({**config, "seconds_per_step": seconds, "samples_per_second": config["batch_size"] / seconds,
                "first_step_seconds": first_step, "peak_memory_mib": peak, "step_memory_mib": step_peak,
                "warm_up_peak_memory_mib": warm_up_peak, "peak_reset_after_warm_up": peak_reset,
@@ -92,7 +105,8 @@ def _measure(config: dict, queue) -> None:
 
 
 def _result_of(process, queue, config: dict) -> dict:
-    """The row `process` puts on `queue`; a crashed measurement raises instead of waiting forever."""
+    """The row `process` puts on `queue`; a process that dies without one (killed, out of host memory) gives an error
+    row instead of a wait forever."""
     import queue as queue_module
 
     while True:
@@ -101,7 +115,8 @@ def _result_of(process, queue, config: dict) -> dict:
             break
         except queue_module.Empty:
             if not process.is_alive():
-                raise RuntimeError(f"the measurement of {config} exited with code {process.exitcode} (see above)")
+                row = {**config, "error": f"the measurement process exited with code {process.exitcode} (see above)"}
+                break
     process.join()
     return row
 
@@ -140,34 +155,51 @@ def main(argv: list[str] | None = None) -> int:
             process = context.Process(target=_measure, args=(config, queue))
             process.start()
             row = _result_of(process, queue, config)
-            if index not in best or row["seconds_per_step"] < best[index]["seconds_per_step"]:
+            if "error" in row:
+                print(f"failed: {_label(config)}: {row['error']}", flush=True)
+                best.setdefault(index, row)  # a successful round of the same row still wins
+            elif index not in best or "error" in best[index] or (
+                row["seconds_per_step"] < best[index]["seconds_per_step"]
+            ):
                 best[index] = row
     rows = [best[index] for index in range(len(configs))]
-    baseline = rows[0]
-    for row in rows:
+    measured = [row for row in rows if "error" not in row]
+    baseline = measured[0] if measured else None
+    for row in measured:
         row["time_vs_first"] = row["seconds_per_step"] / baseline["seconds_per_step"]
         row["step_memory_vs_first"] = row["step_memory_mib"] / baseline["step_memory_mib"]
 
     import torch
 
     print(f"{args.preset}, crop {args.crop_size}, batch {args.batch_size}, {args.device}, mean of {args.steps} steps, "
-          f"best of {args.rounds} interleaved round(s); ratios against the first row")
+          f"best of {args.rounds} interleaved round(s); ratios against the first row that ran")
     print(f"{'fusion':<13}{'scales':<14}{'precision':<10}{'loss':<15}{'variant':<9}{'first step s':>13}{'s/step':>9}"
           f"{'samples/s':>11}{'peak MiB':>10}{'step MiB':>10}{'time x':>8}{'mem x':>7}")
     for row in rows:
-        print(f"{row['fusion']:<13}{'+'.join(map(str, row['training_scales'])):<14}{row['precision']:<10}"
-              f"{row['loss']:<15}{row['variant']:<9}{row['first_step_seconds']:>13.1f}{row['seconds_per_step']:>9.3f}"
+        head = (f"{row['fusion']:<13}{'+'.join(map(str, row['training_scales'])):<14}{row['precision']:<10}"
+                f"{row['loss']:<15}{row['variant']:<9}")
+        if "error" in row:
+            print(f"{head}  failed: {row['error']}")
+            continue
+        print(f"{head}{row['first_step_seconds']:>13.1f}{row['seconds_per_step']:>9.3f}"
               f"{row['samples_per_second']:>11.2f}{row['peak_memory_mib']:>10.0f}{row['step_memory_mib']:>10.0f}"
               f"{row['time_vs_first']:>8.2f}{row['step_memory_vs_first']:>7.2f}")
+    exit_code = 1 if len(measured) < len(rows) else 0
     if args.output is None:
         print("not written: pass --output FILE to keep these results as JSON")
-        return 0
+        return exit_code
+    record = {"benchmark": "train_step", "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if torch.device(args.device).type == "cuda" and torch.cuda.is_available():
+        record["device_name"] = torch.cuda.get_device_name(torch.device(args.device))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"benchmark": "train_step", "torch": torch.__version__,
-                                       "machine": platform.processor() or platform.machine(),
-                                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+    args.output.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.output}")
-    return 0
+    return exit_code
+
+
+def _label(config: dict) -> str:
+    return " ".join(str(config[key]) for key in ("fusion", "precision", "loss", "variant"))
 
 
 if __name__ == "__main__":
