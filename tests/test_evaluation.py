@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,24 @@ def test_matches_evaluate_reference(num_labels, dtype, ignore_index, reduce_labe
         assert np.isnan(absent).all() if nan_to_num is None else (absent == nan_to_num).all()
 
 
+def test_reversed_read_only_and_numpy_integer_arguments(backend):
+    """Maps that numpy views with negative strides (np.flip, [::-1]) or read-only (np.asarray of a PIL image), and a
+    numpy integer as num_labels, are valid input to `evaluate`'s metric: the same numbers, and no warning."""
+    prediction, reference = blocky_maps(0, (21, 35), 19)
+    expected = evaluate_reference_mean_iou([prediction[::-1, ::-1]], [reference[::-1, ::-1]], 19, 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_metrics_identical(mean_iou([np.flip(prediction)], [np.flip(reference)], 19, backend=backend), expected)
+        flipped = mean_iou(prediction[None, ::-1, ::-1], reference[None, ::-1, ::-1], np.int64(19), backend=backend)
+        assert_metrics_identical(flipped, expected)
+        read_only = [np.asarray(Image.fromarray(reference.astype(np.uint8)))]
+        assert not read_only[0].flags.writeable
+        metrics = mean_iou([reference.astype(np.uint8)], read_only, 19, backend=backend)
+        assert metrics["overall_accuracy"] == 1.0
+    assert ConfusionMatrixAccumulator(np.uint8(5), backend=backend).num_labels == 5
+    assert type(ConfusionMatrixAccumulator(np.int64(5), backend=backend).num_labels) is int
+
+
 def test_input_forms_agree():
     """Lists of numpy / torch maps, batched tensors, non-contiguous and mixed dtypes give the same numbers."""
     pairs = [blocky_maps(seed, (40, 56), 19) for seed in range(4)]
@@ -389,6 +408,14 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str, output_dir: s
         accumulator.update(*blocky_maps(rank, (20, 30), 19))
         accumulator.all_reduce()
         torch.save(accumulator.confusion_matrix, os.path.join(output_dir, f"{rank}.pt"))
+        accumulator.all_reduce()  # a second call (e.g. by a caller and by a helper) must not add the totals again
+        torch.save(accumulator.confusion_matrix, os.path.join(output_dir, f"{rank}_twice.pt"))
+        accumulator.update(*blocky_maps(rank + 10, (20, 30), 19))  # more maps after a reduction, reduced again
+        accumulator.all_reduce()
+        torch.save(accumulator.confusion_matrix, os.path.join(output_dir, f"{rank}_more.pt"))
+        accumulator.reset()  # a new evaluation: nothing of the earlier one comes back
+        accumulator.all_reduce()
+        torch.save(accumulator.confusion_matrix, os.path.join(output_dir, f"{rank}_reset.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -398,8 +425,14 @@ def test_all_reduce_sums_over_processes(tmp_path):
     expected = ConfusionMatrixAccumulator(19)
     for rank in range(2):
         expected.update(*blocky_maps(rank, (20, 30), 19))
+    more = copy.deepcopy(expected)
+    for rank in range(2):
+        more.update(*blocky_maps(rank + 10, (20, 30), 19))
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"{rank}.pt"), expected.confusion_matrix)
+        assert torch.equal(torch.load(tmp_path / f"{rank}_twice.pt"), expected.confusion_matrix)
+        assert torch.equal(torch.load(tmp_path / f"{rank}_more.pt"), more.confusion_matrix)
+        assert int(torch.load(tmp_path / f"{rank}_reset.pt").sum()) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -677,6 +710,29 @@ def test_evaluate_command_never_replaces_a_results_file_without_overwrite(tiny_m
     assert json.loads((output / "results.json").read_text())["eval_long_side"] == 48
     assert evaluate_main(argv + ["--overwrite", "--eval-long-side", "-1"]) == 2
     assert "--eval_long_side must be a number of pixels (0 = off), got -1" in capsys.readouterr().err
+
+
+def test_evaluate_command_refuses_an_output_folder_it_could_not_write_before_evaluating(tiny_model_dir, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """A folder under a file (or without write access) was found only when the results were written, after the
+    evaluation, which lost them."""
+    from hms_segmentation.training import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_evaluate_and_report", lambda *args: pytest.fail("evaluated anyway"))
+    (tmp_path / "notes.txt").write_text("keep me")
+    argv = ["--model", str(tiny_model_dir), "--device", "cpu", "--scales", "1.0"]
+    target = tmp_path / "notes.txt" / "results"
+    assert evaluate_module.main(argv + ["--output-dir", str(target)]) == 2
+    assert f"--output-dir {target} cannot be created: {tmp_path / 'notes.txt'} is a file" in capsys.readouterr().err
+    for flag in ("--save-predictions", "--save-visuals"):
+        assert evaluate_module.main(argv + [flag, str(tmp_path / "notes.txt" / "deeper" / "pictures")]) == 2
+        assert f"{flag} {tmp_path / 'notes.txt' / 'deeper' / 'pictures'} cannot be created" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate_module.os, "access", lambda path, mode: Path(path) != tmp_path)  # read-only tmp_path
+    assert evaluate_module.main(argv + ["--output-dir", str(tmp_path / "new" / "results")]) == 2
+    assert f"cannot be created: {tmp_path} is not writable" in capsys.readouterr().err
+    assert evaluate_module.main(argv + ["--output-dir", str(tmp_path)]) == 2
+    assert f"--output-dir {tmp_path} is not writable" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
 
 
 def test_metrics_are_written_as_strict_json_with_null_for_undefined_values():

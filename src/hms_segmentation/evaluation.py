@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +161,14 @@ def _as_label_tensor(labels: Any, name: str) -> torch.Tensor:
             raise TypeError(f"`{name}` must hold integer class indices, got a numpy array of dtype {array.dtype}")
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
-        labels = torch.from_numpy(array)
+        if any(stride < 0 for stride in array.strides):  # np.flip, [::-1]: torch views no negative strides
+            array = np.ascontiguousarray(array)
+        if array.flags.writeable:
+            labels = torch.from_numpy(array)
+        else:  # np.asarray of a PIL image: torch warns that writing would be undefined, and the maps are only read
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                labels = torch.from_numpy(array)
     if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):
         labels = labels.to(torch.int64)
     elif labels.dtype == torch.bool:
@@ -225,8 +233,10 @@ class ConfusionMatrixAccumulator:
         backend: str = "auto",
         num_threads: int | None = None,
     ) -> None:
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        # any integer type: `evaluate`'s metric takes e.g. a numpy int64 (`labels.max() + 1`)
+        if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 1:
             raise ValueError(f"`num_labels` must be a positive integer, got {num_labels!r}")
+        num_labels = int(num_labels)
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"`num_threads` must be a positive integer or None, got {num_threads!r}")
@@ -250,12 +260,14 @@ class ConfusionMatrixAccumulator:
         self._executor: ThreadPoolExecutor | None = None  # the compiled counter's extra threads, made when first needed
         self.device = torch.device(device) if device is not None else None
         self.confusion_matrix: torch.Tensor | None = None
+        self._counted_elsewhere: torch.Tensor | None = None  # other processes' counts, added by all_reduce
         self._buffers: dict[str, torch.Tensor] = {}  # scratch maps of _count, kept between updates
         if self.device is not None:
             self.reset()
 
     def reset(self) -> None:
         """Zero the counts (the device, once known, is kept)."""
+        self._counted_elsewhere = None
         with torch.inference_mode(False):  # see _buffer
             self.confusion_matrix = torch.zeros(
                 self.num_labels, self.num_labels, dtype=torch.int64, device=self.device or torch.device("cpu")
@@ -420,19 +432,24 @@ class ConfusionMatrixAccumulator:
     def all_reduce(self) -> None:
         """Sum the counts over all processes (``torch.distributed``, when initialised; otherwise nothing).
 
-        Call it once, after the last :meth:`update` and before :meth:`compute`: every process then holds the totals.
-        Not needed on what ``transformers.Trainer`` hands to ``compute_metrics`` (already gathered).
+        Call it after the last :meth:`update` and before :meth:`compute`: every process then holds the totals. Each
+        call sums the processes' own counts, so calling it again (with or without updates in between) never adds the
+        totals twice. Not needed on what ``transformers.Trainer`` hands to ``compute_metrics`` (already gathered).
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
         if self.confusion_matrix is None:
             self.reset()
         counts = self.confusion_matrix
-        if dist.get_backend() == "nccl" and counts.device.type != "cuda":
-            counts = counts.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL reduces CUDA tensors only
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        if counts is not self.confusion_matrix:
-            self.confusion_matrix.copy_(counts)
+        own = counts if self._counted_elsewhere is None else counts - self._counted_elsewhere  # this process's
+        device = counts.device
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # NCCL reduces CUDA tensors only
+        totals = own.to(device, copy=True)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        totals = totals.to(counts.device)
+        self._counted_elsewhere = totals - own
+        counts.copy_(totals)
 
     def compute(self, nan_to_num: float | None = None) -> dict[str, float | np.ndarray]:
         """The metrics of everything added since the last :meth:`reset` (see :func:`metrics_from_confusion_matrix`)."""

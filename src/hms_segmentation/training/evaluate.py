@@ -529,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
-        print(f"error: --output-dir {args.output_dir} is a file; expected a folder", file=sys.stderr)
+    problem = _unusable_folder(args.output_dir) if args.output_dir is not None else None
+    if problem is not None:  # found now, not once the evaluation (hours, perhaps) is done
+        print(f"error: --output-dir {problem}", file=sys.stderr)
         return 2
     if args.output_dir is not None and not args.overwrite:
         existing = [args.output_dir / name for name in RESULT_FILES if (args.output_dir / name).exists()]
@@ -552,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                 default = " (two without --scales: 1.0 and 0.5,1.0,2.0)" if args.scales is DEFAULT_SCALE_LISTS else ""
                 raise ValueError(f"{flag} saves one prediction per image: give one --model and one --scales list, "
                                  f"got {len(model_paths)} model(s) and {len(scale_lists)} scale list(s){default}")
-            if folder is not None and folder.exists() and not folder.is_dir():
-                raise ValueError(f"{flag} {folder} is a file; expected a folder")
+            problem = _unusable_folder(folder) if folder is not None else None
+            if problem is not None:
+                raise ValueError(f"{flag} {problem}")
         visualized_indices(1, args.num_visuals)  # checks the count
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -706,6 +708,18 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         index = visuals.write_index(title)
         print(f"wrote the pictures of {len(visuals.pictured)} images to {args.save_visuals}; open {index}")
     return 0
+
+
+def _unusable_folder(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (created with its parents when missing), or None when they can."""
+    if folder.exists():
+        if not folder.is_dir():
+            return f"{folder} is a file; expected a folder"
+        return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable"
+    ancestor = next(parent for parent in folder.absolute().parents if parent.exists())
+    if not ancestor.is_dir():
+        return f"{folder} cannot be created: {ancestor} is a file"
+    return None if os.access(ancestor, os.W_OK | os.X_OK) else f"{folder} cannot be created: {ancestor} is not writable"
 
 
 def _may_write(paths: list[Path], flag: str, what: str, overwrite: bool) -> bool:
