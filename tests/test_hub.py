@@ -277,6 +277,15 @@ def test_a_class_absent_from_the_evaluation_reads_n_a_in_the_card(tiny_model, tm
     assert "`val` split (images and labels resized to a 2177-pixel long side, as the reference evaluates)" in card.text
 
 
+def test_the_table_of_a_split_without_labelled_pixels_reads_n_a():
+    from hms_segmentation.hub import markdown_table
+
+    row = {**EVALUATION["results"][0], "per_category_iou": {"road": float("nan")}}
+    for unmeasured in (float("nan"), None):  # as computed, and as results.json stores it
+        table = markdown_table([{**row, "mean_iou": unmeasured, "overall_accuracy": unmeasured}])
+        assert "| road | n/a |" in table and "| **mIoU** | **n/a** |" in table and "| pixel accuracy | n/a |" in table
+
+
 def test_card_without_evaluation_claims_no_miou(tiny_model):
     card = build_model_card(tiny_model.config)
     assert card.data.eval_results is None and "Not evaluated yet" in card.text
@@ -477,7 +486,8 @@ def test_push_refuses_a_folder_of_another_model_type(fake_hub, tmp_path):
 @pytest.mark.parametrize("problem, message", [
     ("other type", "its config.json describes a 'segformer' model; expected an HMS model"),
     ("no weights", "the folder has no weights (expected model.safetensors"),
-    ("missing tensors", "its weights do not fit its config.json: 1 missing tensors (scale_attention_head.projection.weight)"),
+    ("missing tensors",
+     "its weights do not fit its config.json: 1 missing tensors (scale_attention_head.projection.weight)"),
     ("mis-shaped tensors", "its weights do not fit its config.json"),
 ])
 def test_demo_names_a_folder_that_is_not_a_complete_hms_model_without_a_traceback(

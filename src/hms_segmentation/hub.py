@@ -175,6 +175,12 @@ def scale_list_label(scales: Sequence[float], flip: bool = False, precision: str
             + (f" {precision}" if precision != "fp32" else ""))
 
 
+def _percent(value: float | None) -> str:
+    """A table cell in %: "n/a" for what was not measured (null in results.json, NaN as computed: an absent class, or
+    a split without a labelled pixel)."""
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+
+
 def markdown_table(results: list[dict]) -> str:
     """The per-class table of evaluation rows (`hms-segmentation evaluate` prints it, a card shows it): classes as
     rows, scale lists as columns (IoU in %), then mIoU, accuracy and time per image."""
@@ -182,11 +188,9 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| class | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(results)]
     for name in results[0]["per_category_iou"]:
         cells = [r["per_category_iou"][name] for r in results]
-        # an absent class: null in results.json (NaN as computed)
-        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or v != v else f"{100 * v:.1f}" for v in cells)
-                     + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{100 * r['mean_iou']:.1f}**" for r in results) + " |")
-    lines.append("| pixel accuracy | " + " | ".join(f"{100 * r['overall_accuracy']:.1f}" for r in results) + " |")
+        lines.append(f"| {name} | " + " | ".join(_percent(v) for v in cells) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{_percent(r['mean_iou'])}**" for r in results) + " |")
+    lines.append("| pixel accuracy | " + " | ".join(_percent(r["overall_accuracy"]) for r in results) + " |")
     lines.append("| s / image | " + " | ".join(f"{r['seconds_per_image']:.3f}" for r in results) + " |")
     if any("warm_up_seconds" in r for r in results):  # torch.compile's first call, kept out of the time per image
         lines.append("| first call s (compiles) | "
