@@ -213,3 +213,15 @@ def test_each_epoch_reaches_dataloader_workers_with_its_plan_and_augmentation(tr
     for epoch in range(3):
         dataset.set_epoch(epoch)  # as the Trainer / accelerate do, before iterating the epoch
         assert epoch_samples(loader) == expected[epoch]
+
+
+@pytest.mark.parametrize("fraction", [1.5, -0.5])
+def test_epoch_plan_refuses_a_fraction_outside_zero_to_one(fraction):
+    """1.5 used to give a plan of 20 steps for 10 rows (the dataset's length stayed 10), -0.5 one without any
+    class-uniform crop, both silently."""
+    index = ClassCentroidIndex({f"frame{i}": {i % 3: [(1, 1)]} for i in range(10)}, NUM_LABELS)
+    ids = [f"frame{i}" for i in range(10)]
+    with pytest.raises(ValueError, match=rf"fraction \(the class-uniform share of the crops\) must be in \[0, 1\], "
+                                         rf"got {fraction}"):
+        index.plan_epoch(ids, fraction, np.random.default_rng(0))
+    assert len(index.plan_epoch(ids, 1.0, np.random.default_rng(0))) == 10

@@ -190,3 +190,27 @@ def test_a_folder_with_user_files_or_an_unreadable_marker_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match=rf"{IN_PROGRESS_FILE}: expected the settings of a synthetic dataset"):
         synthesize_cityscapes(SyntheticDatasetOptions(output_dir=tmp_path / "odd", **options))
     assert sorted(path.name for path in (tmp_path / "odd").iterdir()) == sorted([IN_PROGRESS_FILE, "photo.png"])
+
+
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path, capsys):
+    """numpy seeds only with non-negative integers: -1 used to fail in the frame writer, after the folder and its
+    in-progress marker were made, with numpy's "expected non-negative integer"."""
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        SyntheticDatasetOptions(output_dir=tmp_path / "out", seed=-1)
+    argv = ["--output-dir", str(tmp_path / "out"), "--num-train", "1", "--num-val", "0", "--height", "32", "--width",
+            "64", "--num-workers", "1"]
+    assert main([*argv, "--seed", "-1"]) == 2
+    assert "error: seed must be >= 0, got -1" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-train", "-1"], "num_train and num_val must be >= 0"),
+    (["--height", "8"], "height and width must be at least 32 pixels, got 8x64"),
+    (["--num-workers", "0"], "num_workers must be >= 1, got 0"),
+])
+def test_command_line_names_a_bad_value_without_a_traceback(tmp_path, capsys, flags, message):
+    argv = ["--output-dir", str(tmp_path / "out"), "--num-val", "1", "--height", "32", "--width", "64", *flags]
+    assert main(argv) == 2  # used to raise the ValueError (a traceback) out of the console script
+    assert f"error: {message}" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

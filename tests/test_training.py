@@ -1699,3 +1699,52 @@ def test_the_checkpoint_just_saved_survives_the_save_total_limit_after_a_rollbac
         os.utime(folder, (1_000_000 + age, 1_000_000 + age))
     save_checkpoint(Accelerator(cpu=True), tmp_path, 150, total_limit=2)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-150", "checkpoint-200"]
+
+
+# The quickstart refuses values it cannot run with, before it writes anything (review of the quickstart).
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    # the Trainer reads max_steps <= 0 as "train num_train_epochs (3) epochs": 150 steps, reported as 0
+    ("--max-steps", "0", "--max-steps must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--seed", "-1", "--seed must be >= 0, got -1"),  # numpy's "expected non-negative integer" after generating
+    ("--learning-rate", "-0.1", "--learning-rate must be >= 0, got -0.1"),
+    ("--frame-height", "16", "--frame-height must be at least 32 pixels, got 16"),  # a traceback from the generator
+])
+def test_quickstart_refuses_values_it_cannot_run_with_before_writing(tmp_path, capsys, flag, value, message):
+    from hms_segmentation.cli import main as cli_main
+
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path / "qs"), flag, value]) == 2
+    assert re.search(f"^error: {re.escape(message)}", capsys.readouterr().err, flags=re.MULTILINE)
+    assert not (tmp_path / "qs").exists()  # nothing generated
+
+
+def test_quickstart_refuses_an_output_dir_that_is_a_file_or_a_data_folder_of_the_user(tmp_path, capsys):
+    from hms_segmentation.cli import main as cli_main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path / "notes.txt")]) == 2
+    assert "error: --output-dir" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "qs" / "data").mkdir(parents=True)
+    (tmp_path / "qs" / "data" / "photo.png").write_bytes(b"mine")  # not a synthetic dataset: used to be a traceback
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path / "qs"), "--max-steps", "1"]) == 2
+    assert "is not a synthetic dataset written by this tool" in capsys.readouterr().err
+    assert [path.name for path in (tmp_path / "qs").rglob("*")] == ["data", "photo.png"]
+    assert (tmp_path / "qs" / "data" / "photo.png").read_bytes() == b"mine"
+
+
+def test_quickstart_refuses_a_synthetic_dataset_of_other_settings_even_with_overwrite(tmp_path, capsys):
+    from hms_segmentation.cli import main as cli_main
+    from hms_segmentation.data.synthesize import GENERATOR_VERSION, MARKER_FILE
+
+    data = tmp_path / "qs" / "data"
+    data.mkdir(parents=True)
+    marker = {"version": GENERATOR_VERSION, "num_train": 200, "num_val": 50, "height": 256, "width": 512}
+    (data / MARKER_FILE).write_text(json.dumps(marker))
+    # it used to train on the 200 frames found while its report said 8
+    argv = ["quickstart", "--output-dir", str(tmp_path / "qs"), "--overwrite", "--train-frames", "8", "--val-frames",
+            "50", "--frame-height", "256", "--frame-width", "512"]
+    assert cli_main(argv) == 2
+    assert "holds a synthetic dataset of other settings than those asked for (num_train=200)" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "qs").rglob("*")) == sorted(["data", MARKER_FILE])

@@ -188,6 +188,8 @@ class ClassCentroidIndex:
         use of coarse (auto-labelled) frames, whose centroids join the fine frames' for some classes (see
         `restricted`).
         """
+        if not 0.0 <= fraction <= 1.0:  # outside it, the plan would not have `epoch_rows` steps
+            raise ValueError(f"fraction (the class-uniform share of the crops) must be in [0, 1], got {fraction}")
         epoch_rows = len(sample_ids) if epoch_rows is None else epoch_rows
         if not 0 <= epoch_rows <= len(sample_ids):
             raise ValueError(f"epoch_rows must be in [0, {len(sample_ids)}] (the number of rows), got {epoch_rows}")

@@ -49,6 +49,9 @@ TRAIN_CITIES = ("synthberg", "procville", "rendermouth")
 VAL_CITIES = ("validham",)
 ANNOTATED_FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet: <seq>_000019.
 
+MIN_FRAME_SIZE = 32
+"""Smallest frame height and width in pixels."""
+
 LABEL_ID = {label.name: label.id for label in CITYSCAPES_LABELS if label.id >= 0}
 
 
@@ -62,7 +65,7 @@ class SyntheticDatasetOptions:
         num_val: Frames in the ``val`` split.
         height: Frame height in pixels (Cityscapes: 1024).
         width: Frame width in pixels (Cityscapes: 2048).
-        seed: Seed of the whole dataset; the same seed gives byte-identical files.
+        seed: Seed of the whole dataset (>= 0); the same seed gives byte-identical files.
         num_workers: Processes that render frames (1 renders in this process).
     """
 
@@ -78,8 +81,11 @@ class SyntheticDatasetOptions:
         self.output_dir = Path(self.output_dir)
         if self.num_train < 0 or self.num_val < 0 or self.num_train + self.num_val == 0:
             raise ValueError(f"num_train and num_val must be >= 0 and not both 0, got {self.num_train}, {self.num_val}")
-        if self.height < 32 or self.width < 32:
-            raise ValueError(f"height and width must be at least 32 pixels, got {self.height}x{self.width}")
+        if self.height < MIN_FRAME_SIZE or self.width < MIN_FRAME_SIZE:
+            raise ValueError(f"height and width must be at least {MIN_FRAME_SIZE} pixels, got "
+                             f"{self.height}x{self.width}")
+        if self.seed < 0:  # numpy seeds only with non-negative integers, and would fail once frames are written
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
@@ -707,7 +713,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (also dispatched to by the ``hms-segmentation`` console script)."""
     arguments = build_argument_parser().parse_args(argv)
-    options = SyntheticDatasetOptions(**{key: value for key, value in vars(arguments).items()})
+    try:
+        options = SyntheticDatasetOptions(**{key: value for key, value in vars(arguments).items()})
+    except ValueError as error:  # a bad value: said before anything is written
+        print(f"error: {error}")
+        return 2
     start = time.perf_counter()
     try:
         synthesize_cityscapes(options)

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -82,22 +83,35 @@ def check_same_size(
     return samples
 
 
-def ensure_synthetic_dataset(args: DataArguments) -> Path:
-    """Generate the embedded dataset in `args.data_dir` unless one is already there (then it is used as it is)."""
-    root = Path(args.data_dir) if args.data_dir else DEFAULT_SYNTHETIC_DIR
-    options = SyntheticDatasetOptions(
-        output_dir=root,
+def _synthetic_options(args: DataArguments) -> SyntheticDatasetOptions:
+    return SyntheticDatasetOptions(
+        output_dir=Path(args.data_dir) if args.data_dir else DEFAULT_SYNTHETIC_DIR,
         num_train=args.synthetic_train_frames,
         num_val=args.synthetic_val_frames,
         height=args.synthetic_height,
         width=args.synthetic_width,
     )
-    marker = root / MARKER_FILE
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        wanted = {"version": GENERATOR_VERSION, "num_train": options.num_train, "num_val": options.num_val,
-                  "height": options.height, "width": options.width}
-        differences = {key: found.get(key) for key, value in wanted.items() if found.get(key) != value}
+
+
+def synthetic_dataset_differences(args: DataArguments) -> dict[str, Any]:
+    """The settings in which the finished synthetic dataset in `args.data_dir` differs from those `args` ask for
+    (name -> the value found); empty when there is none yet or it matches."""
+    options = _synthetic_options(args)
+    marker = options.output_dir / MARKER_FILE
+    if not marker.is_file():
+        return {}
+    found = json.loads(marker.read_text())
+    wanted = {"version": GENERATOR_VERSION, "num_train": options.num_train, "num_val": options.num_val,
+              "height": options.height, "width": options.width}
+    return {key: found.get(key) for key, value in wanted.items() if found.get(key) != value}
+
+
+def ensure_synthetic_dataset(args: DataArguments) -> Path:
+    """Generate the embedded dataset in `args.data_dir` unless one is already there (then it is used as it is)."""
+    options = _synthetic_options(args)
+    root = options.output_dir
+    if (root / MARKER_FILE).is_file():
+        differences = synthetic_dataset_differences(args)
         if differences:
             logger.warning("using the synthetic dataset in %s as it is (%s); delete it to generate another", root,
                            ", ".join(f"{key}={value}" for key, value in differences.items()))

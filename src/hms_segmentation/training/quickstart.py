@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.synthesize import MIN_FRAME_SIZE
 from ..evaluation import make_compute_metrics, metrics_to_json, preprocess_logits_for_metrics
 from ..hub import result_from_trainer_metrics, write_hub_files
 from ..label_tables import CITYSCAPES_PALETTE
 from ..modeling_hms import attentions_at_size, hierarchical_scale_weights
 from .arguments import DataArguments, HMSTrainingArguments, ModelArguments
 from .train import HMSTrainer, SetEpochCallback, build_model, collate_samples
-from .datasets import build_datasets
+from .datasets import build_datasets, synthetic_dataset_differences
 from .visuals import colour_labels, denormalized_image, grey_picture
 
 SINGLE_SCALE = [1.0]
@@ -116,11 +117,38 @@ def build_arguments(args: argparse.Namespace) -> tuple[DataArguments, ModelArgum
     return data_args, model_args, training_args
 
 
+def check_quickstart_values(args: argparse.Namespace) -> None:
+    """Refuse the values the training scripts' arguments would take but the quickstart cannot run with.
+
+    Raises:
+        ValueError: Naming the flag, what it needs and what it got.
+    """
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"--output-dir {args.output_dir} is a file: expected a folder (new, or an earlier "
+                         "quickstart's)")
+    # max_steps <= 0 would make the Trainer train 3 epochs instead, while the report says 0 steps
+    for flag, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.seed < 0:  # numpy seeds (the Trainer's, the augmentation's) are non-negative
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.learning_rate < 0:
+        raise ValueError(f"--learning-rate must be >= 0, got {args.learning_rate}")
+    for flag, value in (("--frame-height", args.frame_height), ("--frame-width", args.frame_width)):
+        if value < MIN_FRAME_SIZE:  # the generator's smallest frame
+            raise ValueError(f"{flag} must be at least {MIN_FRAME_SIZE} pixels, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     output_dir = args.output_dir
     model_dir = output_dir / "model"
+    try:
+        check_quickstart_values(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     existing = [name for name in OUTPUTS if (output_dir / name).exists()]
     if existing and not args.overwrite:
         print(f"error: {output_dir} already holds {', '.join(existing)} (what the quickstart writes); pass --overwrite "
@@ -138,8 +166,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' x {processes} processes' if processes > 1 else ''}): the run would train no step; generate more "
               "frames or lower the batch size", file=sys.stderr)
         return 2
+    stale = synthetic_dataset_differences(data_args)
+    if stale:  # it would be trained on as it is, while the report names the frames asked for
+        print(f"error: {output_dir / 'data'} holds a synthetic dataset of other settings than those asked for ("
+              + ", ".join(f"{key}={value}" for key, value in stale.items()) + "); delete that folder to generate "
+              "the new one, or choose another --output-dir", file=sys.stderr)
+        return 2
     print(f"[1/4] synthetic street scenes -> {output_dir / 'data'}")
-    data = build_datasets(data_args, seed=args.seed)
+    try:
+        data = build_datasets(data_args, seed=args.seed)
+    except FileExistsError as error:  # data/ holds files that are not a synthetic dataset: nothing was written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     model = build_model(model_args, data.id2label)
     trainer = HMSTrainer(
