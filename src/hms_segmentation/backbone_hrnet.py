@@ -148,8 +148,8 @@ class HMSHRNetBackbone(nn.Module):
         if height * width == 1 and not normalises_across_processes(norm):
             stride = 2 ** (self.num_stages + 1)
             raise ValueError(
-                f"the HRNet trunk needs more than one value per channel for BatchNorm in training mode, but one image of "
-                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels (batch_size 1) is 1x1 at its stride-"
+                "the HRNet trunk needs more than one value per channel for BatchNorm in training mode, but one image "
+                f"of {pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels (batch_size 1) is 1x1 at its stride-"
                 f"{stride} branch; train with a batch of at least 2, on crops with a side longer than {stride} pixels "
                 "at the lowest training scale, with SyncBatchNorm over several GPUs (--sync_bn), or with the "
                 "BatchNorm layers in eval mode (frozen statistics)"

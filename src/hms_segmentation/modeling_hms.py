@@ -440,8 +440,9 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
         if unknown:  # a misspelt `scale=` or `output_attention=` would otherwise run with the defaults, silently
             raise TypeError(
                 f"HMSForSemanticSegmentation.forward() got unexpected keyword arguments {unknown}; it takes "
-                "pixel_values, labels, scales, output_attentions, output_hidden_states, return_dict, tile_pixel_budget, "
-                f"tile_size, tile_overlap, output_auxiliary_logits (and ignores {', '.join(PROCESSOR_ONLY_INPUTS)})"
+                "pixel_values, labels, scales, output_attentions, output_hidden_states, return_dict, "
+                "tile_pixel_budget, tile_size, tile_overlap, output_auxiliary_logits "
+                f"(and ignores {', '.join(PROCESSOR_ONLY_INPUTS)})"
             )
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
