@@ -286,6 +286,13 @@ def test_the_table_of_a_split_without_labelled_pixels_reads_n_a():
         assert "| road | n/a |" in table and "| **mIoU** | **n/a** |" in table and "| pixel accuracy | n/a |" in table
 
 
+def test_results_of_several_models_are_refused_for_a_card_naming_why(tiny_model, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"dataset": "cityscapes", "results_by_model": {"a": EVALUATION["results"]}}))
+    with pytest.raises(ValueError, match=r"results.json: holds the results of several models .* one --model"):
+        build_model_card(tiny_model.config, evaluation=path, dataset="cityscapes")
+
+
 def test_card_without_evaluation_claims_no_miou(tiny_model):
     card = build_model_card(tiny_model.config)
     assert card.data.eval_results is None and "Not evaluated yet" in card.text

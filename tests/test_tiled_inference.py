@@ -386,7 +386,9 @@ def test_tile_size_or_overlap_without_a_pixel_budget_is_refused_not_ignored():
     add_large_input_arguments(parser)
     untiled_config = HMSConfig(**TINY_HRNET)  # tile_pixel_budget None: tiling off
     for argv, option in [(["--tile-size", "512"], "--tile-size 512"),
-                         (["--tile_overlap", "64"], "--tile-overlap 64")]:
+                         (["--tile_overlap", "64"], "--tile-overlap 64"),
+                         # smaller than the config's overlap (256): was answered about an overlap never given
+                         (["--tile-size", "128"], "--tile-size 128")]:
         with pytest.raises(ValueError, match=f"{option} has no effect: tiling is off .*pass --tile-pixel-budget"):
             large_input_settings(parser.parse_args(argv), untiled_config)
     tiling, _ = large_input_settings(parser.parse_args(["--tile-size", "512", "--tile-pixel-budget", "262144"]),

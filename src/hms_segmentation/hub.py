@@ -122,6 +122,9 @@ def load_evaluation_results(source: str | Path | Mapping[str, Any]) -> dict[str,
         content = dict(source)
         where = content.get("source", where)
     rows = content.get("results") if isinstance(content, Mapping) else None
+    if rows is None and isinstance(content, Mapping) and "results_by_model" in content:
+        raise ValueError(f"{where}: holds the results of several models (`evaluate` with more than one --model); a "
+                         "card describes one: evaluate that model alone (one --model) and give its results.json")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{where}: expected a JSON object with a non-empty 'results' list, found "
                          f"{type(content).__name__ if not isinstance(content, Mapping) else sorted(content)}")

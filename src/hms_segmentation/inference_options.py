@@ -46,7 +46,7 @@ def large_input_settings(args: argparse.Namespace, config: HMSConfig) -> tuple[d
             (no `--tile-pixel-budget` and none in `config`), where they would change nothing.
     """
     tiling = {name: getattr(args, name) for name in TILING_ARGUMENTS}
-    tiling_settings(*(getattr(config, name) if value is None else value for name, value in tiling.items()))
+    # first: with tiling off, a tile size smaller than the config's overlap would be answered about the overlap
     if tiling["tile_pixel_budget"] is None and config.tile_pixel_budget is None:
         unused = [name for name in TILING_ARGUMENTS[1:] if tiling[name] is not None]
         if unused:
@@ -54,6 +54,7 @@ def large_input_settings(args: argparse.Namespace, config: HMSConfig) -> tuple[d
                 f"--{unused[0].replace('_', '-')} {tiling[unused[0]]} has no effect: tiling is off (the model config's "
                 "tile_pixel_budget is None); pass --tile-pixel-budget, the pixels above which a scale runs as tiles"
             )
+    tiling_settings(*(getattr(config, name) if value is None else value for name, value in tiling.items()))
     shrink_to_long_side(torch.zeros(1, 1, 1, 1), args.max_long_side)
     return tiling, args.max_long_side
 
