@@ -635,6 +635,33 @@ def test_trainer_batch_eval_metrics(tmp_path):
     assert {f"eval_iou_{index}" for index in range(4)} <= set(metrics)
 
 
+def test_an_interrupted_evaluation_leaves_no_counts_in_the_next_one(tmp_path):
+    """The streaming compute_metrics keeps counts between calls; HMSTrainer resets it as each evaluation starts."""
+    from transformers import EvalPrediction
+
+    from hms_segmentation import HMSConfig, HMSForSemanticSegmentation
+    from hms_segmentation.training.arguments import HMSTrainingArguments
+    from hms_segmentation.training.train import HMSTrainer
+    from tiny_configs import TINY_RESNET
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(3)
+    dataset = [{"pixel_values": torch.randn(3, 32, 48, generator=generator),
+                "labels": torch.randint(0, 5, (32, 48), generator=generator)} for _ in range(4)]
+    args = HMSTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, batch_eval_metrics=True,
+                                report_to="none", use_cpu=True, dataloader_num_workers=0)
+    model = HMSForSemanticSegmentation(HMSConfig(**TINY_RESNET, inference_scales=[1.0])).eval()
+    trainer = HMSTrainer(model=model, args=args, eval_dataset=dataset, compute_metrics=make_compute_metrics(5),
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+    expected = trainer.evaluate()
+    # an evaluation stopped after its first batch (an exception, Ctrl-C in a notebook) left these counts behind
+    trainer.compute_metrics(EvalPrediction(np.zeros((2, 32, 48), np.int64), np.ones((2, 32, 48), np.int64)),
+                            compute_result=False)
+    again = trainer.evaluate()
+    assert again["eval_mean_iou"] == expected["eval_mean_iou"]
+    assert again["eval_overall_accuracy"] == expected["eval_overall_accuracy"]
+
+
 def test_inference_mode_and_normal_mode_mix():
     """Updates inside and outside ``torch.inference_mode()`` on one accumulator (evaluation loops use both)."""
     prediction, reference = blocky_maps(0, (16, 24), 19)

@@ -562,7 +562,8 @@ def make_compute_metrics(
     Returns:
         A callable returning ``{}`` until ``compute_result`` is true, then ``mean_iou``, ``mean_accuracy``,
         ``overall_accuracy``, ``iou_<class name>`` and ``accuracy_<class name>`` as floats (and a reset, ready for the
-        next evaluation).
+        next evaluation). Its ``reset()`` drops the counts of an evaluation that stopped before its last batch (the
+        training scripts' ``HMSTrainer`` calls it as each evaluation starts).
     """
     accumulator = ConfusionMatrixAccumulator(num_labels, ignore_index=ignore_index)
     id2label = id2label or {}
@@ -585,6 +586,7 @@ def make_compute_metrics(
             metrics[f"accuracy_{name}"] = accuracy
         return metrics
 
+    compute_metrics.reset = accumulator.reset
     return compute_metrics
 
 

@@ -421,6 +421,12 @@ class HMSTrainer(Trainer):
         with self._every_batch_kept():
             return super().get_test_dataloader(test_dataset)
 
+    def evaluation_loop(self, *args, **kwargs):
+        # a streaming compute_metrics (make_compute_metrics) keeps counts between calls: an evaluation interrupted
+        # earlier in this process must not add its partial counts to this one
+        getattr(self.compute_metrics, "reset", lambda: None)()
+        return super().evaluation_loop(*args, **kwargs)
+
     @contextlib.contextmanager
     def _every_batch_kept(self):
         # `Trainer` applies --dataloader_drop_last (ours defaults to true, for training) to evaluation and prediction
