@@ -150,6 +150,35 @@ def test_a_model_that_is_not_there_is_named_without_a_traceback(tmp_path, capsys
     assert error.startswith("error: --model ") and reason in error and "save_pretrained folder" in error
 
 
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--model", "{model}", "--dataset", "cityscapes", "--data-dir", "{cityscapes}", "--output-dir",
+     "{tmp}/eval"],
+    ["autolabel", "--model", "{model}", "--input", "{tmp}/images", "--output-dir", "{tmp}/labels"],
+    ["export-onnx", "--model", "{model}", "--output", "{tmp}/model.onnx"],
+], ids=["evaluate", "autolabel", "export-onnx"])
+def test_a_model_folder_with_missing_tensors_is_refused_not_run_with_random_weights(tmp_path, capsys, shared_data_dir,
+                                                                                     command):
+    from safetensors.torch import load_file, save_file
+
+    from tiny_configs import TINY_RESNET, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", TINY_RESNET, num_labels=19)
+    weights = load_file(folder / "model.safetensors")
+    del weights["scale_attention_head.projection.weight"]  # transformers would initialise it at random, and warn
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(tmp_path / "images" / "frame.png")
+    replacements = {"{model}": str(folder), "{tmp}": str(tmp_path),
+                    "{cityscapes}": str(shared_data_dir / "cityscapes_sample")}
+    argv = list(command)
+    for key, value in replacements.items():
+        argv = [part.replace(key, value) for part in argv]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"error: --model {folder}: its weights do not fit its config.json: 1 missing tensors" in error
+    assert not any((tmp_path / name).exists() for name in ("eval", "labels", "model.onnx"))
+
+
 def test_train_refuses_a_model_that_is_not_there_before_reading_data(tmp_path):
     from hms_segmentation.training.arguments import parse_arguments
 

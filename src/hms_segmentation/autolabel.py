@@ -59,7 +59,7 @@ from .data.io import (
 )
 from .data.transforms import SegmentationEvalTransform
 from .demo import colorize, palette_for
-from .hub import check_model_source
+from .hub import check_model_source, load_hms_model
 from .image_processing_hms import get_output_size
 from .inference_options import (
     add_compile_arguments,
@@ -733,9 +733,9 @@ def _label_and_report(args: argparse.Namespace, state, scales: list[float], labe
     """`main` once the arguments are checked and the processes connected: label, then report (process 0)."""
     from accelerate.utils import gather_object
 
-    with state.main_process_first():  # one download into the Hub cache, not one per process
-        model = HMSForSemanticSegmentation.from_pretrained(args.model)
     try:
+        with state.main_process_first():  # one download into the Hub cache, not one per process
+            model = load_hms_model(args.model, "--model")  # no teacher with tensors initialised at random
         tiling, max_long_side = large_input_settings(args, model.config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_hms import validate_scales
-from .hub import ONNX_FOLDER, check_model_source
+from .hub import ONNX_FOLDER, check_model_source, load_hms_model
 from .label_tables import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from .modeling_hms import HMSForSemanticSegmentation, average_with_mirrored
 
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output = Path(args.model) / ONNX_FOLDER / "model.onnx"
         check_output(args.output, args.overwrite)
         _require_onnx_packages()
-        model = HMSForSemanticSegmentation.from_pretrained(source, dtype=torch.float32)
+        model = load_hms_model(source, "--model", dtype=torch.float32)  # refuses partial weights, other types
         start = time.perf_counter()
         checks = export_onnx(model, args.output, scales, args.flip, args.labels, args.example_size, args.opset,
                              args.check, args.overwrite)

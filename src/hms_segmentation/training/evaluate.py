@@ -61,7 +61,7 @@ from ..data.io import write_png_atomically
 from ..data.mapillary import MAPILLARY_VERSIONS
 from ..evaluation import ConfusionMatrixAccumulator, metrics_to_json, preprocess_logits_for_metrics
 from ..export_onnx import OnnxSegmenter
-from ..hub import check_model_source, markdown_table, scale_list_label
+from ..hub import check_model_source, load_hms_model, markdown_table, scale_list_label
 from ..image_processing_hms import shrink_to_long_side
 from ..inference_options import (
     TILING_ARGUMENTS,
@@ -640,8 +640,12 @@ def _evaluate_and_report(args: argparse.Namespace, state, data_args: DataArgumen
         if name in graphs:
             model = graphs[name]
         else:
-            with state.main_process_first():  # one download into the Hub cache, not one per process
-                model = HMSForSemanticSegmentation.from_pretrained(path)
+            try:
+                with state.main_process_first():  # one download into the Hub cache, not one per process
+                    model = load_hms_model(path, "--model")  # refuses partial weights and other model types
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             model = compile_for_inference(model.to(device).eval(), torch_compile)
         if len(id2label) != model.config.num_labels:
             print(f"error: {path} predicts {model.config.num_labels} classes, the {args.dataset} split has "
