@@ -17,7 +17,7 @@ import torch
 
 from .configuration_hms import HMSConfig
 from .image_processing_hms import shrink_to_long_side
-from .tiled_inference import tiling_settings
+from .tiled_inference import settings_without_effect, tiling_settings
 
 TILING_ARGUMENTS = ("tile_pixel_budget", "tile_size", "tile_overlap")
 
@@ -47,13 +47,13 @@ def large_input_settings(args: argparse.Namespace, config: HMSConfig) -> tuple[d
     """
     tiling = {name: getattr(args, name) for name in TILING_ARGUMENTS}
     # first: with tiling off, a tile size smaller than the config's overlap would be answered about the overlap
-    if tiling["tile_pixel_budget"] is None and config.tile_pixel_budget is None:
-        unused = [name for name in TILING_ARGUMENTS[1:] if tiling[name] is not None]
-        if unused:
-            raise ValueError(
-                f"--{unused[0].replace('_', '-')} {tiling[unused[0]]} has no effect: tiling is off (the model config's "
-                "tile_pixel_budget is None); pass --tile-pixel-budget, the pixels above which a scale runs as tiles"
-            )
+    unused = settings_without_effect(tiling["tile_pixel_budget"], config.tile_pixel_budget, tiling["tile_size"],
+                                     tiling["tile_overlap"])
+    if unused:
+        raise ValueError(
+            f"--{unused[0].replace('_', '-')} {tiling[unused[0]]} has no effect: tiling is off (the model config's "
+            "tile_pixel_budget is None); pass --tile-pixel-budget, the pixels above which a scale runs as tiles"
+        )
     tiling_settings(*(getattr(config, name) if value is None else value for name, value in tiling.items()))
     shrink_to_long_side(torch.zeros(1, 1, 1, 1), args.max_long_side)
     return tiling, args.max_long_side

@@ -30,7 +30,7 @@ from .head_deeplabv3plus import HMSDeepLabV3PlusHead
 from .head_ocr import HMSConvNormReLU, HMSObjectContextHead
 from .rmi_loss import RMILoss
 from .scale_fusion_baselines import explicit_scale_attention_fusion, pooled_scale_fusion
-from .tiled_inference import segment_in_tiles, tiling_settings
+from .tiled_inference import segment_in_tiles, settings_without_effect, tiling_settings
 
 PROCESSOR_ONLY_INPUTS = ("pixel_mask", "original_sizes")
 """Keys of `HMSImageProcessor`'s output that `forward` accepts and ignores, so that `model(**inputs)` works."""
@@ -473,12 +473,12 @@ class HMSForSemanticSegmentation(HMSPreTrainedModel):
             self.segment_single_scale, keep_auxiliary=output_auxiliary_logits or labels is not None
         )
         keep_scale_logits = output_attentions or (labels is not None and self.config.supervised_scale_weight > 0)
-        if tile_pixel_budget is None and self.config.tile_pixel_budget is None and not self.training:
-            given = {"tile_size": tile_size, "tile_overlap": tile_overlap}
-            unused = [name for name, value in given.items() if value is not None]
-            if unused:  # a call that sets up tiles but not the budget that turns tiling on would run untiled, silently
-                raise ValueError(f"{unused[0]} has no effect: tiling is off (tile_pixel_budget is None in the call and "
-                                 "in config); pass tile_pixel_budget, the pixels above which a scale runs as tiles")
+        unused = [] if self.training else settings_without_effect(
+            tile_pixel_budget, self.config.tile_pixel_budget, tile_size, tile_overlap
+        )
+        if unused:
+            raise ValueError(f"{unused[0]} has no effect: tiling is off (tile_pixel_budget is None in the call and "
+                             "in config); pass tile_pixel_budget, the pixels above which a scale runs as tiles")
         tiling = None if self.training else tiling_settings(
             self.config.tile_pixel_budget if tile_pixel_budget is None else tile_pixel_budget,
             self.config.tile_size if tile_size is None else tile_size,

@@ -63,6 +63,16 @@ class TilingSettings:
         return height * width > self.pixel_budget
 
 
+def settings_without_effect(
+    pixel_budget: int | None, config_pixel_budget: int | None, tile_size: object, tile_overlap: object
+) -> list[str]:
+    """The names of `tile_size` / `tile_overlap` given (not `None`) while tiling stays off (no pixel budget given, none
+    in the config): they would change nothing, so the callers refuse them rather than run untiled, silently."""
+    if pixel_budget is not None or config_pixel_budget is not None:
+        return []
+    return [name for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap)) if value is not None]
+
+
 def tiling_settings(
     pixel_budget: int | None, tile_size: int | tuple[int, int] | list[int], tile_overlap: int
 ) -> TilingSettings | None:
